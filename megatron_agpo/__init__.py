@@ -1,0 +1,1 @@
+"""megatron-agpo: AGPO RL post-training on megatron-core with vLLM rollouts."""

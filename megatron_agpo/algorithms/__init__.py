@@ -1,0 +1,28 @@
+"""The RL math as pure functions on plain tensors: advantages and the policy loss."""
+
+from megatron_agpo.algorithms.advantages import PRESETS, AdvantageConfig, advantages, resolve
+from megatron_agpo.algorithms.policy_loss import (
+    PolicyLossConfig,
+    TokenLoss,
+    aggregate,
+    aggregation_weights,
+    kl_estimate,
+    policy_loss,
+    polarity_metrics,
+    token_loss,
+)
+
+__all__ = [
+    "PRESETS",
+    "AdvantageConfig",
+    "PolicyLossConfig",
+    "TokenLoss",
+    "advantages",
+    "aggregate",
+    "aggregation_weights",
+    "kl_estimate",
+    "policy_loss",
+    "polarity_metrics",
+    "resolve",
+    "token_loss",
+]

@@ -1,0 +1,162 @@
+"""Per-response advantages for AGPO and the algorithms it contains as special cases.
+
+Each polarity (negative: r <= tau, positive: r > tau) gets one rule:
+
+- ``constant``: ``A = -w`` for negatives, ``A = +w`` for positives;
+- ``group``:    ``A = w * (r - mu) / (sigma + eps)`` (``std="none"``: ``w * (r - mu)``);
+- ``none``:     ``A = 0``.
+
+mu and sigma are the mean and standard deviation of the rewards of the response's group
+(the G responses to one prompt). See ../../docs/ALGORITHM.md for the formulas and the
+presets' derivations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Rule = Literal["constant", "group", "none"]
+StdMode = Literal["population", "bessel", "none"]
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """How rewards become advantages. Defaults are AGPO's."""
+
+    neg_rule: Rule = "constant"
+    """Rule for negative responses (r <= tau). AGPO: constant (negative-dominant)."""
+    neg_weight: float = 1.0
+    """w_neg: scale of the negative rule."""
+    pos_rule: Rule = "group"
+    """Rule for positive responses (r > tau). AGPO: group z-score."""
+    pos_weight: float = 0.1
+    """w_pos: scale of the positive rule (W-REINFORCE's lambda when the rule is constant)."""
+    std: StdMode = "population"
+    """Group std used by the `group` rule: population (ddof 0), bessel (ddof 1, GRPO as in
+    TRL/verl), or none (no division: Dr. GRPO)."""
+    eps: float = 1e-6
+    """Added to the std before dividing, so that constant groups give 0, not NaN."""
+    pos_adv_max: float | None = None
+    """Optional cap on positive advantages (a rare correct path can otherwise get a large one)."""
+    tau: float = 0.5
+    """Polarity threshold: a response is positive when its reward is strictly above tau."""
+
+    def __post_init__(self) -> None:
+        for name in ("neg_rule", "pos_rule"):
+            value = getattr(self, name)
+            if value not in ("constant", "group", "none"):
+                raise ValueError(
+                    f"AdvantageConfig.{name}={value!r}: must be 'constant', 'group' or 'none'"
+                )
+        if self.std not in ("population", "bessel", "none"):
+            raise ValueError(
+                f"AdvantageConfig.std={self.std!r}: must be 'population', 'bessel' or 'none'"
+            )
+        for name in ("neg_weight", "pos_weight", "eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AdvantageConfig.{name}={getattr(self, name)} must be >= 0")
+        if self.pos_adv_max is not None and self.pos_adv_max < 0:
+            raise ValueError(f"AdvantageConfig.pos_adv_max={self.pos_adv_max} must be >= 0")
+
+
+PRESETS: dict[str, AdvantageConfig] = {
+    "agpo": AdvantageConfig(),
+    "grpo": AdvantageConfig(
+        neg_rule="group", neg_weight=1.0, pos_rule="group", pos_weight=1.0, std="bessel"
+    ),
+    "dr_grpo": AdvantageConfig(
+        neg_rule="group", neg_weight=1.0, pos_rule="group", pos_weight=1.0, std="none"
+    ),
+    "w_reinforce": AdvantageConfig(
+        neg_rule="constant", neg_weight=1.0, pos_rule="constant", pos_weight=0.1
+    ),
+    "nsr": AdvantageConfig(neg_rule="constant", neg_weight=1.0, pos_rule="none"),
+    "psr": AdvantageConfig(neg_rule="none", pos_rule="constant", pos_weight=1.0),
+}
+"""Named algorithms. Dr. GRPO also needs the `seq-sum-constant` loss aggregation."""
+
+
+def resolve(algorithm: str | AdvantageConfig = "agpo", **overrides) -> AdvantageConfig:
+    """A preset by name (or a config), with fields overridden by keyword."""
+    if isinstance(algorithm, AdvantageConfig):
+        base = algorithm
+    else:
+        if algorithm not in PRESETS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; known: {sorted(PRESETS)}")
+        base = PRESETS[algorithm]
+    fields = {f.name for f in dataclasses.fields(AdvantageConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown advantage option(s) {unknown}; known: {sorted(fields)}")
+    return dataclasses.replace(base, **overrides)
+
+
+def _check_rewards(rewards: torch.Tensor, group_size: int) -> None:
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1:
+        raise ValueError(
+            f"rewards must be 1-D (num_prompts * group_size,), got shape {tuple(rewards.shape)}"
+        )
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"{rewards.numel()} rewards are not divisible by group_size={group_size}: "
+            "rewards must be ordered group by group, G per prompt"
+        )
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        idx = bad.nonzero().flatten()[:8].tolist()
+        raise ValueError(
+            f"rewards contain {int(bad.sum())} non-finite value(s) at index {idx} "
+            f"(group {[i // group_size for i in idx]})"
+        )
+
+
+def advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    algorithm: str | AdvantageConfig = "agpo",
+    **overrides,
+) -> torch.Tensor:
+    """One advantage per response.
+
+    rewards: 1-D, length num_prompts * group_size, ordered group by group.
+    Returns a tensor of rewards' shape, in float32 (float64 if the rewards are float64).
+    """
+    cfg = resolve(algorithm, **overrides)
+    _check_rewards(rewards, group_size)
+    uses_group = "group" in (cfg.neg_rule, cfg.pos_rule)
+    if uses_group and cfg.std == "bessel" and group_size < 2:
+        raise ValueError("std='bessel' needs group_size >= 2 (one sample has no sample std)")
+
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r_GN = rewards.to(dtype).view(-1, group_size)  # [groups, G]
+    positive = r_GN > cfg.tau
+
+    if uses_group:
+        mu = r_GN.mean(dim=1, keepdim=True)
+        z = r_GN - mu
+        if cfg.std != "none":
+            sigma = r_GN.std(dim=1, keepdim=True, correction=1 if cfg.std == "bessel" else 0)
+            z = z / (sigma + cfg.eps)
+    else:
+        z = torch.zeros_like(r_GN)
+
+    def rule(kind: Rule, weight: float, sign: float) -> torch.Tensor:
+        if kind == "constant":
+            return torch.full_like(r_GN, sign * weight)
+        if kind == "group":
+            return weight * z
+        return torch.zeros_like(r_GN)
+
+    pos = rule(cfg.pos_rule, cfg.pos_weight, +1.0)
+    if cfg.pos_adv_max is not None:
+        pos = pos.clamp(max=cfg.pos_adv_max)
+    neg = rule(cfg.neg_rule, cfg.neg_weight, -1.0)
+    return torch.where(positive, pos, neg).view(-1)

@@ -1,0 +1,260 @@
+"""The per-token policy loss and its aggregation, as pure functions on plain tensors.
+
+Shape legend: B sequences, T response tokens (padded), so per-token tensors are ``[B, T]``
+(or any shape, for the elementwise part) and per-sequence tensors ``[B]``.
+
+    rho = exp(logp - old_logp)
+    L_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)     (PPO, clip-higher)
+    L_t = min(L_t, -c * A)                       for A < 0             (dual clip)
+    L_t = L_t * min(exp(old_logp - rollout_logp), C)                   (truncated IS, optional)
+        + kl_coef * KL(logp, ref_logp) - entropy_coef * H_t
+
+The same `token_loss` is used by the fused vocab-parallel kernel (megatron_agpo.ops), so the
+fused and unfused paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-sum-constant"]
+KLEstimator = Literal["k1", "k3"]
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The surrogate objective. Defaults follow AGPO's reading (clip-higher, no KL)."""
+
+    eps_low: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - eps_low."""
+    eps_high: float = 0.28
+    """Upper clip range: the ratio is clipped at 1 + eps_high (asymmetric, DAPO's clip-higher)."""
+    dual_clip_c: float | None = 3.0
+    """Dual clip for negative advantages: the loss of a token is at most c * |A|. None: off."""
+    kl_coef: float = 0.0
+    """Coefficient of the KL penalty to the reference policy (0: no reference model needed)."""
+    kl_estimator: KLEstimator = "k3"
+    """k1 = logp - ref_logp; k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0)."""
+    entropy_coef: float = 0.0
+    """Coefficient of the entropy bonus (the loss gets -entropy_coef * H_t)."""
+    tis_cap: float | None = 2.0
+    """Truncated importance weight cap C for min(exp(old_logp - rollout_logp), C); used only
+    when rollout log-probs are given. None: no correction."""
+    agg_mode: AggMode = "token-mean"
+    """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-sum-constant (Dr. GRPO)."""
+    norm_constant: float | None = None
+    """The constant of seq-sum-constant (tokens per sequence); None: the padded length T."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eps_low < 1:
+            raise ValueError(f"PolicyLossConfig.eps_low={self.eps_low} must be in [0, 1)")
+        if self.eps_high < 0:
+            raise ValueError(f"PolicyLossConfig.eps_high={self.eps_high} must be >= 0")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            raise ValueError(f"PolicyLossConfig.dual_clip_c={self.dual_clip_c} must be > 1")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(
+                f"PolicyLossConfig.kl_estimator={self.kl_estimator!r}: must be 'k1' or 'k3'"
+            )
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"PolicyLossConfig.tis_cap={self.tis_cap} must be > 0")
+        if self.agg_mode not in ("token-mean", "seq-mean-token-mean", "seq-sum-constant"):
+            raise ValueError(
+                f"PolicyLossConfig.agg_mode={self.agg_mode!r}: must be 'token-mean', "
+                "'seq-mean-token-mean' or 'seq-sum-constant'"
+            )
+        if self.norm_constant is not None and self.norm_constant <= 0:
+            raise ValueError(f"PolicyLossConfig.norm_constant={self.norm_constant} must be > 0")
+
+    @property
+    def needs_entropy_grad(self) -> bool:
+        return self.entropy_coef != 0.0
+
+
+class TokenLoss(NamedTuple):
+    """Elementwise results, all of the input's shape."""
+
+    loss: torch.Tensor
+    """L_t, differentiable in logp (and entropy, when given)."""
+    ratio: torch.Tensor
+    """rho, detached."""
+    clipped: torch.Tensor
+    """bool: the clipped branch of the PPO min is the active one."""
+    dual_clipped: torch.Tensor
+    """bool: the dual clip bound is the active one."""
+    kl: torch.Tensor | None
+    """Per-token KL estimate (detached), when a reference is given."""
+    tis_weight: torch.Tensor | None
+    """Truncated importance weight (detached), when rollout log-probs are given."""
+
+
+def check_same_shape(**tensors: torch.Tensor | None) -> None:
+    """Raise naming every tensor and its shape when the given tensors' shapes differ."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{k}{list(s)}" for k, s in shapes.items())
+        raise ValueError(f"shape mismatch: {listed}")
+
+
+def token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    cfg: PolicyLossConfig,
+    *,
+    entropy: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+) -> TokenLoss:
+    """Per-token loss L_t. All inputs share one shape (advantages already broadcast per token).
+
+    old_logp None means on-policy (the ratio is 1 with the gradient of logp).
+    """
+    check_same_shape(
+        logp=logp, old_logp=old_logp, advantages=advantages, entropy=entropy,
+        ref_logp=ref_logp, rollout_logp=rollout_logp,
+    )
+    if old_logp is None:
+        old_logp = logp.detach()
+    adv = advantages.to(logp.dtype)
+    # Clamp the log-ratio before exp: a stale token can otherwise overflow to inf * 0 = NaN.
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    unclipped = -adv * ratio
+    clipped_obj = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    loss = torch.maximum(unclipped, clipped_obj)
+    clipped = clipped_obj > unclipped
+    dual_clipped = torch.zeros_like(clipped)
+    if cfg.dual_clip_c is not None:
+        bound = -adv * cfg.dual_clip_c  # positive where adv < 0
+        dual_clipped = (adv < 0) & (loss > bound)
+        loss = torch.where(dual_clipped, bound, loss)
+
+    tis_weight = None
+    if rollout_logp is not None and cfg.tis_cap is not None:
+        tis_weight = torch.exp(old_logp.detach() - rollout_logp).clamp(max=cfg.tis_cap)
+        loss = loss * tis_weight
+
+    kl = None
+    if ref_logp is not None and cfg.kl_coef != 0.0:
+        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
+        loss = loss + cfg.kl_coef * kl
+        kl = kl.detach()
+    if entropy is not None and cfg.entropy_coef != 0.0:
+        loss = loss - cfg.entropy_coef * entropy
+    return TokenLoss(loss, ratio.detach(), clipped, dual_clipped, kl, tis_weight)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from sampled-token log-probs (Schulman's k1 / k3)."""
+    if estimator == "k1":
+        return logp - ref_logp
+    log_r = (ref_logp - logp).clamp(-20.0, 20.0)
+    return torch.exp(log_r) - log_r - 1.0
+
+
+def aggregation_weights(
+    mask: torch.Tensor, mode: AggMode, norm_constant: float | None = None
+) -> torch.Tensor:
+    """Weights w_BT with loss = sum(w * L_t): the three aggregation modes as one linear map.
+
+    mask: [B, T], 1 for response tokens. Sequences without any token get weight 0 (they add
+    nothing to any mode's numerator and are not counted in seq-mean-token-mean).
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    if mode == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-mean":
+        per_seq = m.sum(dim=1, keepdim=True)
+        n_seq = (per_seq > 0).sum().clamp(min=1)
+        return m / per_seq.clamp(min=1.0) / n_seq
+    if mode == "seq-sum-constant":
+        const = float(norm_constant) if norm_constant is not None else float(mask.shape[1])
+        return m / (mask.shape[0] * const)
+    raise ValueError(f"unknown aggregation mode {mode!r}")
+
+
+def aggregate(
+    values: torch.Tensor, mask: torch.Tensor, mode: AggMode, norm_constant: float | None = None
+) -> torch.Tensor:
+    """Reduce per-token values [B, T] to a scalar with one of the aggregation modes."""
+    check_same_shape(values=values, mask=mask)
+    w = aggregation_weights(mask, mode, norm_constant).to(values.dtype)
+    # where(): padded positions may hold inf/NaN garbage; 0 * NaN would poison the sum.
+    return torch.where(w != 0, values * w, torch.zeros_like(values)).sum()
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> float:
+    n = m.sum()
+    return float((x.double() * m).sum() / n) if n > 0 else float("nan")
+
+
+def polarity_metrics(
+    tl: TokenLoss,
+    advantages_BT: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Loss, clip fraction, entropy (and counts) split by the sign of the advantage.
+
+    How a user sees AGPO at work: negatives pushed at full strength, positives scaled by w_pos.
+    """
+    m = mask.to(torch.float64)
+    out: dict[str, float] = {}
+    for name, sel in (("pos", advantages_BT > 0), ("neg", advantages_BT < 0), ("all", None)):
+        mm = m if sel is None else m * sel.to(torch.float64)
+        out[f"{name}/tokens"] = float(mm.sum())
+        out[f"{name}/loss"] = _masked_mean(tl.loss.detach(), mm)
+        out[f"{name}/clip_frac"] = _masked_mean(tl.clipped.to(torch.float64), mm)
+        out[f"{name}/dual_clip_frac"] = _masked_mean(tl.dual_clipped.to(torch.float64), mm)
+        out[f"{name}/ratio"] = _masked_mean(tl.ratio, mm)
+        if entropy is not None:
+            out[f"{name}/entropy"] = _masked_mean(entropy.detach(), mm)
+    if tl.kl is not None:
+        out["all/kl"] = _masked_mean(tl.kl, m)
+    if tl.tis_weight is not None:
+        out["all/tis_weight"] = _masked_mean(tl.tis_weight, m)
+    return out
+
+
+def expand_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence advantages [B] to per-token [B, T] (or pass [B, T] through, checked)."""
+    if advantages.dim() == 1:
+        if advantages.shape[0] != mask.shape[0]:
+            raise ValueError(
+                f"advantages{list(advantages.shape)} has one value per sequence but mask"
+                f"{list(mask.shape)} has {mask.shape[0]} sequences"
+            )
+        return advantages[:, None].expand(mask.shape)
+    check_same_shape(advantages=advantages, mask=mask)
+    return advantages
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+    *,
+    entropy: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scalar loss and metrics from per-token log-probs [B, T] (unfused reference path).
+
+    advantages: [B] (one per response) or [B, T].
+    """
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    check_same_shape(logp=logp, mask=mask)
+    adv_BT = expand_advantages(advantages, mask)
+    tl = token_loss(
+        logp, old_logp, adv_BT, cfg, entropy=entropy, ref_logp=ref_logp, rollout_logp=rollout_logp
+    )
+    loss = aggregate(tl.loss, mask, cfg.agg_mode, cfg.norm_constant)
+    return loss, polarity_metrics(tl, adv_BT, mask, entropy)
