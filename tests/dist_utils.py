@@ -18,8 +18,11 @@ def free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, fn, args, errq) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
     )
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -7,8 +7,8 @@ from megatron_agpo.algorithms.policy_loss import (
     aggregate,
     aggregation_weights,
     kl_estimate,
-    policy_loss,
     polarity_metrics,
+    policy_loss,
     token_loss,
 )
 

@@ -114,8 +114,12 @@ def token_loss(
     old_logp None means on-policy (the ratio is 1 with the gradient of logp).
     """
     check_same_shape(
-        logp=logp, old_logp=old_logp, advantages=advantages, entropy=entropy,
-        ref_logp=ref_logp, rollout_logp=rollout_logp,
+        logp=logp,
+        old_logp=old_logp,
+        advantages=advantages,
+        entropy=entropy,
+        ref_logp=ref_logp,
+        rollout_logp=rollout_logp,
     )
     if old_logp is None:
         old_logp = logp.detach()
