@@ -165,6 +165,15 @@ def _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, dtype):
     return torch.where(ctx.valid, a, zeros), torch.where(ctx.valid, b, zeros)
 
 
+def _check_options(cfg: PolicyLossConfig, chunk_size: int, compute_entropy: bool) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if not compute_entropy and cfg.needs_entropy_grad:
+        raise ValueError(
+            f"compute_entropy=False but entropy_coef={cfg.entropy_coef}: the entropy term needs it"
+        )
+
+
 class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -180,6 +189,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         chunk_size,
         inplace,
         vocab_start,
+        compute_entropy,
     ):
         tp_size, tp_rank = _tp_info(tp_group)
         n, v_local = logits.shape
@@ -197,9 +207,10 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
             e = min(s + chunk_size, n)
             z = logits[s:e].to(cdt)  # a view when already cdt: _chunk_stats never writes into it
             _, se, pr, en, _ = _chunk_stats(
-                z, target[s:e], vocab_start, tp_group, tp_size, exp_out=buf[s:e]
+                z, target[s:e], vocab_start, tp_group, tp_size, buf[s:e], compute_entropy
             )
-            sum_exp[s:e], pred[s:e], ent[s:e] = se, pr, en
+            sum_exp[s:e], pred[s:e] = se, pr
+            ent[s:e] = en if compute_entropy else 0.0
         valid = target != IGNORE_INDEX
         logp = torch.where(valid, pred - torch.log(sum_exp), torch.zeros_like(pred))
         ent = torch.where(valid, ent, torch.zeros_like(ent))
@@ -229,7 +240,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
             )
         grad = buf if buf.dtype == ctx.out_dtype else buf.to(ctx.out_dtype)
         ctx.buf = None
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return (grad,) + (None,) * 11
 
 
 def fused_vocab_parallel_agpo_loss(
@@ -245,6 +256,7 @@ def fused_vocab_parallel_agpo_loss(
     chunk_size: int = DEFAULT_CHUNK,
     inplace: bool = False,
     vocab_start: int | None = None,
+    compute_entropy: bool = True,
 ) -> FusedLossOutput:
     """Per-token AGPO loss from vocab-parallel logits ``[N, Vl]``.
 
@@ -252,12 +264,12 @@ def fused_vocab_parallel_agpo_loss(
     ref_logp, rollout_logp: ``[N]`` (old_logp None: on-policy). tp_group: the tensor-parallel
     group the vocabulary is split over (None: no TP). inplace: write the softmax and then the
     gradient over the logits, as megatron's cross entropy does; only for fp32 logits that
-    nothing else reads afterwards.
+    nothing else reads afterwards. compute_entropy=False saves one multiply-add pass; the
+    entropy output is then 0 and cfg.entropy_coef must be 0.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V/TP], got shape {tuple(logits.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    _check_options(cfg, chunk_size, compute_entropy)
     out = _FusedVocabParallelAGPOLoss.apply(
         logits,
         target,
@@ -270,6 +282,7 @@ def fused_vocab_parallel_agpo_loss(
         chunk_size,
         inplace,
         vocab_start,
+        compute_entropy,
     )
     return FusedLossOutput(*out)
 
@@ -290,6 +303,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         chunk_size,
         vocab_start,
         reduce_hidden_grad,
+        compute_entropy,
     ):
         tp_size, tp_rank = _tp_info(tp_group)
         n = hidden.shape[0]
@@ -308,10 +322,12 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = (hidden[s:e] @ weight.t()).to(cdt)  # with its exp, the only [chunk, Vl] tensors
-            mx, se, pr, en, _ = _chunk_stats(z, target[s:e], vocab_start, tp_group, tp_size)
+            mx, se, pr, en, _ = _chunk_stats(
+                z, target[s:e], vocab_start, tp_group, tp_size, None, compute_entropy
+            )
             lse[s:e] = mx + torch.log(se)
             pred[s:e] = pr + mx
-            ent[s:e] = en
+            ent[s:e] = en if compute_entropy else 0.0
             del z
         valid = target != IGNORE_INDEX
         logp = torch.where(valid, pred - lse, torch.zeros_like(pred))
@@ -365,20 +381,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
             if hasattr(weight, "grad_added_to_main_grad"):
                 weight.grad_added_to_main_grad = True
             grad_weight = None
-        return (
-            grad_hidden,
-            grad_weight,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (grad_hidden, grad_weight) + (None,) * 11
 
 
 def fused_output_layer_agpo_loss(
@@ -395,6 +398,7 @@ def fused_output_layer_agpo_loss(
     chunk_size: int = DEFAULT_CHUNK,
     vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
+    compute_entropy: bool = True,
 ) -> FusedLossOutput:
     """Per-token AGPO loss from hidden states ``[N, H]`` and the output weight ``[Vl, H]``.
 
@@ -403,8 +407,7 @@ def fused_output_layer_agpo_loss(
     here; pass False when the caller's own TP region (megatron's
     ``copy_to_tensor_model_parallel_region``) already does it.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    _check_options(cfg, chunk_size, compute_entropy)
     out = _FusedOutputLayerAGPOLoss.apply(
         hidden,
         weight,
@@ -418,5 +421,6 @@ def fused_output_layer_agpo_loss(
         chunk_size,
         vocab_start,
         reduce_hidden_grad,
+        compute_entropy,
     )
     return FusedLossOutput(*out)

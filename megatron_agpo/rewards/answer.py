@@ -1,0 +1,172 @@
+"""Final-answer extraction and the zero-score rules, as pure string functions (no sympy).
+
+The rules, applied in this order; the first that fires decides (see `check_answer`):
+
+1. ``echoed_prompt``: a ``prompt`` was given and either the response is nothing but copies of
+   it (whitespace collapsed), or the last box lies inside a verbatim copy of it (the "answer"
+   was copied from the question, e.g. from a worked example in a few-shot prompt).
+2. ``no_answer``: no ``\\boxed{...}`` / ``\\fbox{...}`` with a closing brace. Unboxed
+   answers ("The answer is 5") score 0: an explicit marker is required.
+3. ``empty_answer``: the last box is empty or whitespace (``\\boxed{}``, ``\\boxed{ }``).
+4. ``competing_answers``: either
+   a. the final line (the line on which the last box starts) holds two or more boxes whose
+      contents differ once whitespace is removed ("\\boxed{3} or \\boxed{5}"); or
+   b. the last box offers alternatives joined by a disjunction word ("or", "and/or", "\\lor",
+      "either") while the reference answer is single-valued (it has no such word and no comma
+      outside brackets). A multi-valued reference ("3, 5") lets the box say "3 or 5" and leaves
+      the set comparison to math-verify.
+   Boxes on earlier lines are drafts: only the last box is the answer ("\\boxed{3}... wait,
+   \\boxed{5}" answers 5).
+
+Known limitation: an answer split over several boxes ("x=\\boxed{3}, y=\\boxed{5}") counts as
+competing; the reference answer must be put in one box.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+ZeroReason = Literal["echoed_prompt", "no_answer", "empty_answer", "competing_answers"]
+
+# `\boxed{` or `\fbox{`, not `\boxedfoo{`. Whitespace between the command and the brace is legal
+# LaTeX and models do emit it.
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# Alternatives inside one box. `\text{ or }` is caught by the bare word, since the text is
+# scanned with the braces still in it.
+_DISJUNCTION = re.compile(r"\bor\b|\band/or\b|\beither\b|\\lor\b", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class Box:
+    """One boxed span: `start` is the offset of the backslash, `end` one past the closing
+    brace, `content` the text between the braces."""
+
+    start: int
+    end: int
+    content: str
+
+
+def find_boxes(text: str) -> list[Box]:
+    """Every closed ``\\boxed{...}`` / ``\\fbox{...}`` in `text`, in order, nested braces
+    balanced. A box whose braces never close is skipped (it is a truncated answer, not an
+    answer). Boxes nested inside another box are part of the outer box's content."""
+    boxes: list[Box] = []
+    pos = 0
+    while True:
+        m = _BOX_OPEN.search(text, pos)
+        if m is None:
+            return boxes
+        close = _matching_brace(text, m.end() - 1)
+        if close is None:
+            # Unbalanced: try later opens (a later box may still be complete).
+            pos = m.end()
+            continue
+        boxes.append(Box(m.start(), close + 1, text[m.end() : close]))
+        pos = close + 1
+
+
+def _matching_brace(text: str, open_idx: int) -> int | None:
+    """Index of the `}` that closes the `{` at `open_idx`; escaped braces (`\\{`) do not
+    count, so `\\boxed{\\{1, 2\\}}` keeps its set braces."""
+    depth = 0
+    i = open_idx
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2  # skip the escaped character, whatever it is
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last closed box, or None when there is none."""
+    boxes = find_boxes(text)
+    return boxes[-1].content if boxes else None
+
+
+def _collapse(s: str) -> str:
+    return _WHITESPACE.sub(" ", s).strip()
+
+
+def _top_level_has_comma(s: str) -> bool:
+    """A comma outside (), [], {} — the reference lists several values. Escaped braces (the
+    LaTeX set braces) are not brackets of their own here: `\\{1, 2\\}` is a list of values."""
+    depth = 0
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth <= 0:
+            return True
+        i += 1
+    return False
+
+
+def is_multi_valued(ground_truth: str) -> bool:
+    """The reference answer names several values ("3, 5", "2 or 3", "\\{1, 2\\}")."""
+    gt = ground_truth.replace("\\{", "").replace("\\}", "")
+    return bool(_DISJUNCTION.search(gt)) or _top_level_has_comma(gt)
+
+
+def is_echo(response: str, prompt: str, boxes: list[Box]) -> bool:
+    """Rule 1 of the module docstring."""
+    p = prompt.strip()
+    if not p:
+        return False
+    collapsed_p = _collapse(p)
+    if not _collapse(_collapse(response).replace(collapsed_p, "")):
+        return True
+    if boxes:
+        last = boxes[-1]
+        start = response.find(p)
+        while start != -1:
+            if start <= last.start and last.end <= start + len(p):
+                return True
+            start = response.find(p, start + 1)
+    return False
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """Outcome of the string rules: either a zero reason, or the answer to verify."""
+
+    answer: str | None
+    """The last box's content, stripped, when no zero rule fired; None otherwise."""
+    zero_reason: ZeroReason | None
+    """Which rule scored the response 0, or None when `answer` must go to math-verify."""
+
+
+def check_answer(response: str, ground_truth: str, prompt: str | None = None) -> AnswerCheck:
+    """Apply the zero rules of the module docstring; pure and cheap."""
+    boxes = find_boxes(response)
+    if prompt is not None and is_echo(response, prompt, boxes):
+        return AnswerCheck(None, "echoed_prompt")
+    if not boxes:
+        return AnswerCheck(None, "no_answer")
+    last = boxes[-1]
+    if not last.content.strip():
+        return AnswerCheck(None, "empty_answer")
+    line_start = response.rfind("\n", 0, last.start) + 1
+    final_line = {_WHITESPACE.sub("", b.content) for b in boxes if b.start >= line_start}
+    if len(final_line) > 1:
+        return AnswerCheck(None, "competing_answers")
+    if _DISJUNCTION.search(last.content) and not is_multi_valued(ground_truth):
+        return AnswerCheck(None, "competing_answers")
+    return AnswerCheck(last.content.strip(), None)
