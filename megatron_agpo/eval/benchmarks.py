@@ -1,0 +1,257 @@
+"""Loaders for the five math benchmarks the AGPO paper reports, from local files.
+
+The benchmarks are not on any package index, so they are read from files in the shapes of
+their public releases (JSONL, a JSON array, or parquet). Each benchmark names the fields that
+may hold the problem, the answer and the id, in order of preference; the first present and
+non-empty one wins. ../../docs/EVAL.md lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EvalProblem:
+    """One benchmark problem with its reference answer."""
+
+    benchmark: str
+    """Canonical benchmark name (a key of BENCHMARKS), e.g. "math500"."""
+    id: str
+    """Identifier unique within the benchmark (the release's id, else "row-<index>")."""
+    problem: str
+    """The question as given to the model (before any prompt template)."""
+    answer: str
+    """The reference final answer, as a string (what the math reward compares against)."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where one benchmark's release keeps its problem, answer and id."""
+
+    problem_fields: tuple[str, ...]
+    """Fields that may hold the problem text, in order of preference."""
+    answer_fields: tuple[str, ...]
+    """Fields that may hold the final answer, in order of preference."""
+    id_fields: tuple[str, ...]
+    """Fields that may hold the id; the row index is used when none is present."""
+    boxed_answer_fields: tuple[str, ...] = ()
+    """Fields holding a worked solution whose last \\boxed{...} is the answer, tried when no
+    answer field is present (the Qwen2.5-Math Minerva set ships only the solution)."""
+    context_field: str | None = None
+    """A field whose non-empty text is put before the problem (OlympiadBench's shared context
+    for multi-part physics questions)."""
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    # HuggingFaceH4/MATH-500: problem, solution, answer, subject, level, unique_id.
+    "math500": BenchmarkSpec(("problem",), ("answer",), ("unique_id", "id")),
+    # AI-MO/aimo-validation-aime: id, problem, solution, answer, url;
+    # Maxwell-Jia/AIME_2024: ID, Problem, Solution, Answer.
+    "aime24": BenchmarkSpec(
+        ("problem", "Problem", "question"), ("answer", "Answer"), ("id", "ID", "idx")
+    ),
+    # AI-MO/aimo-validation-amc: id, problem, answer (a float such as 27.0), url.
+    "amc23": BenchmarkSpec(("problem", "question"), ("answer",), ("id", "idx")),
+    # math-ai/minervamath: question, answer; Qwen2.5-Math minerva_math: problem, solution, idx.
+    "minerva": BenchmarkSpec(
+        ("problem", "question"), ("answer", "final_answer"), ("id", "idx", "unique_id"),
+        boxed_answer_fields=("solution",),
+    ),
+    # Hothan/OlympiadBench and Qwen2.5-Math olympiadbench: id, question, final_answer (a
+    # list of LaTeX strings), context, solution (list), ...
+    "olympiadbench": BenchmarkSpec(
+        ("question", "problem"), ("final_answer", "answer"), ("id", "idx"),
+        context_field="context",
+    ),
+}
+
+_ALIASES = {
+    "math-500": "math500", "math_500": "math500",
+    "aime": "aime24", "aime2024": "aime24", "aime_2024": "aime24",
+    "amc": "amc23", "amc2023": "amc23", "amc_2023": "amc23",
+    "minerva_math": "minerva", "minervamath": "minerva", "minerva-math": "minerva",
+    "olympiad": "olympiadbench", "olympiad_bench": "olympiadbench",
+}
+
+# Display names, for tables and plots.
+DISPLAY_NAMES = {
+    "math500": "MATH500", "aime24": "AIME24", "amc23": "AMC23",
+    "minerva": "Minerva", "olympiadbench": "OlympiadBench",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The BENCHMARKS key for name (case-insensitive, common aliases accepted)."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in BENCHMARKS:
+        raise ValueError(
+            f"unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)} "
+            f"(or aliases {sorted(_ALIASES)})"
+        )
+    return key
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced; else None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+def _strip_math(s: str) -> str:
+    # OlympiadBench wraps its answers in $...$; the reward parses the bare LaTeX.
+    s = s.strip()
+    if len(s) >= 2 and s.startswith("$") and s.endswith("$"):
+        s = s.strip("$").strip()
+    return s
+
+
+def _as_text(value: Any) -> str | None:
+    """A field value as text; None when absent or empty (so that the next field is tried)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None  # parquet and pandas write missing numbers as NaN
+        # AMC's answers are floats (27.0); the reward compares with "27".
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, (list, tuple)):
+        # OlympiadBench: final_answer is a list, several entries for multi-answer problems.
+        parts = [t for t in (_as_text(v) for v in value) if t]
+        return ", ".join(_strip_math(p) for p in parts) if parts else None
+    text = str(value).strip()
+    return text or None
+
+
+def _first(row: Mapping[str, Any], fields: tuple[str, ...]) -> str | None:
+    for f in fields:
+        text = _as_text(row.get(f))
+        if text is not None:
+            return text
+    return None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as fh:
+        row = 0
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"row {row} (line {lineno})"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: {where}: invalid JSON: {e}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: {where}: expected a JSON object, got "
+                                 f"{type(record).__name__}")
+            yield where, record
+            row += 1
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]  # some releases wrap the list: {"data": [...]}
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of objects (or JSONL)")
+    for row, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: row {row}: expected a JSON object, got "
+                             f"{type(record).__name__}")
+        yield f"row {row}", record
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    for row, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"row {row}", record
+
+
+_READERS: dict[str, Callable[[Path], Iterator[tuple[str, dict[str, Any]]]]] = {
+    ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
+}
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(location, record) for each row of a .jsonl, .json or .parquet file.
+
+    location reads "row <i>" (0-based; JSONL adds the line number) for error messages.
+    """
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}: expected one of "
+                         f"{sorted(_READERS)}")
+    return reader(path)
+
+
+def parse_record(
+    benchmark: str, record: Mapping[str, Any], index: int, where: str = "", path: str = ""
+) -> EvalProblem:
+    """One release row as an EvalProblem; a ValueError names file, row and missing field."""
+    spec = BENCHMARKS[benchmark]
+    prefix = f"{path}: {where or f'row {index}'}"
+    problem = _first(record, spec.problem_fields)
+    if problem is None:
+        raise ValueError(f"{prefix}: {benchmark}: missing field 'problem' (looked for "
+                         f"{', '.join(spec.problem_fields)}; row has {sorted(record)})")
+    context = _as_text(record.get(spec.context_field)) if spec.context_field else None
+    if context:
+        problem = f"{context}\n\n{problem}"
+    answer = _first(record, spec.answer_fields)
+    if answer is None:
+        for f in spec.boxed_answer_fields:
+            solution = _as_text(record.get(f))
+            answer = last_boxed(solution) if solution else None
+            if answer:
+                break
+    if not answer:
+        looked = spec.answer_fields + tuple(f"\\boxed{{}} in {f}" for f in spec.boxed_answer_fields)
+        raise ValueError(f"{prefix}: {benchmark}: missing field 'answer' (looked for "
+                         f"{', '.join(looked)}; row has {sorted(record)})")
+    pid = _first(record, spec.id_fields) or f"row-{index}"
+    return EvalProblem(benchmark=benchmark, id=pid, problem=problem, answer=_strip_math(answer))
+
+
+def load_benchmark(name: str, path: str | Path) -> list[EvalProblem]:
+    """All problems of benchmark name from path (.jsonl, .json or .parquet), in file order.
+
+    Raises ValueError naming the file, the row and the field when a row has no problem or no
+    answer, and naming both rows when two share an id (results are keyed by id).
+    """
+    benchmark = canonical_name(name)
+    problems: list[EvalProblem] = []
+    first_row: dict[str, str] = {}
+    for index, (where, record) in enumerate(read_records(path)):
+        p = parse_record(benchmark, record, index, where, str(path))
+        if p.id in first_row:
+            raise ValueError(f"{path}: {where}: duplicate id {p.id!r} (first at "
+                             f"{first_row[p.id]})")
+        first_row[p.id] = where
+        problems.append(p)
+    if not problems:
+        raise ValueError(f"{path}: no rows")
+    return problems
