@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Rule = Literal["constant", "group", "none"]
-StdMode = Literal["population", "bessel", "none"]
+# Plain str (validated in __post_init__), not Literal: OmegaConf rejects Literal annotations.
+Rule = str  # "constant" | "group" | "none"
+StdMode = str  # "population" | "bessel" | "none"
 
 
 @dataclass(frozen=True)

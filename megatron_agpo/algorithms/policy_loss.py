@@ -16,15 +16,17 @@ fused and unfused paths cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-sum-constant"]
-KLEstimator = Literal["k1", "k3"]
+# Plain str (validated in __post_init__), not Literal: the config is a Hydra structured
+# config, and OmegaConf does not accept Literal annotations.
+AggMode = str  # "token-mean" | "seq-mean-token-mean" | "seq-sum-constant"
+KLEstimator = str  # "k1" | "k3"
 
 
-@dataclass(frozen=True)
+@dataclass
 class PolicyLossConfig:
     """The surrogate objective. Defaults follow AGPO's reading (clip-higher, no KL)."""
 

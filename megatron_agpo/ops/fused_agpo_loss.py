@@ -37,7 +37,15 @@ import torch.distributed as dist
 from megatron_agpo.algorithms.policy_loss import PolicyLossConfig, check_same_shape, token_loss
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK = 1024
+CHUNK_BYTES = 64 * 2**20
+"""Default size of one [chunk, Vl] float32 temporary: the chunk's token count follows from it,
+so extra memory is bounded whatever the micro-batch and the vocabulary."""
+
+
+def _chunk_tokens(chunk_size: int | None, v_local: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_BYTES // (4 * v_local))
+    return chunk_size
 
 
 class FusedLossOutput(NamedTuple):
@@ -62,7 +70,7 @@ def _all_reduce(t: torch.Tensor, op, tp_group, tp_size: int) -> None:
         dist.all_reduce(t, op=op, group=tp_group)
 
 
-def _check_inputs(n, v_local, tp_size, target, advantages, old_logp, ref_logp, rollout_logp):
+def _check_inputs(n, vocab, target, advantages, old_logp, ref_logp, rollout_logp):
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must be an integer tensor, got {target.dtype}")
     check_same_shape(
@@ -74,12 +82,11 @@ def _check_inputs(n, v_local, tp_size, target, advantages, old_logp, ref_logp, r
     )
     if target.dim() != 1 or target.shape[0] != n:
         raise ValueError(f"target{list(target.shape)} must be [N] with N = logits rows = {n}")
-    vocab = v_local * tp_size
     bad = (target >= vocab) | ((target < 0) & (target != IGNORE_INDEX))
     if bad.any():
         idx = bad.nonzero().flatten()[:8].tolist()
         raise ValueError(
-            f"target ids out of range [0, {vocab}) (vocab {v_local} x TP {tp_size}) at token "
+            f"target ids out of range [0, {vocab}) at token "
             f"index {idx}: values {target[idx].tolist()} (use {IGNORE_INDEX} for padding)"
         )
 
@@ -165,9 +172,26 @@ def _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, dtype):
     return torch.where(ctx.valid, a, zeros), torch.where(ctx.valid, b, zeros)
 
 
+def _local_columns(vocab_size, vocab_start: int, v_local: int, tp_size: int) -> int:
+    """Columns of this rank's slice that are real vocabulary (the rest is TP padding)."""
+    if vocab_size is None:
+        return v_local
+    if not 0 < vocab_size <= v_local * tp_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in (0, {v_local * tp_size}] (V/TP={v_local} x TP)"
+        )
+    cols = min(max(vocab_size - vocab_start, 0), v_local)
+    if cols < 1:
+        raise ValueError(
+            f"this rank's vocabulary slice [{vocab_start}, {vocab_start + v_local}) is all "
+            f"padding (vocab_size={vocab_size}); pad the vocabulary less"
+        )
+    return cols
+
+
 def _check_options(cfg: PolicyLossConfig, chunk_size: int, compute_entropy: bool) -> None:
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None: from CHUNK_BYTES)")
     if not compute_entropy and cfg.needs_entropy_grad:
         raise ValueError(
             f"compute_entropy=False but entropy_coef={cfg.entropy_coef}: the entropy term needs it"
@@ -189,13 +213,24 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         chunk_size,
         inplace,
         vocab_start,
+        vocab_size,
         compute_entropy,
     ):
         tp_size, tp_rank = _tp_info(tp_group)
         n, v_local = logits.shape
-        _check_inputs(n, v_local, tp_size, target, advantages, old_logp, ref_logp, rollout_logp)
         if vocab_start is None:
             vocab_start = tp_rank * v_local
+        cols = _local_columns(vocab_size, vocab_start, v_local, tp_size)
+        chunk_size = _chunk_tokens(chunk_size, v_local)
+        _check_inputs(
+            n,
+            vocab_size or v_local * tp_size,
+            target,
+            advantages,
+            old_logp,
+            ref_logp,
+            rollout_logp,
+        )
         # The saved buffer holds exp(z - max). In place it reuses the logits' storage (their
         # only other consumer, the output layer's matmul, saves its inputs, not its output).
         cdt = _compute_dtype(logits)
@@ -205,10 +240,12 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         sum_exp, pred, ent = (torch.empty(n, dtype=cdt) for _ in range(3))
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = logits[s:e].to(cdt)  # a view when already cdt: _chunk_stats never writes into it
+            z = logits[s:e, :cols].to(cdt)  # a view when already cdt: never written to
             _, se, pr, en, _ = _chunk_stats(
-                z, target[s:e], vocab_start, tp_group, tp_size, buf[s:e], compute_entropy
+                z, target[s:e], vocab_start, tp_group, tp_size, buf[s:e, :cols], compute_entropy
             )
+            if cols < v_local:
+                buf[s:e, cols:] = 0.0  # padded vocabulary: no probability, no gradient
             sum_exp[s:e], pred[s:e] = se, pr
             ent[s:e] = en if compute_entropy else 0.0
         valid = target != IGNORE_INDEX
@@ -218,7 +255,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
             logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg
         )
         ctx.buf, ctx.sum_exp, ctx.ent, ctx.g, ctx.h = buf, sum_exp, ent, g, h
-        ctx.target, ctx.valid, ctx.vocab_start = target, valid, vocab_start
+        ctx.target, ctx.valid, ctx.vocab_start, ctx.cols = target, valid, vocab_start, cols
         ctx.chunk_size, ctx.out_dtype = chunk_size, logits.dtype
         return loss, logp, ent
 
@@ -230,7 +267,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             _grad_from_exp(
-                buf[s:e],
+                buf[s:e, : ctx.cols],
                 ctx.sum_exp[s:e],
                 ctx.ent[s:e],
                 a[s:e],
@@ -240,7 +277,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
             )
         grad = buf if buf.dtype == ctx.out_dtype else buf.to(ctx.out_dtype)
         ctx.buf = None
-        return (grad,) + (None,) * 11
+        return (grad,) + (None,) * 12
 
 
 def fused_vocab_parallel_agpo_loss(
@@ -253,9 +290,10 @@ def fused_vocab_parallel_agpo_loss(
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     tp_group=None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     inplace: bool = False,
     vocab_start: int | None = None,
+    vocab_size: int | None = None,
     compute_entropy: bool = True,
 ) -> FusedLossOutput:
     """Per-token AGPO loss from vocab-parallel logits ``[N, Vl]``.
@@ -264,8 +302,11 @@ def fused_vocab_parallel_agpo_loss(
     ref_logp, rollout_logp: ``[N]`` (old_logp None: on-policy). tp_group: the tensor-parallel
     group the vocabulary is split over (None: no TP). inplace: write the softmax and then the
     gradient over the logits, as megatron's cross entropy does; only for fp32 logits that
-    nothing else reads afterwards. compute_entropy=False saves one multiply-add pass; the
-    entropy output is then 0 and cfg.entropy_coef must be 0.
+    nothing else reads afterwards. vocab_size: the real vocabulary; columns at or past it are
+    TP padding, left out of the softmax (their gradient is 0). compute_entropy=False saves a
+    multiply-add pass; the entropy output is then 0 and cfg.entropy_coef must be 0.
+    chunk_size: tokens per chunk; None sizes a chunk's [chunk, Vl] float32 temporary to
+    CHUNK_BYTES.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V/TP], got shape {tuple(logits.shape)}")
@@ -282,6 +323,7 @@ def fused_vocab_parallel_agpo_loss(
         chunk_size,
         inplace,
         vocab_start,
+        vocab_size,
         compute_entropy,
     )
     return FusedLossOutput(*out)
@@ -303,6 +345,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         chunk_size,
         vocab_start,
         reduce_hidden_grad,
+        vocab_size,
         compute_entropy,
     ):
         tp_size, tp_rank = _tp_info(tp_group)
@@ -313,15 +356,26 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
                 f"hidden{list(hidden.shape)} must be [N, H] and weight{list(weight.shape)} "
                 "[V/TP, H] with the same H"
             )
-        _check_inputs(n, v_local, tp_size, target, advantages, old_logp, ref_logp, rollout_logp)
         if vocab_start is None:
             vocab_start = tp_rank * v_local
+        cols = _local_columns(vocab_size, vocab_start, v_local, tp_size)
+        chunk_size = _chunk_tokens(chunk_size, v_local)
+        _check_inputs(
+            n,
+            vocab_size or v_local * tp_size,
+            target,
+            advantages,
+            old_logp,
+            ref_logp,
+            rollout_logp,
+        )
         target = target.long()
         cdt = _compute_dtype(hidden)
+        w_valid = weight[:cols]
         lse, pred, ent = (torch.empty(n, dtype=cdt) for _ in range(3))
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = (hidden[s:e] @ weight.t()).to(cdt)  # with its exp, the only [chunk, Vl] tensors
+            z = (hidden[s:e] @ w_valid.t()).to(cdt)  # with its exp, the only [chunk, Vl] tensors
             mx, se, pr, en, _ = _chunk_stats(
                 z, target[s:e], vocab_start, tp_group, tp_size, None, compute_entropy
             )
@@ -337,7 +391,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         )
         ctx.save_for_backward(hidden, weight)
         ctx.lse, ctx.ent, ctx.g, ctx.h, ctx.target, ctx.valid = lse, ent, g, h, target, valid
-        ctx.vocab_start, ctx.chunk_size = vocab_start, chunk_size
+        ctx.vocab_start, ctx.chunk_size, ctx.cols = vocab_start, chunk_size, cols
         ctx.tp_group, ctx.tp_size, ctx.reduce_hidden_grad = tp_group, tp_size, reduce_hidden_grad
         return loss, logp, ent
 
@@ -355,10 +409,11 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         grad_weight = None
         if want_w:
             grad_weight = main_grad if main_grad is not None else torch.zeros_like(weight)
+        w_valid = weight[: ctx.cols]  # padded vocabulary rows get no gradient
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h_c = hidden[s:e]
-            z = (h_c @ weight.t()).to(cdt)
+            z = (h_c @ w_valid.t()).to(cdt)
             z.sub_(ctx.lse[s:e, None]).exp_()  # p, normalised: lse is already global
             dz = _grad_from_exp(
                 z,
@@ -370,9 +425,11 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
                 ctx.vocab_start,
             ).to(hidden.dtype)
             if grad_hidden is not None:
-                torch.mm(dz, weight, out=grad_hidden[s:e])
+                torch.mm(dz, w_valid, out=grad_hidden[s:e])
             if want_w:
-                grad_weight.addmm_(dz.t().to(grad_weight.dtype), h_c.to(grad_weight.dtype))
+                grad_weight[: ctx.cols].addmm_(
+                    dz.t().to(grad_weight.dtype), h_c.to(grad_weight.dtype)
+                )
         if grad_hidden is not None and ctx.reduce_hidden_grad:
             # Each rank's logits slice contributes a partial dLoss/dhidden; the hidden states
             # were replicated over TP, so their gradient is the sum.
@@ -381,7 +438,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
             if hasattr(weight, "grad_added_to_main_grad"):
                 weight.grad_added_to_main_grad = True
             grad_weight = None
-        return (grad_hidden, grad_weight) + (None,) * 11
+        return (grad_hidden, grad_weight) + (None,) * 12
 
 
 def fused_output_layer_agpo_loss(
@@ -395,9 +452,10 @@ def fused_output_layer_agpo_loss(
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     tp_group=None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     vocab_start: int | None = None,
     reduce_hidden_grad: bool = True,
+    vocab_size: int | None = None,
     compute_entropy: bool = True,
 ) -> FusedLossOutput:
     """Per-token AGPO loss from hidden states ``[N, H]`` and the output weight ``[Vl, H]``.
@@ -421,6 +479,7 @@ def fused_output_layer_agpo_loss(
         chunk_size,
         vocab_start,
         reduce_hidden_grad,
+        vocab_size,
         compute_entropy,
     )
     return FusedLossOutput(*out)
