@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from megatron_agpo.rewards.answer import check_answer
 from megatron_agpo.rewards.base import RewardStats
-from megatron_agpo.rewards.pool import CallTimeout, DeadlinePool, StartMethod, WorkerError
+from megatron_agpo.rewards.pool import CallTimeout, DeadlinePool, WorkerError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class RewardConfig:
     killed and replaced, and the response scores 0 (counted in `timeouts`)."""
     num_workers: int = 2
     """Worker processes, and so the most verifications running at once."""
-    start_method: StartMethod = "spawn"
+    start_method: str = "spawn"  # str, not Literal: OmegaConf rejects Literal
     """How workers start: spawn (safe beside threads, CUDA and vLLM) or forkserver."""
     startup_timeout_s: float = 120.0
     """How long a new worker may take to import math-verify before it counts as failed."""

@@ -1,0 +1,260 @@
+"""CPU compatibility layer for megatron-core 0.16.1, active only where CUDA is absent.
+
+megatron-core assumes a GPU in a few places on the paths this project uses (GPTModel with the
+local layer spec, tensor/pipeline parallel, DDP + distributed optimizer, the pipeline
+schedules). On CPU-only machines those calls raise "Torch not compiled with CUDA enabled",
+which would leave TP/PP/DP untestable on a laptop or CI. The patches below redirect exactly
+those calls to the CPU and nothing else:
+
+1. Module-scoped torch: in the megatron-core modules listed in `_CUDA_MODULES` the global name
+   `torch` is replaced by `_TorchOnCpu`, a thin proxy that forwards every attribute to the real
+   torch except
+   - tensor factories (`zeros`, `empty`, `ones`, `full`, `tensor`, `arange`, ...) given
+     `device="cuda"`: the schedules' `total_num_tokens`, the default causal mask, the grad
+     scaler / optimizer bookkeeping scalars;
+   - `torch.cuda.current_device()` -> the CPU device: rotary embeddings' `inv_freq`, p2p
+     receive buffers, the DDP grad buffers, attention buffers;
+   - `torch.cuda.synchronize/empty_cache` -> no-ops (p2p "race condition" sync);
+   - `torch.cuda.{get_rng_state,set_rng_state,manual_seed}` -> the CPU generator.
+   The real `torch` module is never modified, so code outside those modules is unaffected.
+2. The CUDA RNG tracker (`tensor_parallel/random.py`): its private get/set-state helpers use
+   `torch._C`/`_lazy_call`, which on a CPU build silently queue the call forever; they are
+   replaced by the CPU generator's get/set so `fork()` really swaps and restores state.
+3. Tensor methods: the optimizers' dtype checks compare `param.type()` with
+   `'torch.cuda.FloatTensor'` etc., and the tied-embedding set-up of a pipelined model moves the
+   weight with `weight.data.cuda()`. While the few megatron functions listed in `enable()` run,
+   `Tensor.type()` reports the CUDA name of a CPU tensor's type and `Tensor.cuda()` returns the
+   tensor itself; outside them both are torch's own.
+
+`enable()` is idempotent and a no-op when CUDA is available. Call it before building models
+(`megatron_agpo.parallel.init_parallel` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import threading
+import types
+
+import torch
+
+_ENABLED = False
+_LOCK = threading.Lock()
+
+# Modules whose module-level `torch` is swapped for the proxy (see the docstring, point 1).
+_CUDA_MODULES = (
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.models.common.embeddings.language_model_embedding",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.transformer_block",
+    "megatron.core.transformer.mlp",
+    "megatron.core.transformer.module",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+)
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like",
+)  # fmt: skip
+
+_CPU = torch.device("cpu")
+
+
+def _is_cuda(device) -> bool:
+    if device is None:
+        return False
+    if isinstance(device, int):  # an ordinal means a CUDA device in torch's factories
+        return True
+    return torch.device(device).type == "cuda"
+
+
+def _redirect(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CudaOnCpu:
+    """Stands in for `torch.cuda` inside the patched modules."""
+
+    random = types.SimpleNamespace(
+        get_rng_state=lambda device=None: torch.get_rng_state(),
+        set_rng_state=lambda state, device=None: torch.set_rng_state(state),
+    )
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return _CPU
+
+    @staticmethod
+    def synchronize(*_args, **_kwargs):
+        return None
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+    @staticmethod
+    def get_rng_state(device=None):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state, device=None):
+        torch.set_rng_state(state)
+
+    @staticmethod
+    def manual_seed(seed):
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def manual_seed_all(seed):
+        torch.manual_seed(seed)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """Forwards to the real torch; redirects CUDA allocations to the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+        for name in _FACTORIES:
+            setattr(self, name, _redirect(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+_type_patch_depth = 0
+_ORIG_TENSOR_TYPE = torch.Tensor.type
+_ORIG_TENSOR_CUDA = torch.Tensor.cuda
+
+
+def _type_as_cuda(self, *args, **kwargs):
+    out = _ORIG_TENSOR_TYPE(self, *args, **kwargs)
+    if args or kwargs:  # a conversion call (t.type(dtype)), not a query
+        return out
+    return _CUDA_TYPE_NAMES.get(out, out)
+
+
+def _cuda_is_identity(self, *args, **kwargs):
+    return self
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While active, `t.type()` of a CPU float tensor reports the CUDA type name and
+    `t.cuda()` is the identity."""
+    global _type_patch_depth
+    with _LOCK:
+        _type_patch_depth += 1
+        torch.Tensor.type = _type_as_cuda
+        torch.Tensor.cuda = _cuda_is_identity
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _type_patch_depth -= 1
+            if _type_patch_depth == 0:
+                torch.Tensor.type = _ORIG_TENSOR_TYPE
+                torch.Tensor.cuda = _ORIG_TENSOR_CUDA
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapper._agpo_compat = True
+    return wrapper
+
+
+def is_enabled() -> bool:
+    return _ENABLED
+
+
+def enable() -> bool:
+    """Install the CPU patches once. Returns True when they are active (no CUDA)."""
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        if _ENABLED:
+            return True
+        proxy = _TorchOnCpu()
+        for name in _CUDA_MODULES:
+            mod = importlib.import_module(name)
+            if getattr(mod, "torch", None) is torch:
+                mod.torch = proxy
+
+        from megatron.core.tensor_parallel import random as mrandom
+
+        mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+            torch.get_rng_state()
+        )
+        mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+            torch.set_rng_state(new_state)
+        )
+
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        from megatron.core.optimizer import distrib_optimizer, optimizer
+
+        targets = [
+            (LanguageModule, "setup_embeddings_and_output_layer"),
+            (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+            (distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups"),
+            (distrib_optimizer.DistributedOptimizer, "__init__"),
+        ]
+        for cls, attr in targets:
+            raw = cls.__dict__[attr]
+            fn = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
+            if getattr(fn, "_agpo_compat", False):
+                continue
+            wrapped = _with_cuda_type_names(fn)
+            if isinstance(raw, staticmethod):
+                wrapped = staticmethod(wrapped)
+            elif isinstance(raw, classmethod):
+                wrapped = classmethod(wrapped)
+            setattr(cls, attr, wrapped)
+        _ENABLED = True
+    return True

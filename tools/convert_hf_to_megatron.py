@@ -1,0 +1,31 @@
+"""HF checkpoint folder -> megatron-core distributed checkpoint (+ tokenizer, manifest).
+
+    python tools/convert_hf_to_megatron.py --hf DIR --out DIR --tp N --pp M
+
+On CPU it spawns N*M gloo processes that each write their shard; the checkpoint loads at any
+other TP/PP. Supported architectures: see megatron_agpo.models.SUPPORTED_ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from megatron_agpo.models.checkpoint import convert_hf_to_megatron
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--hf", required=True, help="HF folder (config.json + safetensors)")
+    ap.add_argument("--out", required=True, help="output checkpoint folder")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write at")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    cfg = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp)
+    print(f"wrote {args.out} ({cfg.architecture}, {cfg.num_layers} layers, TP={args.tp} "
+          f"PP={args.pp}) in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
