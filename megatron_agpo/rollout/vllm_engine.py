@@ -1,0 +1,171 @@
+"""The vLLM calls both deployments share: building an `LLM`, mapping requests to
+`SamplingParams`, reading outputs back as `Sample`s, prompt log-probs and in-place reloads.
+
+Runs wherever the `LLM` lives: in the training process (colocated) or in a replica worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from megatron_agpo.rollout.config import RolloutConfig
+from megatron_agpo.rollout.types import PromptTooLongError, RolloutRequest, Sample
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+
+def sleep_mode_available() -> bool:
+    """vLLM's sleep mode uses the CUDA memory pool; there is none on CPU."""
+    return torch.cuda.is_available()
+
+
+def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
+    """Start a vLLM engine inside this process.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this process, so
+    `collective_rpc("reload_weights", weights_iterator=...)` receives our tensors (and
+    generator) directly instead of through vLLM's serialising RPC. vLLM reads the variable
+    when the engine is built, so it is set here, once, before that.
+    """
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        raise RuntimeError(
+            "VLLM_ENABLE_V1_MULTIPROCESSING is set to a non-zero value; in-process weight "
+            "reloads need the engine core in this process (unset it or set it to 0)"
+        )
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    if not config.model_path:
+        raise ValueError("RolloutConfig.model_path is empty")
+    kwargs: dict[str, Any] = dict(
+        model=config.model_path,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        seed=config.seed if seed is None else seed,
+        tensor_parallel_size=config.tensor_parallel_size,
+        enforce_eager=config.enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        # Log-probs of the logits before temperature / top-p: the trainer recomputes exactly
+        # these (log_softmax of its logits), so importance ratios compare like with like.
+        logprobs_mode="raw_logprobs",
+    )
+    chunked = config.enable_chunked_prefill
+    if chunked is None and not torch.cuda.is_available():
+        chunked = False  # see RolloutConfig.enable_chunked_prefill
+    if chunked is not None:
+        kwargs["enable_chunked_prefill"] = chunked
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = config.enable_sleep_mode
+    return LLM(**kwargs)
+
+
+def check_prompt_lengths(requests: Sequence[RolloutRequest], max_model_len: int) -> None:
+    """Refuse (before anything is sent) the first prompt that leaves too little room."""
+    for i, r in enumerate(requests):
+        limit = max_model_len - r.max_new_tokens
+        if len(r.prompt_token_ids) > limit:
+            raise PromptTooLongError(i, len(r.prompt_token_ids), limit, r.max_new_tokens)
+
+
+def sampling_params(request: RolloutRequest) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=request.n,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        max_tokens=request.max_new_tokens,
+        stop=list(request.stop) or None,
+        seed=request.seed,
+        ignore_eos=request.ignore_eos,
+        logprobs=0,  # the sampled token's own log-prob only
+    )
+
+
+def run_generate(
+    llm: LLM,
+    requests: Sequence[RolloutRequest],
+    prompt_ids: Sequence[int],
+    weight_version: int,
+) -> list[Sample]:
+    """Sample `requests` (whose ids in the caller's batch are `prompt_ids`) on `llm`."""
+    from vllm import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
+    params = [sampling_params(r) for r in requests]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    samples: list[Sample] = []
+    for pid, req, out in zip(prompt_ids, requests, outputs, strict=True):
+        for k, comp in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+            token_ids = tuple(comp.token_ids)
+            # Each position's dict holds the sampled token (plus top-k ones when asked).
+            lps = tuple(
+                float(pos[tok].logprob) for pos, tok in zip(comp.logprobs, token_ids, strict=True)
+            )
+            finish = comp.finish_reason or "abort"
+            samples.append(
+                Sample(
+                    prompt_id=int(pid),
+                    sample_index=k,
+                    prompt_token_ids=req.prompt_token_ids,
+                    response_token_ids=token_ids,
+                    text=comp.text,
+                    logprobs=lps,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    truncated=finish == "length",
+                    weight_version=weight_version,
+                )
+            )
+    return samples
+
+
+def run_prompt_logprobs(llm: LLM, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+    """log p(token_t | tokens_<t) for t >= 1, computed in the prefill (one generated token,
+    discarded)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    result = []
+    for seq, out in zip(sequences, outputs, strict=True):
+        # The first position has no log-prob; each later one holds the prompt token's.
+        plp = out.prompt_logprobs or []
+        result.append(
+            [float(pos[tok].logprob) for pos, tok in zip(plp[1:], list(seq)[1:], strict=True)]
+        )
+    return result
+
+
+def reload_weights(llm: LLM, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
+    """Load HF-named tensors into the running engine in place; returns seconds spent.
+
+    vLLM's `reload_weights` (not the model's `load_weights`): on CPU the linear layers
+    repack their weights for oneDNN after loading and drop the original parameters, so only
+    the reload path, which restores the layers, loads, then re-runs the post-load
+    processing, works after start. It processes each layer once all of its tensors have
+    arrived, so one call must receive the whole model: we pass one lazy iterator, and the
+    caller bounds memory by how it produces that iterator.
+    """
+    t0 = time.perf_counter()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+    # Cached KV blocks were computed by the old weights; a prefix hit would mix versions.
+    llm.reset_prefix_cache()
+    return time.perf_counter() - t0
+
+
+def counted(
+    weights: Iterable[tuple[str, torch.Tensor]], stats: dict[str, int]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass (name, tensor) through, counting tensors and bytes into `stats`."""
+    for name, t in weights:
+        stats["num_tensors"] = stats.get("num_tensors", 0) + 1
+        stats["num_bytes"] = stats.get("num_bytes", 0) + t.numel() * t.element_size()
+        yield name, t

