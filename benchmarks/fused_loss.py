@@ -217,7 +217,9 @@ def main() -> None:
         f"{os.cpu_count()} cores; T={args.tokens} V={args.vocab} H={args.hidden} "
         f"chunk={args.chunk} fp32, median of {args.repeats}"
     )
-    print("| TP | method | extra peak (GB) | time (s) | memory vs naive | time vs unfused megatron |")
+    print(
+        "| TP | method | extra peak (GB) | time (s) | memory vs naive | time vs unfused megatron |"
+    )
     print("|---|---|---|---|---|---|")
     ratios = []
     for tp in args.tp:

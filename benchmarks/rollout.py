@@ -36,8 +36,9 @@ def main() -> None:
 
     path = smollm2_hf_folder()
     tok = AutoTokenizer.from_pretrained(str(path))
-    questions = [f"What is {7 * i + 12} + {3 * i + 25}? Answer briefly."
-                 for i in range(args.prompts)]
+    questions = [
+        f"What is {7 * i + 12} + {3 * i + 25}? Answer briefly." for i in range(args.prompts)
+    ]
     prompts = []
     for q in questions:
         enc = tok.apply_chat_template(
@@ -49,11 +50,14 @@ def main() -> None:
 
     # --- vLLM
     t0 = time.perf_counter()
-    engine = ColocatedEngine(RolloutConfig(model_path=str(path), dtype="float32",
-                                           max_model_len=1024))
+    engine = ColocatedEngine(
+        RolloutConfig(model_path=str(path), dtype="float32", max_model_len=1024)
+    )
     start_s = time.perf_counter() - t0
-    reqs = [RolloutRequest(p, n=args.n, max_new_tokens=T, seed=i, ignore_eos=True)
-            for i, p in enumerate(prompts)]
+    reqs = [
+        RolloutRequest(p, n=args.n, max_new_tokens=T, seed=i, ignore_eos=True)
+        for i, p in enumerate(prompts)
+    ]
     engine.generate(reqs[:1])  # warm-up
     t0 = time.perf_counter()
     batch = engine.generate(reqs)
@@ -71,23 +75,36 @@ def main() -> None:
     pad_len = torch.tensor([width - len(p) for p in prompts])
     mask = torch.arange(width)[None, :] >= pad_len[:, None]
     gen_kw = dict(
-        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=args.n,
-        max_new_tokens=T, min_new_tokens=T, pad_token_id=pad,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        num_return_sequences=args.n,
+        max_new_tokens=T,
+        min_new_tokens=T,
+        pad_token_id=pad,
     )
     with torch.no_grad():
-        model.generate(ids[:1], attention_mask=mask[:1].long(), **{**gen_kw, "max_new_tokens": 4,
-                                                                   "min_new_tokens": 4})
+        model.generate(
+            ids[:1],
+            attention_mask=mask[:1].long(),
+            **{**gen_kw, "max_new_tokens": 4, "min_new_tokens": 4},
+        )
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=mask.long(), **gen_kw)
         hf_s = time.perf_counter() - t0
     hf_tokens = (out.shape[1] - width) * out.shape[0]
 
-    print(f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts x n={args.n} x {T} new tokens "
-          f"({total} tokens), torch threads {args.threads}, {platform.processor() or 'cpu'}, "
-          f"{os.cpu_count()} cores; vLLM engine start {start_s:.1f} s")
+    print(
+        f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts x n={args.n} x {T} new tokens "
+        f"({total} tokens), torch threads {args.threads}, {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} cores; vLLM engine start {start_s:.1f} s"
+    )
     print("| engine | tokens | seconds | tokens/s |\n|---|---|---|---|")
-    print(f"| vLLM (ColocatedEngine, with log-probs) | {vllm_tokens} | {vllm_s:.2f} "
-          f"| {vllm_tokens / vllm_s:.0f} |")
+    print(
+        f"| vLLM (ColocatedEngine, with log-probs) | {vllm_tokens} | {vllm_s:.2f} "
+        f"| {vllm_tokens / vllm_s:.0f} |"
+    )
     print(f"| transformers generate | {hf_tokens} | {hf_s:.2f} | {hf_tokens / hf_s:.0f} |")
     print(f"| ratio vLLM / transformers | | | {(vllm_tokens / vllm_s) / (hf_tokens / hf_s):.2f}x |")
 

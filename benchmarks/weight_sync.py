@@ -44,8 +44,13 @@ def bench_model(name: str, path: Path, repeats: int, bucket_mb: float) -> dict:
     dst = {k: torch.empty_like(v) for k, v in state.items()}
     memcpy_s = _best(lambda: [dst[k].copy_(v) for k, v in state.items()], repeats)
 
-    cfg = RolloutConfig(model_path=str(path), dtype="float32", max_model_len=512,
-                        bucket_mb=bucket_mb, cpu_kvcache_space_gib=1)
+    cfg = RolloutConfig(
+        model_path=str(path),
+        dtype="float32",
+        max_model_len=512,
+        bucket_mb=bucket_mb,
+        cpu_kvcache_space_gib=1,
+    )
     engine = ColocatedEngine(cfg)
     version = iter(range(1, 1000))
     coloc_s = _best(lambda: engine.update_weights(iter(state.items()), next(version)), repeats)
@@ -60,8 +65,16 @@ def bench_model(name: str, path: Path, repeats: int, bucket_mb: float) -> dict:
         )
         buckets = reports[-1].num_buckets
         reload_s = min(r.replica_seconds[0] for r in reports)
-    return dict(name=name, mb=nbytes / 1e6, memcpy=memcpy_s, coloc=coloc_s, replica=replica_s,
-                reload=reload_s, buckets=buckets, gb=nbytes / 1e9)
+    return dict(
+        name=name,
+        mb=nbytes / 1e6,
+        memcpy=memcpy_s,
+        coloc=coloc_s,
+        replica=replica_s,
+        reload=reload_s,
+        buckets=buckets,
+        gb=nbytes / 1e9,
+    )
 
 
 def main() -> None:
@@ -77,23 +90,39 @@ def main() -> None:
 
     big_dir = Path(tempfile.gettempdir()) / "agpo_bench_random_llama_1024x12"
     if not any(big_dir.glob("*.safetensors")):
-        make_tiny_llama(big_dir, hidden_size=1024, num_layers=12, num_heads=16, num_kv_heads=8,
-                        intermediate_size=4096, max_position_embeddings=1024)
+        make_tiny_llama(
+            big_dir,
+            hidden_size=1024,
+            num_layers=12,
+            num_heads=16,
+            num_kv_heads=8,
+            intermediate_size=4096,
+            max_position_embeddings=1024,
+        )
     rows = [
-        bench_model("SmolLM2-135M (30 layers, hidden 576)", smollm2_hf_folder(), args.repeats,
-                    args.bucket_mb),
-        bench_model("random Llama (12 layers, hidden 1024, ffn 4096)", big_dir, args.repeats,
-                    args.bucket_mb),
+        bench_model(
+            "SmolLM2-135M (30 layers, hidden 576)",
+            smollm2_hf_folder(),
+            args.repeats,
+            args.bucket_mb,
+        ),
+        bench_model(
+            "random Llama (12 layers, hidden 1024, ffn 4096)", big_dir, args.repeats, args.bucket_mb
+        ),
     ]
     print(f"fp32, best of {args.repeats}, bucket {args.bucket_mb:g} MB, {os.cpu_count()} cores")
-    print("| model | MB | memcpy s (GB/s) | colocated s (GB/s) | replica s (GB/s) "
-          "| replica reload s | buckets |")
+    print(
+        "| model | MB | memcpy s (GB/s) | colocated s (GB/s) | replica s (GB/s) "
+        "| replica reload s | buckets |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['mb']:.0f} | {r['memcpy']:.3f} ({r['gb'] / r['memcpy']:.2f}) "
-              f"| {r['coloc']:.3f} ({r['gb'] / r['coloc']:.2f}) "
-              f"| {r['replica']:.3f} ({r['gb'] / r['replica']:.2f}) | {r['reload']:.3f} "
-              f"| {r['buckets']} |")
+        print(
+            f"| {r['name']} | {r['mb']:.0f} | {r['memcpy']:.3f} ({r['gb'] / r['memcpy']:.2f}) "
+            f"| {r['coloc']:.3f} ({r['gb'] / r['coloc']:.2f}) "
+            f"| {r['replica']:.3f} ({r['gb'] / r['replica']:.2f}) | {r['reload']:.3f} "
+            f"| {r['buckets']} |"
+        )
 
 
 if __name__ == "__main__":

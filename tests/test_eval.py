@@ -114,8 +114,11 @@ def test_pass_at_k_validation_names_argument(args, match):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 300).flatmap(lambda n: st.tuples(
-    st.just(n), st.integers(0, n), st.integers(1, n))))
+@given(
+    st.integers(1, 300).flatmap(
+        lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))
+    )
+)
 def test_pass_at_k_properties(nck):
     n, c, k = nck
     v = pass_at_k(n, c, k)
@@ -182,21 +185,36 @@ def _write(rows: list[dict], path: Path) -> Path:
 
 
 MATH500_ROWS = [
-    {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "answer": "2",
-     "subject": "Prealgebra", "level": 1, "unique_id": "test/prealgebra/1.json"},
-    {"problem": "Simplify $\\frac{2}{4}$.", "solution": "...", "answer": "\\frac{1}{2}",
-     "subject": "Algebra", "level": 2, "unique_id": "test/algebra/7.json"},
+    {
+        "problem": "What is $1+1$?",
+        "solution": "It is $\\boxed{2}$.",
+        "answer": "2",
+        "subject": "Prealgebra",
+        "level": 1,
+        "unique_id": "test/prealgebra/1.json",
+    },
+    {
+        "problem": "Simplify $\\frac{2}{4}$.",
+        "solution": "...",
+        "answer": "\\frac{1}{2}",
+        "subject": "Algebra",
+        "level": 2,
+        "unique_id": "test/algebra/7.json",
+    },
 ]
 AIME_AIMO_ROWS = [
-    {"id": 60, "problem": "Every morning Aya walks...", "solution": "...", "answer": "204",
-     "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1"},
+    {
+        "id": 60,
+        "problem": "Every morning Aya walks...",
+        "solution": "...",
+        "answer": "204",
+        "url": "https://artofproblemsolving.com/wiki/index.php/2024_AIME_I_Problems/Problem_1",
+    },
     {"id": 61, "problem": "Let $ABC$ be...", "solution": "...", "answer": "113", "url": "u"},
 ]
 AIME_MAXWELL_ROWS = [
-    {"ID": "2024-I-1", "Problem": "Every morning Aya walks...", "Solution": "...",
-     "Answer": 204},
-    {"ID": "2024-I-2", "Problem": "There exist real numbers...", "Solution": "...",
-     "Answer": 25},
+    {"ID": "2024-I-1", "Problem": "Every morning Aya walks...", "Solution": "...", "Answer": 204},
+    {"ID": "2024-I-2", "Problem": "There exist real numbers...", "Solution": "...", "Answer": 25},
 ]
 AMC_ROWS = [
     {"id": 0, "problem": "Cities $A$ and $B$ are...", "answer": 27.0, "url": "u0"},
@@ -207,43 +225,101 @@ MINERVA_MATHAI_ROWS = [
     {"question": "Find the period...", "answer": "3.1e5"},
 ]
 MINERVA_QWEN_ROWS = [
-    {"problem": "Each of the two Magellan telescopes...", "type": "Introduction to Astronomy",
-     "solution": "So the answer is $\\boxed{1.6 \\times 10^{\\{-1\\}}}$.", "idx": 0},
-    {"problem": "A star...", "type": "Astronomy",
-     "solution": "First $\\boxed{1}$ then $\\boxed{\\frac{a}{b}}$.", "idx": 1},
+    {
+        "problem": "Each of the two Magellan telescopes...",
+        "type": "Introduction to Astronomy",
+        "solution": "So the answer is $\\boxed{1.6 \\times 10^{\\{-1\\}}}$.",
+        "idx": 0,
+    },
+    {
+        "problem": "A star...",
+        "type": "Astronomy",
+        "solution": "First $\\boxed{1}$ then $\\boxed{\\frac{a}{b}}$.",
+        "idx": 1,
+    },
 ]
 OLYMPIAD_ROWS = [
-    {"id": 1606, "subfield": "Combinatorics", "context": None, "question": "Xenia and Sergey...",
-     "solution": ["..."], "final_answer": ["$\\frac{1}{2}$"], "is_multiple_answer": False,
-     "unit": None, "answer_type": "Numerical", "error": None},
-    {"id": 1607, "subfield": "Algebra", "context": "A ball is thrown.", "question": "Find x.",
-     "solution": ["..."], "final_answer": ["$3$", "$5$"], "is_multiple_answer": True,
-     "unit": None, "answer_type": "Numerical", "error": None},
+    {
+        "id": 1606,
+        "subfield": "Combinatorics",
+        "context": None,
+        "question": "Xenia and Sergey...",
+        "solution": ["..."],
+        "final_answer": ["$\\frac{1}{2}$"],
+        "is_multiple_answer": False,
+        "unit": None,
+        "answer_type": "Numerical",
+        "error": None,
+    },
+    {
+        "id": 1607,
+        "subfield": "Algebra",
+        "context": "A ball is thrown.",
+        "question": "Find x.",
+        "solution": ["..."],
+        "final_answer": ["$3$", "$5$"],
+        "is_multiple_answer": True,
+        "unit": None,
+        "answer_type": "Numerical",
+        "error": None,
+    },
 ]
 
 SHAPES = [
-    ("math500", MATH500_ROWS, [("test/prealgebra/1.json", "What is $1+1$?", "2"),
-                               ("test/algebra/7.json", "Simplify $\\frac{2}{4}$.",
-                                "\\frac{1}{2}")]),
-    ("aime24", AIME_AIMO_ROWS, [("60", "Every morning Aya walks...", "204"),
-                                ("61", "Let $ABC$ be...", "113")]),
-    ("aime24", AIME_MAXWELL_ROWS, [("2024-I-1", "Every morning Aya walks...", "204"),
-                                   ("2024-I-2", "There exist real numbers...", "25")]),
-    ("amc23", AMC_ROWS, [("0", "Cities $A$ and $B$ are...", "27"),
-                         ("1", "What is $\\tfrac{3}{2}$ ...", "1.5")]),
-    ("minerva", MINERVA_MATHAI_ROWS, [("row-0", "Compute the redshift...", "0.7"),
-                                      ("row-1", "Find the period...", "3.1e5")]),
-    ("minerva", MINERVA_QWEN_ROWS, [("0", "Each of the two Magellan telescopes...",
-                                     "1.6 \\times 10^{\\{-1\\}}"),
-                                    ("1", "A star...", "\\frac{a}{b}")]),
-    ("olympiadbench", OLYMPIAD_ROWS, [("1606", "Xenia and Sergey...", "\\frac{1}{2}"),
-                                      ("1607", "A ball is thrown.\n\nFind x.", "3, 5")]),
+    (
+        "math500",
+        MATH500_ROWS,
+        [
+            ("test/prealgebra/1.json", "What is $1+1$?", "2"),
+            ("test/algebra/7.json", "Simplify $\\frac{2}{4}$.", "\\frac{1}{2}"),
+        ],
+    ),
+    (
+        "aime24",
+        AIME_AIMO_ROWS,
+        [("60", "Every morning Aya walks...", "204"), ("61", "Let $ABC$ be...", "113")],
+    ),
+    (
+        "aime24",
+        AIME_MAXWELL_ROWS,
+        [
+            ("2024-I-1", "Every morning Aya walks...", "204"),
+            ("2024-I-2", "There exist real numbers...", "25"),
+        ],
+    ),
+    (
+        "amc23",
+        AMC_ROWS,
+        [("0", "Cities $A$ and $B$ are...", "27"), ("1", "What is $\\tfrac{3}{2}$ ...", "1.5")],
+    ),
+    (
+        "minerva",
+        MINERVA_MATHAI_ROWS,
+        [("row-0", "Compute the redshift...", "0.7"), ("row-1", "Find the period...", "3.1e5")],
+    ),
+    (
+        "minerva",
+        MINERVA_QWEN_ROWS,
+        [
+            ("0", "Each of the two Magellan telescopes...", "1.6 \\times 10^{\\{-1\\}}"),
+            ("1", "A star...", "\\frac{a}{b}"),
+        ],
+    ),
+    (
+        "olympiadbench",
+        OLYMPIAD_ROWS,
+        [
+            ("1606", "Xenia and Sergey...", "\\frac{1}{2}"),
+            ("1607", "A ball is thrown.\n\nFind x.", "3, 5"),
+        ],
+    ),
 ]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
-@pytest.mark.parametrize(("bench", "rows", "expected"), SHAPES,
-                         ids=[f"{s[0]}-{i}" for i, s in enumerate(SHAPES)])
+@pytest.mark.parametrize(
+    ("bench", "rows", "expected"), SHAPES, ids=[f"{s[0]}-{i}" for i, s in enumerate(SHAPES)]
+)
 def test_loader_release_shapes(tmp_path, suffix, bench, rows, expected):
     path = _write(rows, tmp_path / f"{bench}{suffix}")
     got = load_benchmark(bench, path)
@@ -254,8 +330,10 @@ def test_loader_json_array_and_aliases(tmp_path):
     path = tmp_path / "aime.json"
     path.write_text(json.dumps(AIME_MAXWELL_ROWS))
     assert [p.id for p in load_benchmark("AIME2024", path)] == ["2024-I-1", "2024-I-2"]
-    assert load_benchmark("MATH-500", _write(MATH500_ROWS, tmp_path / "m.jsonl"))[0].benchmark \
+    assert (
+        load_benchmark("MATH-500", _write(MATH500_ROWS, tmp_path / "m.jsonl"))[0].benchmark
         == "math500"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -308,8 +386,10 @@ def test_last_boxed():
 
 
 def _problems(count: int = 10) -> list[EvalProblem]:
-    return [EvalProblem("amc23" if i % 2 else "math500", str(i), f"problem {i}", str(i % 3))
-            for i in range(count)]
+    return [
+        EvalProblem("amc23" if i % 2 else "math500", str(i), f"problem {i}", str(i % 3))
+        for i in range(count)
+    ]
 
 
 class FakeEngine:
@@ -343,8 +423,16 @@ def score(response: str, answer: str) -> float:
 def test_evaluate_counts_and_seeds(tmp_path):
     problems = _problems(6)
     eng = FakeEngine()
-    res = evaluate(eng, score, problems, n=8, seed=3, results_path=tmp_path / "s.jsonl",
-                   batch_size=4, save_completions=True)
+    res = evaluate(
+        eng,
+        score,
+        problems,
+        n=8,
+        seed=3,
+        results_path=tmp_path / "s.jsonl",
+        batch_size=4,
+        save_completions=True,
+    )
     assert [(r.benchmark, r.id) for r in res] == [(p.benchmark, p.id) for p in problems]
     assert eng.calls == 2
     for p, r in zip(problems, res, strict=True):
@@ -377,8 +465,9 @@ def test_evaluate_resume_after_kill_is_identical_and_skips_done(tmp_path):
 
     eng = FakeEngine()
     resumed = evaluate(eng, score, problems, 8, 7, path, batch_size=3)
-    assert eng.prompts == [f"problem {i}\n" + eng.prompts[0].split("\n", 1)[1]
-                           for i in range(3, 10)]  # only the unfinished problems
+    assert eng.prompts == [
+        f"problem {i}\n" + eng.prompts[0].split("\n", 1)[1] for i in range(3, 10)
+    ]  # only the unfinished problems
     assert resumed == ref
     assert summarize({"ckpt": {"all": resumed}}) == ref_summary
     assert path.read_bytes() == ref_path.read_bytes()
@@ -436,8 +525,16 @@ def test_evaluate_score_batch_fn_matches_score_fn(tmp_path):
         return [score(r, a) for r, a in zip(responses, answers, strict=True)]
 
     a = evaluate(FakeEngine(), score, problems, 4, 0, tmp_path / "a.jsonl", batch_size=2)
-    b = evaluate(FakeEngine(), None, problems, 4, 0, tmp_path / "b.jsonl", batch_size=2,
-                 score_batch_fn=batch_score)
+    b = evaluate(
+        FakeEngine(),
+        None,
+        problems,
+        4,
+        0,
+        tmp_path / "b.jsonl",
+        batch_size=2,
+        score_batch_fn=batch_score,
+    )
     assert a == b and calls == [8, 8, 4]
 
 
@@ -449,8 +546,10 @@ def _runs():
         return [ProblemResult(bench, str(i), n, c) for i, (n, c) in enumerate(counts)]
 
     return {
-        "base": {"math500": rs("math500", [(16, 2), (16, 0), (16, 16)]),
-                 "aime24": rs("aime24", [(8, 1), (8, 0)])},
+        "base": {
+            "math500": rs("math500", [(16, 2), (16, 0), (16, 16)]),
+            "aime24": rs("aime24", [(8, 1), (8, 0)]),
+        },
         "agpo": {"math500": rs("math500", [(16, 5), (16, 1), (16, 16)])},
     }
 
@@ -462,15 +561,19 @@ def test_summarize_values():
     m = base["datasets"]["math500"]
     assert m["num_problems"] == 3 and m["problems"][0] == {"id": "0", "n": 16, "c": 2}
     assert list(m["pass_at_k"]) == ["1", "2", "4", "8", "16"]
-    assert m["pass_at_k"]["4"] == pytest.approx(float(
-        (exact_pass_at_k(16, 2, 4) + 0 + 1) / 3), rel=1e-14)
+    assert m["pass_at_k"]["4"] == pytest.approx(
+        float((exact_pass_at_k(16, 2, 4) + 0 + 1) / 3), rel=1e-14
+    )
     avg = base["average"]
     assert avg["datasets"] == ["math500", "aime24"]
     assert list(avg["pass_at_k"]) == ["1", "2", "4", "8"]  # aime24 has n = 8
     assert avg["pass_at_k"]["2"] == pytest.approx(
-        (m["pass_at_k"]["2"] + base["datasets"]["aime24"]["pass_at_k"]["2"]) / 2, rel=1e-15)
-    assert s["checkpoints"]["agpo"]["average"]["pass_at_k"] == \
-        s["checkpoints"]["agpo"]["datasets"]["math500"]["pass_at_k"]
+        (m["pass_at_k"]["2"] + base["datasets"]["aime24"]["pass_at_k"]["2"]) / 2, rel=1e-15
+    )
+    assert (
+        s["checkpoints"]["agpo"]["average"]["pass_at_k"]
+        == s["checkpoints"]["agpo"]["datasets"]["math500"]["pass_at_k"]
+    )
 
 
 def test_write_results_files(tmp_path):
@@ -489,31 +592,69 @@ def test_write_results_files(tmp_path):
 
 
 def _cli_data(tmp_path) -> list[str]:
-    return [f"math500={_write(MATH500_ROWS, tmp_path / 'm.jsonl')}",
-            f"amc={_write(AMC_ROWS, tmp_path / 'a.parquet')}"]
+    return [
+        f"math500={_write(MATH500_ROWS, tmp_path / 'm.jsonl')}",
+        f"amc={_write(AMC_ROWS, tmp_path / 'a.parquet')}",
+    ]
 
 
 def test_cli_with_injected_engine_and_compare(tmp_path, capsys):
     data = _cli_data(tmp_path)
     p = cli.build_parser()
-    args = p.parse_args(["--model", "ckpt/base/", "--data", *data, "--n", "4",
-                         "--out", str(tmp_path / "base"), "--no-plot"])
+    args = p.parse_args(
+        [
+            "--model",
+            "ckpt/base/",
+            "--data",
+            *data,
+            "--n",
+            "4",
+            "--out",
+            str(tmp_path / "base"),
+            "--no-plot",
+        ]
+    )
     s1 = cli.run(args, generate_fn=FakeEngine(), score_fn=score)
     assert list(s1["checkpoints"]) == ["base"]
     assert list(s1["checkpoints"]["base"]["datasets"]) == ["math500", "amc23"]
-    args = p.parse_args(["--model", "ckpt/b", "--label", "agpo", "--data", *data, "--n", "4",
-                         "--seed", "1", "--out", str(tmp_path / "agpo"),
-                         "--compare", f"base={tmp_path / 'base'}"])
+    args = p.parse_args(
+        [
+            "--model",
+            "ckpt/b",
+            "--label",
+            "agpo",
+            "--data",
+            *data,
+            "--n",
+            "4",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "agpo"),
+            "--compare",
+            f"base={tmp_path / 'base'}",
+        ]
+    )
     s2 = cli.run(args, generate_fn=FakeEngine(), score_fn=score)
     assert list(s2["checkpoints"]) == ["agpo", "base"]
     assert s2["checkpoints"]["base"] == s1["checkpoints"]["base"]
     assert (tmp_path / "agpo/passk.png").exists()
     assert "| agpo | 4 |" in capsys.readouterr().out
     # Report only, from finished runs.
-    cli.main(["--compare", f"base={tmp_path / 'base'}", f"agpo={tmp_path / 'agpo'}",
-              "--out", str(tmp_path / "cmp"), "--no-plot"])
-    assert json.loads((tmp_path / "cmp/results.json").read_text())["checkpoints"].keys() == \
-        {"base", "agpo"}
+    cli.main(
+        [
+            "--compare",
+            f"base={tmp_path / 'base'}",
+            f"agpo={tmp_path / 'agpo'}",
+            "--out",
+            str(tmp_path / "cmp"),
+            "--no-plot",
+        ]
+    )
+    assert json.loads((tmp_path / "cmp/results.json").read_text())["checkpoints"].keys() == {
+        "base",
+        "agpo",
+    }
     with pytest.raises(SystemExit, match="NAME=PATH"):
         cli.main(["--model", "m", "--data", "math500", "--out", str(tmp_path / "x")])
 
@@ -524,8 +665,21 @@ def test_cli_vllm_tiny_model(tmp_path):
     testing_utils = pytest.importorskip("megatron_agpo.rollout.testing_utils")
     model = testing_utils.make_tiny_llama(tmp_path / "tiny")
     data = _cli_data(tmp_path)
-    argv = ["--model", str(model), "--data", *data, "--n", "4", "--max-new-tokens", "8",
-            "--temperature", "1.0", "--out", str(tmp_path / "out"), "--no-plot"]
+    argv = [
+        "--model",
+        str(model),
+        "--data",
+        *data,
+        "--n",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-plot",
+    ]
     args = cli.build_parser().parse_args(argv)
     gen = cli.make_vllm_generate(str(model), 1.0, 1.0, 8)
     s1 = cli.run(args, generate_fn=gen, score_fn=score)

@@ -113,6 +113,33 @@ def test_fp32_inplace_and_bf16_close_to_float64():
     assert abs(lb.item() - ref_loss.item()) < 2e-2 * max(1.0, abs(ref_loss.item()))
 
 
+def test_padded_vocabulary_is_left_out():
+    cfg = PolicyLossConfig(**CFG_FULL)
+    hidden, weight, target, adv, mask, extra = make_problem(2, 8, 45, 8, 7)
+    _, ref_out, gh, gw, gz = reference(hidden, weight, target, adv, mask, extra, cfg)
+    junk = 5.0 * torch.randn(3, 8, dtype=torch.float64)  # padded rows: large, random
+    w_pad = torch.cat([weight, junk])
+    z = (hidden @ w_pad.t()).requires_grad_()
+    out = fused_vocab_parallel_agpo_loss(z, target, adv, cfg, chunk_size=5, vocab_size=45, **extra)
+    objective(out, mask, cfg.agg_mode).backward()
+    torch.testing.assert_close(out.logp.detach(), ref_out.logp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z.grad[:, :45], gz, rtol=1e-10, atol=1e-12)
+    assert torch.all(z.grad[:, 45:] == 0)
+    h = hidden.clone().requires_grad_()
+    w = w_pad.clone().requires_grad_()
+    out2 = fused_output_layer_agpo_loss(
+        h, w, target, adv, cfg, chunk_size=5, vocab_size=45, **extra
+    )
+    objective(out2, mask, cfg.agg_mode).backward()
+    torch.testing.assert_close(h.grad, gh, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad[:45], gw, rtol=1e-10, atol=1e-12)
+    assert torch.all(w.grad[45:] == 0)
+    with pytest.raises(ValueError, match=r"out of range \[0, 45\)"):
+        bad = target.clone()
+        bad[0] = 46
+        fused_vocab_parallel_agpo_loss(z.detach(), bad, adv, cfg, vocab_size=45, **extra)
+
+
 def test_main_grad_accumulation():
     cfg = PolicyLossConfig()
     hidden, weight, target, adv, mask, extra = make_problem(2, 8, 40, 8, 5)
@@ -175,6 +202,32 @@ def _tp2_body(rank, world, mode, full, seed):
     objective(out2, mask, mode).backward()
     torch.testing.assert_close(hh.grad, gh, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(w.grad, gw[sl], rtol=1e-10, atol=1e-12)
+
+    # A padded vocabulary: the last 4 columns of rank 1 are padding, holding junk.
+    real = v - 4
+    _, ref_p, gh_p, _, gz_p = reference(
+        hidden, weight[:real], target.clamp(max=real - 1), adv, mask, extra, cfg
+    )
+    w_pad = torch.cat([weight[:real], 7.0 * torch.ones(4, h, dtype=torch.float64)])
+    zp = (hidden @ w_pad[sl].t()).requires_grad_()
+    outp = fused_vocab_parallel_agpo_loss(
+        zp,
+        target.clamp(max=real - 1),
+        adv,
+        cfg,
+        tp_group=group,
+        chunk_size=4,
+        vocab_size=real,
+        **extra,
+    )
+    objective(outp, mask, mode).backward()
+    torch.testing.assert_close(outp.logp.detach(), ref_p.logp.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        zp.grad[:, : min(vl, real - rank * vl)],
+        gz_p[:, sl][:, : min(vl, real - rank * vl)],
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
     # The naive path with a real vocabulary all-gather agrees too.
     zn = (hidden @ weight[sl].t()).requires_grad_()

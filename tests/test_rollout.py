@@ -60,8 +60,11 @@ def hf_model(tiny_dir):
 
 def _config(tiny_dir, **kw) -> RolloutConfig:
     return RolloutConfig(
-        model_path=str(tiny_dir), dtype="float32", max_model_len=MAX_MODEL_LEN,
-        cpu_kvcache_space_gib=1, **kw,
+        model_path=str(tiny_dir),
+        dtype="float32",
+        max_model_len=MAX_MODEL_LEN,
+        cpu_kvcache_space_gib=1,
+        **kw,
     )
 
 
@@ -78,9 +81,12 @@ def colocated(tiny_dir):
 def pool(tiny_dir, tmp_path_factory):
     from megatron_agpo.rollout.replicas import ReplicaPool
 
-    p = ReplicaPool(_config(tiny_dir, num_replicas=2, start_timeout_s=300,
-                            request_timeout_s=120, sync_timeout_s=120),
-                    log_dir=tmp_path_factory.mktemp("replica_logs"))
+    p = ReplicaPool(
+        _config(
+            tiny_dir, num_replicas=2, start_timeout_s=300, request_timeout_s=120, sync_timeout_s=120
+        ),
+        log_dir=tmp_path_factory.mktemp("replica_logs"),
+    )
     yield p
     p.close()
 
@@ -106,8 +112,11 @@ def _probe_ids(tokenizer):
 def _check_against_hf(batch: RolloutBatch, hf) -> tuple[float, float]:
     seqs = [list(s.prompt_token_ids) + list(s.response_token_ids) for s in batch.samples]
     ref = tu.hf_token_logprobs(hf, seqs, [len(s.prompt_token_ids) for s in batch.samples])
-    gaps = [abs(a - b) for s, r in zip(batch.samples, ref, strict=True)
-            for a, b in zip(s.logprobs, r, strict=True)]
+    gaps = [
+        abs(a - b)
+        for s, r in zip(batch.samples, ref, strict=True)
+        for a, b in zip(s.logprobs, r, strict=True)
+    ]
     return max(gaps), sum(gaps) / len(gaps)
 
 
@@ -176,27 +185,30 @@ def test_split_is_contiguous_and_balanced():
 def test_colocated_generate_logprobs_match_transformers(colocated, tokenizer, hf_model):
     prompts = _prompts(tokenizer, ["1+1=", "hello there", "count: 1 2 3", "x"])
     # Temperature and top-p below 1: the engine's log-probs must still be the raw ones.
-    reqs = [RolloutRequest(p, n=4, temperature=0.8, top_p=0.9, max_new_tokens=16, seed=i)
-            for i, p in enumerate(prompts)]
+    reqs = [
+        RolloutRequest(p, n=4, temperature=0.8, top_p=0.9, max_new_tokens=16, seed=i)
+        for i, p in enumerate(prompts)
+    ]
     batch = colocated.generate(reqs, expected_version=0)
     assert batch.weight_version == 0 and len(batch.samples) == 16
     for pid, group in enumerate(batch.by_prompt()):
         assert [s.sample_index for s in group] == [0, 1, 2, 3]
-        assert all(s.prompt_id == pid and s.prompt_token_ids == tuple(prompts[pid])
-                   for s in group)
+        assert all(s.prompt_id == pid and s.prompt_token_ids == tuple(prompts[pid]) for s in group)
     for s in batch.samples:
         assert 1 <= len(s.response_token_ids) <= 16
         assert s.finish_reason in ("stop", "length")
         assert s.truncated == (s.finish_reason == "length")
         assert s.text == tokenizer.decode(s.response_token_ids, skip_special_tokens=True)
     max_gap, mean_gap = _check_against_hf(batch, hf_model)
-    print(f"\ncolocated sample log-probs vs transformers fp32: max {max_gap:.2e} "
-          f"mean {mean_gap:.2e}")
+    print(
+        f"\ncolocated sample log-probs vs transformers fp32: max {max_gap:.2e} mean {mean_gap:.2e}"
+    )
     assert max_gap < TOL
     # Seeded requests reproduce.
     again = colocated.generate(reqs[:1])
     assert [s.response_token_ids for s in again.samples] == [
-        s.response_token_ids for s in batch.samples[:4]]
+        s.response_token_ids for s in batch.samples[:4]
+    ]
 
 
 def test_colocated_prompt_too_long_refused_with_index(colocated):
@@ -214,16 +226,19 @@ def test_colocated_sync_parity(colocated, tokenizer, hf_model):
     ref = tu.hf_token_logprobs(new, probes)
     version = colocated.weight_version + 1
     parity = sync_and_verify(colocated, tu.hf_named_tensors(new), version, probes, ref, TOL)
-    print(f"\ncolocated sync parity: max {parity.max_abs_diff:.2e} mean "
-          f"{parity.mean_abs_diff:.2e}, change vs before {parity.max_change_from_before:.3f}, "
-          f"{parity.sync.num_bytes / 1e6:.1f} MB in {parity.sync.seconds:.3f} s")
+    print(
+        f"\ncolocated sync parity: max {parity.max_abs_diff:.2e} mean "
+        f"{parity.mean_abs_diff:.2e}, change vs before {parity.max_change_from_before:.3f}, "
+        f"{parity.sync.num_bytes / 1e6:.1f} MB in {parity.sync.seconds:.3f} s"
+    )
     assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
     assert colocated.weight_version == version
     assert parity.sync.num_tensors == len(new.state_dict())
     with pytest.raises(StaleWeightsError, match="expects 0"):
         colocated.generate([RolloutRequest([5, 6])], expected_version=0)
-    batch = colocated.generate([RolloutRequest(probes[0], n=2, max_new_tokens=8, seed=0)],
-                               expected_version=version)
+    batch = colocated.generate(
+        [RolloutRequest(probes[0], n=2, max_new_tokens=8, seed=0)], expected_version=version
+    )
     assert batch.weight_version == version
     assert _check_against_hf(batch, new)[0] < TOL
     with pytest.raises(ValueError, match="must increase"):
@@ -237,8 +252,14 @@ def test_sync_check_catches_wrong_reference(colocated, tokenizer, hf_model):
     new = copy.deepcopy(hf_model)
     tu.perturb_(new, scale=0.3, seed=2)
     with pytest.raises(RolloutError, match="differ from the reference"):
-        sync_and_verify(colocated, tu.hf_named_tensors(new), colocated.weight_version + 1,
-                        probes, wrong_ref, TOL)
+        sync_and_verify(
+            colocated,
+            tu.hf_named_tensors(new),
+            colocated.weight_version + 1,
+            probes,
+            wrong_ref,
+            TOL,
+        )
 
 
 # ------------------------------------------------------------------------- replicas
@@ -249,7 +270,8 @@ def test_replicas_generate_in_order(pool, tokenizer, hf_model):
     reqs = [RolloutRequest(p, n=3, max_new_tokens=12, seed=10 + i) for i, p in enumerate(prompts)]
     batch = pool.generate(reqs, expected_version=0)
     assert [(s.prompt_id, s.sample_index) for s in batch.samples] == [
-        (i, k) for i in range(5) for k in range(3)]
+        (i, k) for i in range(5) for k in range(3)
+    ]
     assert all(s.prompt_token_ids == tuple(prompts[s.prompt_id]) for s in batch.samples)
     max_gap, mean_gap = _check_against_hf(batch, hf_model)
     print(f"\nreplica sample log-probs vs transformers fp32: max {max_gap:.2e} mean {mean_gap:.2e}")
@@ -277,9 +299,11 @@ def test_replicas_sync_parity(pool, tokenizer, hf_model):
     finally:
         pool.config.bucket_mb = RolloutConfig.bucket_mb
     sync = parity.sync
-    print(f"\nreplica sync parity (2 replicas): max {parity.max_abs_diff:.2e} mean "
-          f"{parity.mean_abs_diff:.2e}, change {parity.max_change_from_before:.3f}, "
-          f"{sync.num_bytes / 1e6:.1f} MB in {sync.num_buckets} buckets, {sync.seconds:.3f} s")
+    print(
+        f"\nreplica sync parity (2 replicas): max {parity.max_abs_diff:.2e} mean "
+        f"{parity.mean_abs_diff:.2e}, change {parity.max_change_from_before:.3f}, "
+        f"{sync.num_bytes / 1e6:.1f} MB in {sync.num_buckets} buckets, {sync.seconds:.3f} s"
+    )
     assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
     assert sync.num_buckets > 4 and len(sync.replica_seconds) == 2
     assert pool.weight_versions == [1, 1]

@@ -60,29 +60,44 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "amc23": BenchmarkSpec(("problem", "question"), ("answer",), ("id", "idx")),
     # math-ai/minervamath: question, answer; Qwen2.5-Math minerva_math: problem, solution, idx.
     "minerva": BenchmarkSpec(
-        ("problem", "question"), ("answer", "final_answer"), ("id", "idx", "unique_id"),
+        ("problem", "question"),
+        ("answer", "final_answer"),
+        ("id", "idx", "unique_id"),
         boxed_answer_fields=("solution",),
     ),
     # Hothan/OlympiadBench and Qwen2.5-Math olympiadbench: id, question, final_answer (a
     # list of LaTeX strings), context, solution (list), ...
     "olympiadbench": BenchmarkSpec(
-        ("question", "problem"), ("final_answer", "answer"), ("id", "idx"),
+        ("question", "problem"),
+        ("final_answer", "answer"),
+        ("id", "idx"),
         context_field="context",
     ),
 }
 
 _ALIASES = {
-    "math-500": "math500", "math_500": "math500",
-    "aime": "aime24", "aime2024": "aime24", "aime_2024": "aime24",
-    "amc": "amc23", "amc2023": "amc23", "amc_2023": "amc23",
-    "minerva_math": "minerva", "minervamath": "minerva", "minerva-math": "minerva",
-    "olympiad": "olympiadbench", "olympiad_bench": "olympiadbench",
+    "math-500": "math500",
+    "math_500": "math500",
+    "aime": "aime24",
+    "aime2024": "aime24",
+    "aime_2024": "aime24",
+    "amc": "amc23",
+    "amc2023": "amc23",
+    "amc_2023": "amc23",
+    "minerva_math": "minerva",
+    "minervamath": "minerva",
+    "minerva-math": "minerva",
+    "olympiad": "olympiadbench",
+    "olympiad_bench": "olympiadbench",
 }
 
 # Display names, for tables and plots.
 DISPLAY_NAMES = {
-    "math500": "MATH500", "aime24": "AIME24", "amc23": "AMC23",
-    "minerva": "Minerva", "olympiadbench": "OlympiadBench",
+    "math500": "MATH500",
+    "aime24": "AIME24",
+    "amc23": "AMC23",
+    "minerva": "Minerva",
+    "olympiadbench": "OlympiadBench",
 }
 
 
@@ -164,8 +179,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: {where}: invalid JSON: {e}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}: {where}: expected a JSON object, got "
-                                 f"{type(record).__name__}")
+                raise ValueError(
+                    f"{path}: {where}: expected a JSON object, got {type(record).__name__}"
+                )
             yield where, record
             row += 1
 
@@ -178,8 +194,9 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ValueError(f"{path}: expected a JSON array of objects (or JSONL)")
     for row, record in enumerate(data):
         if not isinstance(record, dict):
-            raise ValueError(f"{path}: row {row}: expected a JSON object, got "
-                             f"{type(record).__name__}")
+            raise ValueError(
+                f"{path}: row {row}: expected a JSON object, got {type(record).__name__}"
+            )
         yield f"row {row}", record
 
 
@@ -191,7 +208,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 _READERS: dict[str, Callable[[Path], Iterator[tuple[str, dict[str, Any]]]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
 }
 
 
@@ -203,8 +222,9 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}: expected one of "
-                         f"{sorted(_READERS)}")
+        raise ValueError(
+            f"{path}: unsupported file type {path.suffix!r}: expected one of {sorted(_READERS)}"
+        )
     return reader(path)
 
 
@@ -216,8 +236,10 @@ def parse_record(
     prefix = f"{path}: {where or f'row {index}'}"
     problem = _first(record, spec.problem_fields)
     if problem is None:
-        raise ValueError(f"{prefix}: {benchmark}: missing field 'problem' (looked for "
-                         f"{', '.join(spec.problem_fields)}; row has {sorted(record)})")
+        raise ValueError(
+            f"{prefix}: {benchmark}: missing field 'problem' (looked for "
+            f"{', '.join(spec.problem_fields)}; row has {sorted(record)})"
+        )
     context = _as_text(record.get(spec.context_field)) if spec.context_field else None
     if context:
         problem = f"{context}\n\n{problem}"
@@ -230,8 +252,10 @@ def parse_record(
                 break
     if not answer:
         looked = spec.answer_fields + tuple(f"\\boxed{{}} in {f}" for f in spec.boxed_answer_fields)
-        raise ValueError(f"{prefix}: {benchmark}: missing field 'answer' (looked for "
-                         f"{', '.join(looked)}; row has {sorted(record)})")
+        raise ValueError(
+            f"{prefix}: {benchmark}: missing field 'answer' (looked for "
+            f"{', '.join(looked)}; row has {sorted(record)})"
+        )
     pid = _first(record, spec.id_fields) or f"row-{index}"
     return EvalProblem(benchmark=benchmark, id=pid, problem=problem, answer=_strip_math(answer))
 
@@ -248,8 +272,7 @@ def load_benchmark(name: str, path: str | Path) -> list[EvalProblem]:
     for index, (where, record) in enumerate(read_records(path)):
         p = parse_record(benchmark, record, index, where, str(path))
         if p.id in first_row:
-            raise ValueError(f"{path}: {where}: duplicate id {p.id!r} (first at "
-                             f"{first_row[p.id]})")
+            raise ValueError(f"{path}: {where}: duplicate id {p.id!r} (first at {first_row[p.id]})")
         first_row[p.id] = where
         problems.append(p)
     if not problems:

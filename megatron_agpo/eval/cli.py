@@ -46,13 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eval_passk", description="pass@k of a checkpoint on math benchmarks (vLLM)."
     )
-    p.add_argument("--model", help="HF model directory to sample from (omit with --compare "
-                   "to only build a report)")
-    p.add_argument("--label", help="name of this checkpoint in tables and plots "
-                   "(default: the model directory's name)")
-    p.add_argument("--data", nargs="+", default=[], metavar="BENCH=PATH",
-                   help="benchmarks to run: math500, aime24, amc23, minerva, olympiadbench "
-                   "= a .jsonl, .json or .parquet file")
+    p.add_argument(
+        "--model",
+        help="HF model directory to sample from (omit with --compare to only build a report)",
+    )
+    p.add_argument(
+        "--label",
+        help="name of this checkpoint in tables and plots (default: the model directory's name)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="BENCH=PATH",
+        help="benchmarks to run: math500, aime24, amc23, minerva, olympiadbench "
+        "= a .jsonl, .json or .parquet file",
+    )
     p.add_argument("--n", type=int, default=16, help="samples per problem (pass@k up to k=n)")
     p.add_argument("--seed", type=int, default=0, help="run seed; each problem's derives from it")
     p.add_argument("--out", required=True, help="output directory")
@@ -61,19 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=16, help="problems per vLLM call")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="feed the raw prompt instead of the model's chat template")
-    p.add_argument("--save-completions", action="store_true",
-                   help="also keep the sampled texts in samples.jsonl")
-    p.add_argument("--compare", nargs="+", default=[], metavar="LABEL=RUN_DIR",
-                   help="finished runs to put beside this one in the report")
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="feed the raw prompt instead of the model's chat template",
+    )
+    p.add_argument(
+        "--save-completions",
+        action="store_true",
+        help="also keep the sampled texts in samples.jsonl",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="LABEL=RUN_DIR",
+        help="finished runs to put beside this one in the report",
+    )
     p.add_argument("--no-plot", action="store_true")
     return p
 
 
 def make_vllm_generate(
-    model: str, temperature: float, top_p: float, max_new_tokens: int,
-    tensor_parallel_size: int = 1, chat_template: bool = True,
+    model: str,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    tensor_parallel_size: int = 1,
+    chat_template: bool = True,
 ) -> GenerateFn:
     """A GenerateFn backed by one vllm.LLM; each prompt gets its own seeded SamplingParams."""
     from vllm import LLM, SamplingParams
@@ -93,8 +117,9 @@ def make_vllm_generate(
         # One SamplingParams per prompt: a per-request seed makes a problem's samples
         # independent of the batch it lands in, which the resumable driver relies on.
         params = [
-            SamplingParams(n=n, seed=s, temperature=temperature, top_p=top_p,
-                           max_tokens=max_new_tokens)
+            SamplingParams(
+                n=n, seed=s, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens
+            )
             for s in seeds
         ]
         outs = llm.generate([render(p) for p in prompts], params, use_tqdm=False)
@@ -120,7 +145,8 @@ def load_problems(data: Sequence[tuple[str, str]]) -> list[EvalProblem]:
 
 
 def run(
-    args: argparse.Namespace, generate_fn: GenerateFn | None = None,
+    args: argparse.Namespace,
+    generate_fn: GenerateFn | None = None,
     score_fn: ScoreFn | None = None,
 ) -> dict:
     """The CLI's work with injectable engine and grader (tests pass simple ones)."""
@@ -133,8 +159,12 @@ def run(
         label = args.label or Path(args.model.rstrip("/")).name
         if generate_fn is None:
             generate_fn = make_vllm_generate(
-                args.model, args.temperature, args.top_p, args.max_new_tokens,
-                args.tensor_parallel_size, chat_template=not args.no_chat_template,
+                args.model,
+                args.temperature,
+                args.top_p,
+                args.max_new_tokens,
+                args.tensor_parallel_size,
+                chat_template=not args.no_chat_template,
             )
         score_batch_fn = None
         if score_fn is None:
@@ -144,13 +174,22 @@ def run(
             print(f"[eval_passk] {label}: {done}/{total} problems", file=sys.stderr, flush=True)
 
         results = evaluate(
-            generate_fn, score_fn, problems, args.n, args.seed, out / SAMPLES_FILE,
-            prompt_fn=default_prompt, batch_size=args.batch_size,
-            save_completions=args.save_completions, score_batch_fn=score_batch_fn,
+            generate_fn,
+            score_fn,
+            problems,
+            args.n,
+            args.seed,
+            out / SAMPLES_FILE,
+            prompt_fn=default_prompt,
+            batch_size=args.batch_size,
+            save_completions=args.save_completions,
+            score_batch_fn=score_batch_fn,
             progress=progress,
             settings={
-                "model": str(args.model), "temperature": args.temperature,
-                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "model": str(args.model),
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens,
                 "chat_template": not args.no_chat_template,
             },
         )

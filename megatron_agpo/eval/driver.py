@@ -80,8 +80,10 @@ def _read_log(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if i != len(body) - 1 or lines[-1]:
-                raise ValueError(f"{path}: line {i + 1} is not valid JSON (not a torn last "
-                                 f"line: the file is damaged)") from None
+                raise ValueError(
+                    f"{path}: line {i + 1} is not valid JSON (not a torn last "
+                    f"line: the file is damaged)"
+                ) from None
             good_end -= len(line) + 1
     if good_end != len(data):
         with path.open("r+b") as fh:
@@ -104,8 +106,12 @@ def _append(fh, records: Sequence[Mapping[str, Any]]) -> None:
 
 def _to_result(record: Mapping[str, Any]) -> ProblemResult:
     return ProblemResult(
-        benchmark=record["benchmark"], id=record["id"], n=record["n"], c=record["c"],
-        scores=tuple(record["scores"]), completions=tuple(record.get("completions", ())),
+        benchmark=record["benchmark"],
+        id=record["id"],
+        n=record["n"],
+        c=record["c"],
+        scores=tuple(record["scores"]),
+        completions=tuple(record.get("completions", ())),
     )
 
 
@@ -169,8 +175,12 @@ def evaluate(
 
     path = Path(results_path)
     header = {
-        "kind": "header", "version": FORMAT_VERSION, "n": n, "seed": seed,
-        "correct_threshold": correct_threshold, "settings": dict(settings or {}),
+        "kind": "header",
+        "version": FORMAT_VERSION,
+        "n": n,
+        "seed": seed,
+        "correct_threshold": correct_threshold,
+        "settings": dict(settings or {}),
     }
     # Round-trip through JSON so that the comparison below sees what a resumed run reads.
     header = json.loads(json.dumps(header))
@@ -193,8 +203,10 @@ def evaluate(
         # The same id with another prompt or answer: the data or the template changed, and the
         # stored counts would describe different questions.
         if r is not None and (r["prompt_sha"] != _sha(prompts[k]) or r["answer"] != p.answer):
-            raise ValueError(f"{path}: {p.benchmark}/{p.id} was recorded with another prompt "
-                             f"or answer: the data or prompt template changed")
+            raise ValueError(
+                f"{path}: {p.benchmark}/{p.id} was recorded with another prompt "
+                f"or answer: the data or prompt template changed"
+            )
 
     todo = [p for p, k in zip(problems, keys, strict=True) if k not in done]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,19 +219,24 @@ def evaluate(
             seeds = [problem_seed(seed, p.benchmark, p.id) for p in batch]
             outputs = generate_fn(batch_prompts, n, seeds)
             if len(outputs) != len(batch):
-                raise ValueError(f"generate_fn returned {len(outputs)} outputs for "
-                                 f"{len(batch)} prompts")
+                raise ValueError(
+                    f"generate_fn returned {len(outputs)} outputs for {len(batch)} prompts"
+                )
             for p, texts in zip(batch, outputs, strict=True):
                 if len(texts) != n:
-                    raise ValueError(f"generate_fn returned {len(texts)} completions for "
-                                     f"{p.benchmark}/{p.id}, expected n={n}")
+                    raise ValueError(
+                        f"generate_fn returned {len(texts)} completions for "
+                        f"{p.benchmark}/{p.id}, expected n={n}"
+                    )
             flat = [t for texts in outputs for t in texts]
             answers = [p.answer for p in batch for _ in range(n)]
             if score_batch_fn is not None:
                 flat_scores = [float(x) for x in score_batch_fn(flat, answers)]
                 if len(flat_scores) != len(flat):
-                    raise ValueError(f"score_batch_fn returned {len(flat_scores)} scores for "
-                                     f"{len(flat)} responses")
+                    raise ValueError(
+                        f"score_batch_fn returned {len(flat_scores)} scores for "
+                        f"{len(flat)} responses"
+                    )
             else:
                 flat_scores = [float(score_fn(t, a)) for t, a in zip(flat, answers, strict=True)]
             new = []
@@ -228,9 +245,15 @@ def evaluate(
                 if any(math.isnan(x) for x in scores):
                     raise ValueError(f"score_fn returned NaN for {p.benchmark}/{p.id}")
                 record = {
-                    "kind": "problem", "benchmark": p.benchmark, "id": p.id, "seed": s,
-                    "prompt_sha": _sha(prompts[(p.benchmark, p.id)]), "answer": p.answer,
-                    "n": n, "c": sum(x > correct_threshold for x in scores), "scores": scores,
+                    "kind": "problem",
+                    "benchmark": p.benchmark,
+                    "id": p.id,
+                    "seed": s,
+                    "prompt_sha": _sha(prompts[(p.benchmark, p.id)]),
+                    "answer": p.answer,
+                    "n": n,
+                    "c": sum(x > correct_threshold for x in scores),
+                    "scores": scores,
                 }
                 if save_completions:
                     record["completions"] = list(texts)

@@ -88,8 +88,14 @@ def summarize(runs: Mapping[str, Mapping[str, Sequence[ProblemResult]]]) -> dict
                 },
             },
         }
-    all_ks = sorted({int(k) for c in checkpoints.values() for d in c["datasets"].values()
-                     for k in d["pass_at_k"]})
+    all_ks = sorted(
+        {
+            int(k)
+            for c in checkpoints.values()
+            for d in c["datasets"].values()
+            for k in d["pass_at_k"]
+        }
+    )
     return {"ks": all_ks, "checkpoints": checkpoints}
 
 
@@ -139,8 +145,13 @@ def plot_curves(summary: Mapping[str, Any], path: str | Path) -> Path:
             if not block or not block["pass_at_k"]:
                 continue
             ks = sorted(int(k) for k in block["pass_at_k"])
-            ax.plot(ks, [100 * block["pass_at_k"][str(k)] for k in ks], marker="o",
-                    markersize=3, label=ckpt)
+            ax.plot(
+                ks,
+                [100 * block["pass_at_k"][str(k)] for k in ks],
+                marker="o",
+                markersize=3,
+                label=ckpt,
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(_display(b))
         ax.set_xlabel("k")
@@ -172,7 +183,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def write_results(
-    runs: Mapping[str, Mapping[str, Sequence[ProblemResult]]], out_dir: str | Path,
+    runs: Mapping[str, Mapping[str, Sequence[ProblemResult]]],
+    out_dir: str | Path,
     plot: bool = True,
 ) -> dict[str, Any]:
     """Write results.json, results.md and (plot=True) passk.png into out_dir; return the summary."""

@@ -62,9 +62,7 @@ class ColocatedEngine:
                 f"the trainer expects {expected_version}: sync weights first"
             )
         self._check_awake()
-        samples = vllm_engine.run_generate(
-            self.llm, requests, range(len(requests)), self._version
-        )
+        samples = vllm_engine.run_generate(self.llm, requests, range(len(requests)), self._version)
         return RolloutBatch.from_samples(samples, expected_version)
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[list[float]]]:

@@ -99,8 +99,10 @@ class Worker:
             )
             return {"ok": True, "samples": samples}
         if op == "prompt_logprobs":
-            return {"ok": True, "logprobs": vllm_engine.run_prompt_logprobs(
-                self.llm, header["sequences"])}
+            return {
+                "ok": True,
+                "logprobs": vllm_engine.run_prompt_logprobs(self.llm, header["sequences"]),
+            }
         if op == "sync_begin":
             return self.sync(header)
         if op == "sleep":

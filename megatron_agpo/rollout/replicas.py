@@ -82,8 +82,11 @@ class ReplicaPool:
             for i in range(config.num_replicas):
                 self._launch(i)
             hello = self._gather(
-                range(config.num_replicas), time.monotonic() + config.start_timeout_s,
-                "start-up (hello)", config.start_timeout_s, seq=None,
+                range(config.num_replicas),
+                time.monotonic() + config.start_timeout_s,
+                "start-up (hello)",
+                config.start_timeout_s,
+                seq=None,
             )
             self._versions = [h["version"] for h in hello]
         except BaseException:
@@ -104,9 +107,17 @@ class ReplicaPool:
             env["CUDA_VISIBLE_DEVICES"] = self.config.replica_cuda_devices[i]
         log = open(self.log_dir / f"replica_{i}.log", "wb")  # noqa: SIM115 - owned by Popen
         cmd = [
-            sys.executable, "-m", "megatron_agpo.rollout.replica_worker", "--connect", addr,
-            "--index", str(i), "--config", json.dumps(self.config.to_dict()),
-            "--parent-pid", str(os.getpid()),
+            sys.executable,
+            "-m",
+            "megatron_agpo.rollout.replica_worker",
+            "--connect",
+            addr,
+            "--index",
+            str(i),
+            "--config",
+            json.dumps(self.config.to_dict()),
+            "--parent-pid",
+            str(os.getpid()),
         ]
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -143,7 +154,11 @@ class ReplicaPool:
             raise self._fail(i, f"{self._describe(i)}: send failed: {e}") from e
 
     def _gather(
-        self, indices: Iterable[int], deadline: float, what: str, timeout_s: float,
+        self,
+        indices: Iterable[int],
+        deadline: float,
+        what: str,
+        timeout_s: float,
         seq: int | None,
     ) -> list[dict]:
         """One reply (with this `seq`) from each replica in `indices`, in that order."""
@@ -171,7 +186,8 @@ class ReplicaPool:
                 rc = self.processes[i].poll()
                 if rc is not None:
                     raise self._fail(
-                        i, f"{self._describe(i)} exited with code {rc} during {what}; "
+                        i,
+                        f"{self._describe(i)} exited with code {rc} during {what}; "
                         f"log tail:\n{self._log_tail(i)}",
                     )
             if pending and time.monotonic() > deadline:
@@ -231,10 +247,15 @@ class ReplicaPool:
         chunks = _split(len(requests), self.num_replicas)
         used = [i for i, c in enumerate(chunks) if len(c)]
         for i in used:
-            self._send(i, {
-                "op": "generate", "seq": seq, "prompt_ids": list(chunks[i]),
-                "requests": [requests[j] for j in chunks[i]],
-            })
+            self._send(
+                i,
+                {
+                    "op": "generate",
+                    "seq": seq,
+                    "prompt_ids": list(chunks[i]),
+                    "requests": [requests[j] for j in chunks[i]],
+                },
+            )
         timeout = self.config.request_timeout_s
         replies = self._gather(used, time.monotonic() + timeout, "generate", timeout, seq)
         samples: list[Sample] = [s for r in replies for s in r["samples"]]
@@ -278,16 +299,18 @@ class ReplicaPool:
         seq = self._next_seq()
         for i in targets:
             self._versions[i] = None  # unknown until this sync completes
-            self._send(i, {"op": "sync_begin", "seq": seq, "new_version": version,
-                           "timeout_s": timeout})
+            self._send(
+                i, {"op": "sync_begin", "seq": seq, "new_version": version, "timeout_s": timeout}
+            )
         self._gather(targets, deadline, f"weight sync v{version} (begin)", timeout, seq)
         num_tensors = num_bytes = num_buckets = 0
         for bucket in iter_buckets(weights, self.config.bucket_bytes):
             header, frames = encode_bucket(bucket)
             for i in targets:
                 self._send(i, {**header, "seq": seq}, frames)
-            self._gather(targets, deadline, f"weight sync v{version} (bucket {num_buckets})",
-                         timeout, seq)
+            self._gather(
+                targets, deadline, f"weight sync v{version} (bucket {num_buckets})", timeout, seq
+            )
             num_buckets += 1
             num_tensors += len(bucket)
             num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
@@ -298,8 +321,11 @@ class ReplicaPool:
         for i, reply in zip(targets, done, strict=True):
             self._versions[i] = reply["version"]
         return SyncReport(
-            weight_version=version, num_tensors=num_tensors, num_bytes=num_bytes,
-            num_buckets=num_buckets, seconds=time.monotonic() - t0,
+            weight_version=version,
+            num_tensors=num_tensors,
+            num_bytes=num_bytes,
+            num_buckets=num_buckets,
+            seconds=time.monotonic() - t0,
             replica_seconds=tuple(r["reload_seconds"] for r in done),
         )
 

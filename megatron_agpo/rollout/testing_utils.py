@@ -34,7 +34,10 @@ def save_char_tokenizer(out_dir: str | Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
         unk_token="<unk>",
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -59,11 +62,17 @@ def make_tiny_llama(
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = save_char_tokenizer(out)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
