@@ -22,7 +22,8 @@ those calls to the CPU and nothing else:
    replaced by the CPU generator's get/set so `fork()` really swaps and restores state.
 3. Tensor methods: the optimizers' dtype checks compare `param.type()` with
    `'torch.cuda.FloatTensor'` etc., and the tied-embedding set-up of a pipelined model moves the
-   weight with `weight.data.cuda()`. While the few megatron functions listed in `enable()` run,
+   weight with `weight.data.cuda()`, and gradient clipping asserts the CUDA type name of each
+   grad. While the few megatron functions listed in `enable()` run,
    `Tensor.type()` reports the CUDA name of a CPU tensor's type and `Tensor.cuda()` returns the
    tensor itself; outside them both are torch's own.
 
@@ -256,5 +257,13 @@ def enable() -> bool:
             elif isinstance(raw, classmethod):
                 wrapped = classmethod(wrapped)
             setattr(cls, attr, wrapped)
+        # Module-level functions with the same dtype assertion (`param.grad.type() ==
+        # 'torch.cuda.FloatTensor'`), rebound wherever they were imported by name.
+        from megatron.core.optimizer import clip_grads
+
+        wrapped_clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+        for mod in (clip_grads, optimizer):
+            if not getattr(mod.clip_grad_by_total_norm_fp32, "_agpo_compat", False):
+                mod.clip_grad_by_total_norm_fp32 = wrapped_clip
         _ENABLED = True
     return True

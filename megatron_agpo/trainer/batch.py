@@ -1,0 +1,96 @@
+"""From rollout samples to the tensors one training step consumes.
+
+Shape legend: B sequences (prompts x n), S padded length of prompt + response.
+
+A sequence is prompt + response; the model reads all of it, and the loss covers the positions
+whose *next* token is a response token: `target[b, t] = seq[b, t + 1]` for
+`t in [len(prompt) - 1, len(seq) - 2]`, IGNORE_INDEX elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from megatron_agpo.ops import IGNORE_INDEX
+
+
+@dataclass
+class TokenBatch:
+    """Sequences ready for the policy, with everything the loss needs per token."""
+
+    input_ids: torch.Tensor
+    """[B, S] prompt + response, right-padded with the pad id."""
+    target: torch.Tensor
+    """[B, S] next token where it is a response token, IGNORE_INDEX elsewhere."""
+    loss_mask: torch.Tensor
+    """[B, S] float, 1 where target is a response token."""
+    advantages: torch.Tensor
+    """[B] one advantage per sequence."""
+    rollout_logp: torch.Tensor
+    """[B, S] the engine's log-prob of each target token (0 elsewhere)."""
+    old_logp: torch.Tensor | None = None
+    """[B, S] the trainer's log-probs before the update (recompute mode), else None."""
+    agg_weights: torch.Tensor | None = None
+    """[B, S] w with loss = sum(w * L_t) over the whole mini-batch (set per mini-batch)."""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, idx: torch.Tensor | slice) -> TokenBatch:
+        """Rows idx of every per-sequence tensor."""
+        return TokenBatch(
+            **{
+                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+                for f in fields(self)
+            }
+        )
+
+    def chunks(self, size: int) -> Iterator[TokenBatch]:
+        for s in range(0, len(self), size):
+            yield self.select(slice(s, s + size))
+
+    @property
+    def advantages_per_token(self) -> torch.Tensor:
+        return self.advantages[:, None].expand_as(self.loss_mask)
+
+
+def build_token_batch(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    rollout_logprobs: Sequence[Sequence[float]],
+    advantages: torch.Tensor,
+    pad_id: int,
+) -> TokenBatch:
+    """Pack B (prompt, response) pairs; raises naming the row when lengths disagree."""
+    b = len(prompts)
+    if not (len(responses) == len(rollout_logprobs) == b == advantages.shape[0]):
+        raise ValueError(
+            f"{b} prompts, {len(responses)} responses, {len(rollout_logprobs)} log-prob lists "
+            f"and {advantages.shape[0]} advantages: one of each per sequence"
+        )
+    for i, (p, r, lp) in enumerate(zip(prompts, responses, rollout_logprobs, strict=True)):
+        if not p:
+            raise ValueError(f"sequence {i}: empty prompt")
+        if len(lp) != len(r):
+            raise ValueError(f"sequence {i}: {len(lp)} rollout log-probs for {len(r)} tokens")
+    s = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    input_ids = torch.full((b, s), pad_id, dtype=torch.long)
+    target = torch.full((b, s), IGNORE_INDEX, dtype=torch.long)
+    rollout = torch.zeros(b, s)
+    for i, (p, r, lp) in enumerate(zip(prompts, responses, rollout_logprobs, strict=True)):
+        seq = list(p) + list(r)
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        if r:
+            first = len(p) - 1  # position whose next token is the first response token
+            target[i, first : first + len(r)] = torch.tensor(list(r))
+            rollout[i, first : first + len(r)] = torch.tensor(list(lp), dtype=torch.float32)
+    return TokenBatch(
+        input_ids=input_ids,
+        target=target,
+        loss_mask=(target != IGNORE_INDEX).float(),
+        advantages=advantages.float(),
+        rollout_logp=rollout,
+    )

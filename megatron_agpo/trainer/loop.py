@@ -1,0 +1,365 @@
+"""The AGPO trainer: build once, then rollout -> reward -> advantages -> update -> sync -> eval
+-> save, one screen per step.
+
+Every rank runs the same loop. Rank 0 alone talks to the rollout engine and the reward
+workers, and broadcasts what they returned, so all ranks build identical batches. The policy
+is megatron-core (TP x DP; PP is not supported by the trainer yet), the loss the fused
+vocab-parallel AGPO loss, the engine real vLLM (replica processes, or in-process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_agpo.algorithms import advantages as compute_advantages
+from megatron_agpo.algorithms import aggregation_weights
+from megatron_agpo.trainer import checkpoint as ckpt
+from megatron_agpo.trainer.batch import TokenBatch, build_token_batch
+from megatron_agpo.trainer.config import TrainConfig
+from megatron_agpo.trainer.metrics import MetricsWriter, plot_run
+from megatron_agpo.trainer.step import compute_logp, forward_backward, grads_are_finite
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _broadcast(obj):
+    """rank 0's obj on every rank."""
+    box = [obj]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sampling_seed(run_seed: int, step: int, index: int) -> int:
+    """A request's sampling seed: fixed by (run, step, prompt), so a resumed run resamples
+    exactly what the uninterrupted run sampled."""
+    h = hashlib.sha256(f"{run_seed}:{step}:{index}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def ensure_policy_dir(cfg: TrainConfig, log=print) -> Path:
+    """The HF folder the policy and the engine start from (the tiny model is built and
+    warm-started here on first use)."""
+    if cfg.model.hf_path:
+        return Path(cfg.model.hf_path)
+    from megatron_agpo.trainer.warmstart import tiny_policy_dir
+
+    return tiny_policy_dir(cfg.model, cfg.data, log=log)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        from transformers import AutoTokenizer
+
+        from megatron_agpo.models import build_model_from_hf
+        from megatron_agpo.parallel import init_parallel, wrap_for_training
+
+        cfg.validate()
+        self.cfg = cfg
+        init_parallel(cfg.parallel)
+        if cfg.parallel.pipeline_parallel > 1:
+            raise NotImplementedError(
+                "parallel.pipeline_parallel > 1: the trainer supports TP x DP for now "
+                "(models and conversion support PP)"
+            )
+        self.rank = _rank()
+        self.run_dir = Path(cfg.logging.run_dir)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            policy = ensure_policy_dir(cfg)
+        dist.barrier()
+        self.policy_dir = ensure_policy_dir(cfg) if self.rank != 0 else policy
+        self.tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
+        model, self.mcfg = build_model_from_hf(self.policy_dir, params_dtype=cfg.model.params_dtype)
+        self.vocab_size = self.mcfg.vocab_size
+        self.model, self.optimizer = wrap_for_training(model, cfg.parallel, cfg.optimizer)
+        self.train_prompts, self.eval_prompts = self._load_prompts()
+        from megatron_agpo.data.iterator import PromptIterator
+
+        self.data = PromptIterator(
+            self.train_prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.data.seed
+        )
+        self.step, self.version, self.skipped_in_row = 0, 0, 0
+        self.engine = self.reward = self.metrics = None
+        self._resume()
+        if self.rank == 0:
+            self._start_services()
+        if self.version > 0:  # resumed: the engine starts from the original weights
+            self.sync_weights(self.version)
+
+    # ----------------------------------------------------------------- build helpers
+    def _load_prompts(self):
+        from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
+        from megatron_agpo.data.loaders import DataConfig, encode_prompts, load_prompts
+
+        d = self.cfg.data
+        if d.kind == "arithmetic":
+            a = ArithmeticConfig(
+                levels=tuple(d.levels), seed=d.seed, num_train=d.num_train, num_eval=d.num_eval
+            )
+            train, held = generate_arithmetic(a, "train"), generate_arithmetic(a, "eval")
+            enc = DataConfig(instruction_suffix="", max_prompt_tokens=d.max_prompt_tokens)
+        else:
+            enc = DataConfig(path=d.path, format=d.format, max_prompt_tokens=d.max_prompt_tokens)
+            rows = load_prompts(enc)
+            held, train = rows[: d.num_eval], rows[d.num_eval :]
+        train, stats = encode_prompts(train, self.tokenizer, enc)
+        held, _ = encode_prompts(held, self.tokenizer, enc)
+        self.prompt_stats = asdict(stats)
+        return train, held
+
+    def _start_services(self) -> None:
+        from megatron_agpo.rewards import MathReward
+
+        e = self.cfg.rollout.engine
+        if not e.model_path:
+            e.model_path = str(self.policy_dir)
+        if self.cfg.rollout.mode == "replicas":
+            from megatron_agpo.rollout.replicas import ReplicaPool
+
+            self.engine = ReplicaPool(e, log_dir=self.run_dir / "replica_logs")
+        else:
+            from megatron_agpo.rollout.colocated import ColocatedEngine
+
+            self.engine = ColocatedEngine(e)
+        self.reward = MathReward(self.cfg.reward)
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            self.cfg.logging.tensorboard,
+            self.cfg.trainer.steps,
+            self.cfg.logging.progress,
+            start_step=self.step,
+        )
+
+    def _resume(self) -> None:
+        root = self.run_dir / "checkpoints"
+        ckpt.clean_partial(root)
+        how = self.cfg.checkpoint.resume
+        if how == "none":
+            return
+        path = ckpt.latest(root) if how == "auto" else Path(how)
+        if how != "auto" and not (path / ckpt.COMPLETE).exists():
+            raise FileNotFoundError(f"checkpoint.resume={how!r}: no complete checkpoint there")
+        if path is None:
+            return
+        state = ckpt.load(path, self.model, self.optimizer)
+        self.step, self.version = state["step"], state["version"]
+        self.data.load_state_dict(state["data"])
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "version": self.version, "data": self.data.state_dict()}
+        return ckpt.save(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.cfg.checkpoint.keep_last,
+        )
+
+    # ----------------------------------------------------------------- the step
+    def rollout(self, prompts, n: int, step_seed: int) -> dict | None:
+        """Rank 0: sample n responses per prompt and score them; None elsewhere."""
+        if self.rank != 0:
+            return None
+        from megatron_agpo.rollout.types import RolloutRequest
+
+        r = self.cfg.rollout
+        reqs = [
+            RolloutRequest(
+                ex.prompt_ids,
+                n=n,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                max_new_tokens=r.max_new_tokens,
+                seed=sampling_seed(self.cfg.trainer.seed, step_seed, i),
+            )
+            for i, ex in enumerate(prompts)
+        ]
+        samples = self.engine.generate(reqs, expected_version=self.version).samples
+        truths = [prompts[s.prompt_id].ground_truth for s in samples]
+        rewards = self.reward.score_batch([s.text for s in samples], truths)
+        return {
+            "prompts": [list(s.prompt_token_ids) for s in samples],
+            "responses": [list(s.response_token_ids) for s in samples],
+            "logprobs": [list(s.logprobs) for s in samples],
+            "truncated": [s.truncated for s in samples],
+            "rewards": rewards,
+        }
+
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, Timer()
+        prompts = self.data.next_batch()
+        with t("rollout"):
+            out = _broadcast(self.rollout(prompts, cfg.rollout.n, self.step))
+        rewards = torch.tensor(out["rewards"], dtype=torch.float64)
+        adv = compute_advantages(rewards, cfg.rollout.n, cfg.algorithm.advantage_config())
+        batch = build_token_batch(
+            out["prompts"], out["responses"], out["logprobs"], adv, self.tokenizer.pad_token_id
+        )
+        mbs = cfg.trainer.micro_batch_size
+        with t("logprob"):
+            batch.old_logp = (
+                compute_logp(self.model, batch, mbs, self.vocab_size)
+                if cfg.trainer.old_logp == "recompute"
+                else batch.rollout_logp
+            )
+        loss_cfg = cfg.algorithm.loss
+        metrics, updated = {}, False
+        with t("update"):
+            size = len(batch) // cfg.trainer.mini_batches
+            for _ in range(cfg.trainer.ppo_epochs):
+                for mini in batch.chunks(size):
+                    mini.agg_weights = aggregation_weights(
+                        mini.loss_mask, loss_cfg.agg_mode, loss_cfg.norm_constant
+                    )
+                    self.model.zero_grad_buffer()
+                    self.optimizer.zero_grad()
+                    metrics = forward_backward(self.model, mini, loss_cfg, mbs, self.vocab_size)
+                    if not grads_are_finite(self.model):
+                        self.skipped_in_row += 1
+                        continue
+                    ok, grad_norm, _ = self.optimizer.step()
+                    updated |= bool(ok)
+                    metrics["grad_norm"] = float(grad_norm or 0.0)
+                    self.skipped_in_row = 0
+        if self.skipped_in_row >= cfg.trainer.max_skipped_steps:
+            raise FloatingPointError(
+                f"{self.skipped_in_row} consecutive updates skipped for non-finite gradients"
+            )
+        self.step += 1
+        with t("sync"):
+            if updated:
+                self.sync_weights(self.version + 1)
+        return self._step_metrics(out, batch, rewards, adv, metrics, t, updated)
+
+    def sync_weights(self, version: int) -> None:
+        """Collective: stream the sharded policy as HF tensors into the engine."""
+        from megatron_agpo.models import megatron_to_hf_tensors
+
+        tensors = megatron_to_hf_tensors(self.model, self.mcfg)
+        if self.rank == 0:
+            self.engine.update_weights(tensors, version)
+        else:
+            for _ in tensors:  # take part in the TP all-gathers
+                pass
+        self.version = version
+
+    def _step_metrics(self, out, batch: TokenBatch, rewards, adv, m, t: Timer, updated) -> dict:
+        n = self.cfg.rollout.n
+        tau = self.cfg.algorithm.advantage_config().tau
+        lengths = torch.tensor([len(r) for r in out["responses"]], dtype=torch.float64)
+        groups = adv.view(-1, n)
+        row = {
+            "step": self.step,
+            "weight_version": self.version,
+            "reward/mean": float(rewards.mean()),
+            "reward/pass_rate": float((rewards > tau).double().mean()),
+            "reward/timeouts": self.reward.stats().timeouts if self.reward else 0,
+            "response/len_mean": float(lengths.mean()),
+            "response/len_max": float(lengths.max()),
+            "response/truncated": float(torch.tensor(out["truncated"]).double().mean()),
+            "groups/zero_advantage": float((groups == 0).all(dim=1).double().mean()),
+            "loss": m.get("all/loss", float("nan")),
+            "updated": int(updated),
+            **{k: v for k, v in m.items()},
+            **{f"time/{k}": v for k, v in t.seconds.items()},
+        }
+        total = sum(t.seconds.values())
+        row["tokens_per_s"] = float(batch.loss_mask.sum() + (batch.input_ids != 0).sum()) / total
+        return row
+
+    # ----------------------------------------------------------------- eval
+    def evaluate(self) -> dict:
+        """pass@k on held-out prompts with fixed seeds (comparable across steps)."""
+        from megatron_agpo.eval import pass_at_k_curve
+
+        n = self.cfg.trainer.eval_n
+        out = _broadcast(self.rollout(self.eval_prompts, n, step_seed=-1))
+        r = torch.tensor(out["rewards"]).view(-1, n)
+        tau = self.cfg.algorithm.advantage_config().tau
+        counts = [(n, int((g > tau).sum())) for g in r]
+        return {f"eval/pass@{k}": v for k, v in pass_at_k_curve(counts).items()}
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.rank == 0:
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+            self.metrics.write(
+                f"AGPO run: {self.policy_dir} | {len(self.train_prompts)} train / "
+                f"{len(self.eval_prompts)} held-out prompts | prompts filtered as too long: "
+                f"{self.prompt_stats['too_long']} | world {dist.get_world_size()} "
+                f"(TP={cfg.parallel.tensor_parallel}) | engine: {cfg.rollout.mode}"
+            )
+        every = cfg.trainer.eval_every
+        if self.step == 0 and every:
+            self._log_eval()
+        last = {}
+        while self.step < cfg.trainer.steps:
+            row = self.train_step()
+            if every and self.step % every == 0:
+                row.update(self._eval_row())
+            if self.rank == 0:
+                self.metrics.log(row)
+            last = row
+            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                self.save()
+        if not cfg.checkpoint.save_every or self.step % cfg.checkpoint.save_every:
+            self.save()
+        if self.rank == 0:
+            plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+            self.metrics.write(f"done: metrics {self.run_dir / 'metrics.jsonl'}, plot {plot}")
+        return last
+
+    def _eval_row(self) -> dict:
+        return self.evaluate()
+
+    def _log_eval(self) -> None:
+        row = {"step": self.step, **self.evaluate()}
+        if self.rank == 0:
+            with (self.run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.metrics.write(
+                "base policy: "
+                + ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in row.items() if k != "step")
+            )
+
+    def close(self) -> None:
+        from megatron_agpo.parallel import destroy_parallel
+
+        if self.engine is not None:
+            self.engine.close()
+        if self.reward is not None:
+            self.reward.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        destroy_parallel()
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)

@@ -1,0 +1,155 @@
+"""The tiny default policy: a random Llama with a character tokenizer, given a short supervised
+warm start on the arithmetic task so that RL starts from a pass rate well above zero.
+
+The warm start trains transformers' LlamaForCausalLM (plain PyTorch, one process, a minute or
+two on 2 cores) and saves an HF folder; RL then loads that folder into megatron-core and vLLM
+like any other checkpoint. The folder is cached by a hash of everything that shapes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
+from megatron_agpo.data.char_tokenizer import build_char_tokenizer
+from megatron_agpo.trainer.config import DataSection, ModelSection
+
+
+def response_text(answer: str) -> str:
+    """What a correct response looks like for the tiny model."""
+    return f"\\boxed{{{answer}}}"
+
+
+def _key(model: ModelSection, data: DataSection) -> str:
+    fields = {
+        k: getattr(model, k)
+        for k in (
+            "tiny_hidden",
+            "tiny_layers",
+            "tiny_heads",
+            "tiny_ffn",
+            "tiny_max_len",
+            "warmstart_steps",
+            "warmstart_lr",
+            "warmstart_batch",
+        )
+    }
+    fields.update(levels=list(data.warmstart_levels), seed=data.seed, version=2)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tiny_policy_dir(model: ModelSection, data: DataSection, log=print) -> Path:
+    """The warm-started tiny model's HF folder, built on first use and cached."""
+    root = Path(os.path.expanduser(model.cache_dir))
+    out = root / f"tiny-arith-{_key(model, data)}"
+    if (out / "config.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
+    try:
+        build_and_warm_start(model, data, tmp, log=log)
+        os.replace(tmp, out)  # atomic: a killed build leaves only a temp folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_and_warm_start(model: ModelSection, data: DataSection, out: Path, log=print) -> float:
+    """Build the tiny Llama, train it supervised, save it to `out`. Returns the final
+    greedy accuracy on held-out warm-start problems."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_char_tokenizer(out, model_max_length=model.tiny_max_len)
+    torch.manual_seed(data.seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=model.tiny_hidden,
+        intermediate_size=model.tiny_ffn,
+        num_hidden_layers=model.tiny_layers,
+        num_attention_heads=model.tiny_heads,
+        num_key_value_heads=max(1, model.tiny_heads // 2),
+        max_position_embeddings=model.tiny_max_len,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+    )
+    lm = LlamaForCausalLM(config)
+    train = generate_arithmetic(
+        ArithmeticConfig(
+            levels=tuple(data.warmstart_levels), seed=data.seed + 1, num_train=4000, num_eval=64
+        ),
+        "train",
+    )
+    held = generate_arithmetic(
+        ArithmeticConfig(
+            levels=tuple(data.warmstart_levels), seed=data.seed + 1, num_eval=64, num_train=1
+        ),
+        "eval",
+    )
+
+    def encode(ex) -> tuple[list[int], int]:
+        prompt = [tok.bos_token_id] + tok.encode(ex.problem, add_special_tokens=False)
+        resp = tok.encode(response_text(ex.ground_truth), add_special_tokens=False)
+        return prompt + resp + [tok.eos_token_id], len(prompt)
+
+    pairs = [encode(ex) for ex in train]
+    opt = torch.optim.AdamW(lm.parameters(), lr=model.warmstart_lr, weight_decay=0.01)
+    rng = random.Random(data.seed)
+    steps = model.warmstart_steps
+    lm.train()
+    for step in range(steps):
+        lr = model.warmstart_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = rng.sample(pairs, model.warmstart_batch)
+        width = max(len(s) for s, _ in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        for i, (seq, plen) in enumerate(batch):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, plen : len(seq)] = torch.tensor(seq[plen:])  # loss on the response only
+        loss = lm(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"warm start: step {step + 1}/{steps} loss {loss.item():.3f}")
+    acc = greedy_accuracy(lm, tok, held)
+    log(f"warm start: greedy accuracy on {len(held)} held-out problems {acc:.2f}")
+    lm.eval()
+    lm.save_pretrained(out, safe_serialization=True)
+    return acc
+
+
+@torch.no_grad()
+def greedy_accuracy(lm, tok, examples) -> float:
+    lm.eval()
+    correct = 0
+    for ex in examples:
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(ex.problem, add_special_tokens=False)])
+        out = lm.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        correct += text.strip() == response_text(ex.ground_truth)
+    lm.train()
+    return correct / max(len(examples), 1)
