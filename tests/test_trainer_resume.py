@@ -105,3 +105,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     pick = lambda rows: [{k: r.get(k) for k in keys} for r in rows]  # noqa: E731
     assert pick(resumed) == pick(straight)
     assert [r["step"] for r in straight] == [0, 1, 2, 3, 4]
+    # Weight-sync parity from the TP=2 trainer to the vLLM replica: after every sync the
+    # engine's log-probs of the tokens it sampled equal the trainer's own (fp32).
+    gaps = [r["logp_gap"] for r in straight + resumed if "logp_gap" in r]
+    assert len(gaps) == 6 and max(gaps) < 1e-4, gaps
