@@ -27,6 +27,9 @@ def _entry(rank: int, world_size: int, port: int, fn, args, errq) -> None:
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
+        # Leave together: a rank that tears gloo down while its peer still holds the pair
+        # open can be aborted (SIGABRT) in gloo's destructor.
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent, which re-raises
         errq.put((rank, traceback.format_exc()))
         raise

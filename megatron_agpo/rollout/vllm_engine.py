@@ -39,6 +39,10 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
             "reloads need the engine core in this process (unset it or set it to 0)"
         )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if config.cpu_kvcache_space_gib is not None and not torch.cuda.is_available():
+        # On CPU vLLM sizes its KV cache from this variable (else from a share of all memory,
+        # which fails beside a trainer that already holds some); read at engine start.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gib)
     from vllm import LLM
 
     if not config.model_path:
