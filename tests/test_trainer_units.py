@@ -64,6 +64,7 @@ def test_default_config_and_groups():
         ("rollout.mode=remote", "rollout.mode='remote'"),
         ("trainer.mini_batches=3", "do not split into trainer.mini_batches=3"),
         ("algorithm.loss.agg_mode=mean", "agg_mode='mean'"),
+        ("rollout=colocated", "colocated is not supported by the trainer"),
     ],
 )
 def test_bad_config_is_named(override, match):
