@@ -119,31 +119,47 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunk_stats(z_CV, tgt_C, vocab_start, tp_group, tp_size, exp_out=None, want_entropy=True):
+def _chunk_stats(z_CV, tgt_C, vocab_start, tp_group, tp_size, exp_out, want_entropy, work):
     """Max-shifted exp of one chunk and the per-token all-reduced stats.
 
     Returns (max [C], sum_exp [C], target_logit_shifted [C], entropy [C] or None, exp [C, Vl]).
-    The exp goes to `exp_out` when given (the saved buffer), else replaces `z_CV` in place.
+    The exp is written to `exp_out` (the saved buffer; it may be `z_CV` itself, in place),
+    or over `z_CV` when `exp_out` is None. Per element that is max, shift, exp, sum: the passes
+    megatron's cross entropy makes. The entropy adds a dot product and a copy through `work`, a
+    [C, Vl] workspace allocated once per call (a fresh chunk-sized allocation per chunk would be
+    returned to the OS and page-faulted back in every time).
     """
     mx = z_CV.max(dim=-1).values
     _all_reduce(mx, dist.ReduceOp.MAX, tp_group, tp_size)
-    zs = z_CV - mx[:, None] if exp_out is not None else z_CV.sub_(mx[:, None])
+    out = z_CV if exp_out is None else exp_out
+    zs = torch.sub(z_CV, mx[:, None], out=out)
     local = tgt_C - vocab_start
     in_range = (local >= 0) & (local < z_CV.shape[1])
     pred = zs.gather(1, local.clamp(0, z_CV.shape[1] - 1)[:, None]).squeeze(1)
     pred = torch.where(in_range, pred, torch.zeros_like(pred))
-    e = torch.exp(zs, out=exp_out) if exp_out is not None else None
-    if e is None:
-        e = torch.exp(zs)
     stats = torch.empty(3, z_CV.shape[0], dtype=z_CV.dtype)
+    if want_entropy:
+        # sum(e * (z - max)), the entropy's numerator, as one batched dot product (no
+        # [C, Vl] product tensor); the exp then moves into the buffer.
+        e = torch.exp(zs, out=work)
+        stats[2] = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1)
+        e = zs.copy_(e)
+    else:
+        e = zs.exp_()
+        stats[2] = 0.0
     stats[0] = e.sum(dim=-1)
     stats[1] = pred
-    # sum(e * zs) for the entropy; zs is a temporary here, so multiply into it.
-    stats[2] = zs.mul_(e).sum(dim=-1) if want_entropy else 0.0
     _all_reduce(stats, dist.ReduceOp.SUM, tp_group, tp_size)
     sum_exp, pred, sez = stats[0], stats[1], stats[2]
     ent = torch.log(sum_exp) - sez / sum_exp if want_entropy else None
     return mx, sum_exp, pred, ent, e
+
+
+def _chunk_logits(h_CH, w_VH, out_CV, cdt) -> torch.Tensor:
+    """h @ w^T for one chunk, into the reused workspace when the dtypes allow it."""
+    if h_CH.dtype == cdt and w_VH.dtype == cdt:
+        return torch.mm(h_CH, w_VH.t(), out=out_CV)
+    return (h_CH @ w_VH.t()).to(cdt)
 
 
 def _grad_from_exp(e_CV, sum_exp, ent, a, b, tgt_C, vocab_start) -> torch.Tensor:
@@ -238,11 +254,19 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         buf = logits if inplace else torch.empty(n, v_local, dtype=cdt)
         target = target.long()
         sum_exp, pred, ent = (torch.empty(n, dtype=cdt) for _ in range(3))
+        work = torch.empty(min(chunk_size, n) if compute_entropy else 0, cols, dtype=cdt)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = logits[s:e, :cols].to(cdt)  # a view when already cdt: never written to
             _, se, pr, en, _ = _chunk_stats(
-                z, target[s:e], vocab_start, tp_group, tp_size, buf[s:e, :cols], compute_entropy
+                z,
+                target[s:e],
+                vocab_start,
+                tp_group,
+                tp_size,
+                buf[s:e, :cols],
+                compute_entropy,
+                work[: e - s],
             )
             if cols < v_local:
                 buf[s:e, cols:] = 0.0  # padded vocabulary: no probability, no gradient
@@ -372,12 +396,22 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         target = target.long()
         cdt = _compute_dtype(hidden)
         w_valid = weight[:cols]
+        # [chunk, Vl] workspaces (logits; x log x for the entropy), reused by every chunk.
+        zbuf = torch.empty(min(chunk_size, n), cols, dtype=cdt)
+        work = torch.empty(min(chunk_size, n) if compute_entropy else 0, cols, dtype=cdt)
         lse, pred, ent = (torch.empty(n, dtype=cdt) for _ in range(3))
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = (hidden[s:e] @ w_valid.t()).to(cdt)  # with its exp, the only [chunk, Vl] tensors
+            z = _chunk_logits(hidden[s:e], w_valid, zbuf[: e - s], cdt)
             mx, se, pr, en, _ = _chunk_stats(
-                z, target[s:e], vocab_start, tp_group, tp_size, None, compute_entropy
+                z,
+                target[s:e],
+                vocab_start,
+                tp_group,
+                tp_size,
+                None,
+                compute_entropy,
+                work[: e - s],
             )
             lse[s:e] = mx + torch.log(se)
             pred[s:e] = pr + mx
@@ -410,10 +444,11 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         if want_w:
             grad_weight = main_grad if main_grad is not None else torch.zeros_like(weight)
         w_valid = weight[: ctx.cols]  # padded vocabulary rows get no gradient
+        zbuf = torch.empty(min(ctx.chunk_size, n), ctx.cols, dtype=cdt)
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h_c = hidden[s:e]
-            z = (h_c @ w_valid.t()).to(cdt)
+            z = _chunk_logits(h_c, w_valid, zbuf[: e - s], cdt)
             z.sub_(ctx.lse[s:e, None]).exp_()  # p, normalised: lse is already global
             dz = _grad_from_exp(
                 z,
