@@ -66,7 +66,8 @@ def summarize(results: dict) -> dict:
     arms = {"base": base, **{a: [r["final"] for r in runs] for a, runs in results.items()}}
     for arm, curves in arms.items():
         ks = sorted(curves[0])
-        out[arm] = {
+        out[arm] = {"runs": len(curves)}
+        out[arm] |= {
             k: (
                 statistics.mean(c[k] for c in curves),
                 statistics.pstdev(c[k] for c in curves) if len(curves) > 1 else 0.0,
@@ -82,12 +83,12 @@ def report(summary: dict, args, out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = sorted(next(iter(summary.values())))
-    lines = ["| arm | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    ks = sorted(k for k in next(iter(summary.values())) if k != "runs")
+    head = "| arm | runs | " + " | ".join(f"pass@{k}" for k in ks) + " |"
+    lines = [head, "|---|---|" + "---|" * len(ks)]
     for arm, s in summary.items():
-        lines.append(
-            f"| {arm} | " + " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in ks) + " |"
-        )
+        cells = " | ".join(f"{s[k][0]:.3f} ± {s[k][1]:.3f}" for k in ks)
+        lines.append(f"| {arm} | {s['runs']} | {cells} |")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm, s in summary.items():
         ax.errorbar(
@@ -103,7 +104,7 @@ def report(summary: dict, args, out: Path) -> str:
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (held-out)")
     ax.legend(fontsize=7)
-    ax.set_title(f"{args.steps} RL steps, {args.seeds} seeds, n={args.n}")
+    ax.set_title(f"{args.steps} RL steps, mean ± std over seeds, n={args.n}")
     fig.tight_layout()
     fig.savefig(out / "passk.png", dpi=110)
     plt.close(fig)
@@ -119,14 +120,25 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "runs" / "study"))
     args = p.parse_args()
     out = Path(args.out)
-    results = {a: [run_arm(out, a, s, args) for s in range(args.seeds)] for a in args.arms}
+    for a in args.arms:
+        for seed in range(args.seeds):
+            run_arm(out, a, seed, args)
+    # The report covers every finished run in --out (earlier invocations included, e.g. a
+    # w_pos sweep run with fewer seeds).
+    results = {}
+    for a in ARMS:
+        seeds = sorted(int(d.name.rsplit("seed", 1)[1]) for d in out.glob(f"{a}_seed*"))
+        runs = [run_arm(out, a, seed, args) for seed in seeds]
+        if runs:
+            results[a] = runs
     summary = summarize(results)
     docs = REPO / "docs" / "results"
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "study.json").write_text(json.dumps(
         {"args": vars(args), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": results,
-         "summary": {a: {str(k): v for k, v in s.items()} for a, s in summary.items()}},
+         "summary": {a: {str(k): v for k, v in s.items()} for a, s in summary.items()},
+        "runs_per_arm": {a: len(r) for a, r in results.items()}},
         indent=1))  # fmt: skip
     print(report(summary, args, docs))
 
