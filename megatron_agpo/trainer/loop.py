@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -88,9 +87,9 @@ class Trainer:
         self.run_dir = Path(cfg.logging.run_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            policy = ensure_policy_dir(cfg)
+            ensure_policy_dir(cfg)  # the warm start, once; the other ranks find it cached
         dist.barrier()
-        self.policy_dir = ensure_policy_dir(cfg) if self.rank != 0 else policy
+        self.policy_dir = ensure_policy_dir(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
         model, self.mcfg = build_model_from_hf(self.policy_dir, params_dtype=cfg.model.params_dtype)
         self.vocab_size = self.mcfg.vocab_size
@@ -290,7 +289,9 @@ class Trainer:
             **{f"time/{k}": v for k, v in t.seconds.items()},
         }
         total = sum(t.seconds.values())
-        row["tokens_per_s"] = float(batch.loss_mask.sum() + (batch.input_ids != 0).sum()) / total
+        # Tokens the step processed (prompt + response, padding excluded) per second of it.
+        real = batch.input_ids != self.tokenizer.pad_token_id
+        row["tokens_per_s"] = float(real.sum()) / total
         return row
 
     # ----------------------------------------------------------------- eval
@@ -323,7 +324,7 @@ class Trainer:
         while self.step < cfg.trainer.steps:
             row = self.train_step()
             if every and self.step % every == 0:
-                row.update(self._eval_row())
+                row.update(self.evaluate())
             if self.rank == 0:
                 self.metrics.log(row)
             last = row
@@ -335,9 +336,6 @@ class Trainer:
             plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             self.metrics.write(f"done: metrics {self.run_dir / 'metrics.jsonl'}, plot {plot}")
         return last
-
-    def _eval_row(self) -> dict:
-        return self.evaluate()
 
     def _log_eval(self) -> None:
         row = {"step": self.step, **self.evaluate()}
@@ -359,7 +357,3 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         destroy_parallel()
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)
