@@ -64,9 +64,24 @@ def tiny_policy_dir(model: ModelSection, data: DataSection, log=print) -> Path:
     return out
 
 
+WARMSTART_THREADS = 2
+"""The warm start always uses this many threads: CPU float reductions depend on the thread
+count, and the stored curve of the default run (tests/test_default_curve.py) must not depend
+on how the launching shell set OMP_NUM_THREADS."""
+
+
 def build_and_warm_start(model: ModelSection, data: DataSection, out: Path, log=print) -> float:
     """Build the tiny Llama, train it supervised, save it to `out`. Returns the final
     greedy accuracy on held-out warm-start problems."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WARMSTART_THREADS)
+    try:
+        return _build_and_warm_start(model, data, out, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_and_warm_start(model: ModelSection, data: DataSection, out: Path, log=print) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_char_tokenizer(out, model_max_length=model.tiny_max_len)
