@@ -97,8 +97,7 @@ def _set_adam_step(optimizer, step: float) -> None:
 
 
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    (chunk,) = [getattr(model, "module", model)]
-    model_sd = chunk.sharded_state_dict()
+    model_sd = getattr(model, "module", model).sharded_state_dict()
     return {
         "model": model_sd,
         # dp_reshardable: each rank writes its own optimizer shard, no gather; resumes at the

@@ -340,8 +340,7 @@ class Trainer:
     def _log_eval(self) -> None:
         row = {"step": self.step, **self.evaluate()}
         if self.rank == 0:
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.metrics.log(row, step_done=False)
             self.metrics.write(
                 "base policy: "
                 + ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in row.items() if k != "step")

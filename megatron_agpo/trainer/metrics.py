@@ -44,7 +44,9 @@ class MetricsWriter:
         kept = [r for r in rows if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, step_done: bool = True) -> None:
+        """Append a row; step_done=False for rows that are not a training step (the base
+        policy's evaluation), which leave the progress bar where it is."""
         # Non-finite values (e.g. the positive-sample loss of a batch with no positives) are
         # written as null: NaN is not JSON.
         clean = {
@@ -57,7 +59,7 @@ class MetricsWriter:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, row["step"])
-        if self._bar is not None:
+        if self._bar is not None and step_done:
             self._bar.update(1)
             self._bar.set_postfix(
                 reward=f"{row.get('reward/mean', float('nan')):.3f}",

@@ -94,8 +94,7 @@ def compute_logp(model, batch: TokenBatch, micro_batch_size: int, vocab_size: in
     """The policy's log-prob of every target token, [B, S] (0 at ignored positions)."""
     micro = list(batch.chunks(micro_batch_size))
     outs = _run(model, micro, partial(_logp_fn, vocab_size=vocab_size), forward_only=True)
-    width = batch.input_ids.shape[1]
-    return torch.cat([o["logp"][:, :width] for o in outs])
+    return torch.cat([o["logp"] for o in outs])
 
 
 def forward_backward(
