@@ -82,12 +82,12 @@ def test_checkpoint_round_trip_tp2(tiny_hf, tmp_path):
     run_distributed(_body, 2, tiny_hf, str(tmp_path / "ckpt"))
 
 
-def _train(run_dir: Path, steps: int) -> list[dict]:
+def _train(run_dir: Path, steps: int, *extra: str) -> list[dict]:
     cmd = [
         sys.executable, "-m", "megatron_agpo.train", f"trainer.steps={steps}",
         "model.warmstart_steps=30", "trainer.eval_every=2", "trainer.eval_n=4",
         "data.num_eval=8", "data.prompts_per_step=8", f"logging.run_dir={run_dir}",
-        "logging.progress=false", "checkpoint.save_every=2",
+        "logging.progress=false", "checkpoint.save_every=2", *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -97,11 +97,16 @@ def _train(run_dir: Path, steps: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(tmp_path):
-    """4 steps == 2 steps, a restart, 2 more (world size 2, TP=2, real vLLM replica)."""
-    straight = _train(tmp_path / "a", 4)
-    _train(tmp_path / "b", 2)
-    resumed = _train(tmp_path / "b", 4)
-    keys = ("step", "loss", "grad_norm", "reward/mean", "eval/pass@1", "neg/entropy")
+    """4 steps == 2 steps, a restart, 2 more (world size 2, TP=2, real vLLM replica), with a
+    cosine lr schedule (restored from the checkpoint) and token-budget micro-batches."""
+    opts = (
+        "scheduler.decay_style=cosine", "scheduler.warmup_steps=1", "scheduler.decay_steps=4",
+        "trainer.token_budget=300",
+    )  # fmt: skip
+    straight = _train(tmp_path / "a", 4, *opts)
+    _train(tmp_path / "b", 2, *opts)
+    resumed = _train(tmp_path / "b", 4, *opts)
+    keys = ("step", "loss", "grad_norm", "reward/mean", "eval/pass@1", "neg/entropy", "lr")
     pick = lambda rows: [{k: r.get(k) for k in keys} for r in rows]  # noqa: E731
     assert pick(resumed) == pick(straight)
     assert [r["step"] for r in straight] == [0, 1, 2, 3, 4]
@@ -109,3 +114,20 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     # engine's log-probs of the tokens it sampled equal the trainer's own (fp32).
     gaps = [r["logp_gap"] for r in straight + resumed if "logp_gap" in r]
     assert len(gaps) == 8 and max(gaps) < 1e-4, gaps
+
+
+@pytest.mark.dist
+def test_pipeline_parallel_trainer_syncs_the_engine(tmp_path):
+    """PP=2 (two stages, one process each): the weight sync gathers both stages into the vLLM
+    replica, whose log-probs then equal the trainer's; dynamic sampling and overlong filtering
+    run on the way."""
+    rows = _train(
+        tmp_path / "pp", 2, "parallel.tensor_parallel=1", "parallel.pipeline_parallel=2",
+        "trainer.eval_every=0", "trainer.dynamic_sampling=zero_advantage",
+        "trainer.overlong_filter=true", "rollout.max_new_tokens=6", "trainer.token_budget=200",
+    )  # fmt: skip
+    assert [r["weight_version"] for r in rows] == [1, 2]
+    # max_new_tokens=6 cuts most answers: they are filtered out of the loss, and counted.
+    assert all(0 < r["response/overlong_filtered"] <= 1 for r in rows)
+    assert all(r["groups/kept"] == 8 for r in rows)
+    assert rows[1]["logp_gap"] < 1e-4, rows[1]["logp_gap"]  # sampled with synced weights

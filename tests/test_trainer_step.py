@@ -42,6 +42,7 @@ def reference_grads(hf_dir, batch, cfg):
         logits.reshape(b * s, v), batch.target.reshape(-1),
         batch.advantages_per_token.reshape(-1), cfg,
         old_logp=batch.old_logp.reshape(-1).double(),
+        ref_logp=None if batch.ref_logp is None else batch.ref_logp.reshape(-1).double(),
         rollout_logp=batch.rollout_logp.reshape(-1).double(), dtype=torch.float64,
     )  # fmt: skip
     w = aggregation_weights(batch.loss_mask.double(), cfg.agg_mode)
@@ -50,35 +51,64 @@ def reference_grads(hf_dir, batch, cfg):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _body(rank, world, hf_dir, mode):
+def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1):
+    from megatron.core import parallel_state as ps
+
     from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
     from megatron_agpo.parallel import ParallelConfig, init_parallel, wrap_for_training
     from megatron_agpo.trainer.step import compute_logp, forward_backward
 
-    pc = ParallelConfig(tensor_parallel=world)
+    pc = ParallelConfig(tensor_parallel=world // pp, pipeline_parallel=pp)
     init_parallel(pc)
     model, mcfg = build_model_from_hf(hf_dir)
     ddp, _ = wrap_for_training(model, pc)
-    cfg = PolicyLossConfig(agg_mode=mode)
+    cfg = PolicyLossConfig(agg_mode=mode, kl_coef=kl_coef)
     batch = make_batch(mcfg.vocab_size)
-    batch.old_logp = compute_logp(ddp, batch, micro_batch_size=5, vocab_size=mcfg.vocab_size)
+    v = mcfg.vocab_size
+    batch.old_logp = compute_logp(ddp, batch, 5, v, token_budget)
+    if token_budget:
+        # Sorted, trimmed, variable-size micro-batches give the same log-probs, in row order.
+        torch.testing.assert_close(
+            batch.old_logp, compute_logp(ddp, batch, 5, v), atol=1e-6, rtol=0
+        )
+    if kl_coef:
+        # Any fixed reference exercises the KL term's gradient; a shifted copy keeps KL > 0.
+        batch.ref_logp = (batch.old_logp - 0.2 * torch.cos(batch.old_logp)) * batch.loss_mask
     # The old log-probs are the policy's own: perturb them so that clipping is exercised.
     wiggle = 0.3 * torch.sin(torch.arange(batch.old_logp.numel(), dtype=torch.float32))
     batch.old_logp = (batch.old_logp + wiggle.view_as(batch.old_logp)) * batch.loss_mask
     batch.agg_weights = aggregation_weights(batch.loss_mask, mode)
     ddp.zero_grad_buffer()
-    metrics = forward_backward(ddp, batch, cfg, micro_batch_size=5, vocab_size=mcfg.vocab_size)
+    metrics = forward_backward(ddp, batch, cfg, 5, v, token_budget)
+    if kl_coef:
+        assert metrics["all/kl"] > 0
     grads = {n: p.main_grad for n, p in ddp.module.named_parameters()}
-    ours = dict(megatron_to_hf_tensors(grads, mcfg))
+    offset = ps.get_pipeline_model_parallel_rank() * (mcfg.num_layers // pp)
+    ours = dict(megatron_to_hf_tensors(grads, mcfg, layer_offset=offset))
     ref_loss, ref = reference_grads(hf_dir, batch, cfg)
+    # With PP every stage sees the last stage's metrics.
     assert metrics["all/tokens"] == batch.loss_mask.sum().item()
-    for name, g in ref.items():
-        if name == "lm_head.weight" and mcfg.tie_word_embeddings:
-            continue
-        torch.testing.assert_close(ours[name].double(), g, rtol=2e-4, atol=2e-6, msg=name)
+    expected = {n for n in ref if not (n == "lm_head.weight" and mcfg.tie_word_embeddings)}
+    if pp == 1:
+        assert set(ours) == expected
+    else:  # this stage's share: its layers, plus the embedding or the final norm
+        assert set(ours) < expected and any(".layers." in n for n in ours)
+    for name in ours:
+        torch.testing.assert_close(ours[name].double(), ref[name], rtol=2e-4, atol=2e-6, msg=name)
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_tp2_update_gradient_equals_transformers_reference(tiny_hf, mode):
-    run_distributed(_body, 2, tiny_hf, mode)
+@pytest.mark.parametrize(
+    "mode,token_budget,kl_coef,pp",
+    [
+        ("token-mean", 0, 0.0, 1),
+        ("seq-mean-token-mean", 0, 0.0, 1),
+        # Dynamic batch size (micro-batches of 1..5 rows by a 24-token budget) and the KL term.
+        ("seq-mean-token-mean", 24, 0.1, 1),
+        # Two pipeline stages, variable micro-batch shapes between them.
+        ("token-mean", 24, 0.0, 2),
+    ],
+)
+def test_update_gradient_equals_transformers_reference(tiny_hf, mode, token_budget, kl_coef, pp):
+    """TP=2 (pp=1) or PP=2 over two processes."""
+    run_distributed(_body, 2, tiny_hf, mode, token_budget, kl_coef, pp)

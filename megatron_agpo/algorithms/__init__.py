@@ -1,6 +1,7 @@
 """The RL math as pure functions on plain tensors: advantages and the policy loss."""
 
 from megatron_agpo.algorithms.advantages import PRESETS, AdvantageConfig, advantages, resolve
+from megatron_agpo.algorithms.filtering import group_rows, informative_groups
 from megatron_agpo.algorithms.policy_loss import (
     PolicyLossConfig,
     TokenLoss,
@@ -20,6 +21,8 @@ __all__ = [
     "advantages",
     "aggregate",
     "aggregation_weights",
+    "group_rows",
+    "informative_groups",
     "kl_estimate",
     "policy_loss",
     "polarity_metrics",

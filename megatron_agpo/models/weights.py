@@ -346,6 +346,50 @@ def megatron_to_hf_tensors(
                 yield hf_name, full.to(dtype).contiguous()
 
 
+def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of a (TP x PP x DP) model, yielded on global rank 0, one at a time.
+
+    Collective: every rank iterates it to the end. Rank 0 (stage 0) yields its own stage's
+    tensors, then receives the other stages' from the ranks of its pipeline group, one tensor
+    per message, so no rank holds more than one full tensor beyond its own shards. The other
+    ranks yield nothing; they take part in their stage's TP all-gathers and, in rank 0's
+    pipeline group, send.
+    """
+    from megatron.core import parallel_state as ps
+
+    own = megatron_to_hf_tensors(model, cfg)
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not dist.is_initialized():
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            yield from own
+        else:
+            for _ in own:  # TP all-gathers
+                pass
+        return
+    line = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    rank = dist.get_rank()
+    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    if rank == 0:
+        yield from own
+        for src in line[1:]:
+            while True:
+                head: list = [None]
+                dist.recv_object_list(head, src=src, device=device)
+                if head[0] is None:
+                    break
+                name, shape, dtype = head[0]
+                t = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(t, src=src)
+                yield name, t
+    elif line[0] == 0:  # a later stage of rank 0's pipeline: send this stage to rank 0
+        for name, t in own:
+            dist.send_object_list([(name, tuple(t.shape), t.dtype)], dst=0, device=device)
+            dist.send(t, dst=0)
+        dist.send_object_list([None], dst=0, device=device)
+    else:
+        for _ in own:
+            pass
+
+
 def hf_names_for(cfg: ModelConfig) -> list[str]:
     """Every tensor name an HF checkpoint of cfg holds."""
     names = ["model.embed_tokens.weight"]

@@ -31,8 +31,12 @@ class TokenBatch:
     """[B] one advantage per sequence."""
     rollout_logp: torch.Tensor
     """[B, S] the engine's log-prob of each target token (0 elsewhere)."""
+    seq_lens: torch.Tensor | None = None
+    """[B] prompt + response length of each row (the rest is padding)."""
     old_logp: torch.Tensor | None = None
     """[B, S] the trainer's log-probs before the update (recompute mode), else None."""
+    ref_logp: torch.Tensor | None = None
+    """[B, S] the reference policy's log-probs (only when the KL term is on)."""
     agg_weights: torch.Tensor | None = None
     """[B, S] w with loss = sum(w * L_t) over the whole mini-batch (set per mini-batch)."""
 
@@ -52,9 +56,66 @@ class TokenBatch:
         for s in range(0, len(self), size):
             yield self.select(slice(s, s + size))
 
+    def trimmed(self) -> TokenBatch:
+        """The same rows without the padding columns no row needs."""
+        if self.seq_lens is None:
+            return self
+        s = int(self.seq_lens.max())
+        return TokenBatch(
+            **{
+                f.name: (t[:, :s] if t is not None and t.dim() == 2 else t)
+                for f in fields(self)
+                for t in [getattr(self, f.name)]
+            }
+        )
+
+    def micro_batches(self, max_rows: int, token_budget: int = 0) -> list[MicroBatch]:
+        """Split for forward/backward: at most max_rows sequences per micro-batch and, with a
+        token budget, at most token_budget padded tokens (rows x longest row)."""
+        if self.seq_lens is None or token_budget <= 0:
+            plan = [
+                list(range(s, min(s + max_rows, len(self)))) for s in range(0, len(self), max_rows)
+            ]
+        else:
+            plan = plan_micro_batches(self.seq_lens.tolist(), max_rows, token_budget)
+        return [MicroBatch(self.select(torch.tensor(rows)).trimmed(), rows) for rows in plan]
+
     @property
     def advantages_per_token(self) -> torch.Tensor:
         return self.advantages[:, None].expand_as(self.loss_mask)
+
+
+@dataclass
+class MicroBatch:
+    """A micro-batch and the rows of the parent batch it holds (in its order)."""
+
+    batch: TokenBatch
+    rows: list[int]
+
+
+def plan_micro_batches(lengths: Sequence[int], max_rows: int, token_budget: int) -> list[list[int]]:
+    """Dynamic batch size: group row indices so that each group's padded size
+    (len(group) x its longest row) stays within token_budget and len(group) <= max_rows.
+
+    Rows are taken longest first, so rows of similar length share a micro-batch and little of
+    it is padding. A row longer than the budget gets a micro-batch of its own (it cannot be
+    split without changing the sequence); nothing is dropped or cut.
+    """
+    if max_rows < 1 or token_budget < 1:
+        raise ValueError(f"max_rows={max_rows} and token_budget={token_budget} must be >= 1")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    plan: list[list[int]] = []
+    for i in order:
+        # Longest first: the group's first row is its longest, so its cost is rows x that.
+        if (
+            plan
+            and len(plan[-1]) < max_rows
+            and (len(plan[-1]) + 1) * lengths[plan[-1][0]] <= token_budget
+        ):
+            plan[-1].append(i)
+        else:
+            plan.append([i])
+    return plan
 
 
 def build_token_batch(
@@ -93,4 +154,5 @@ def build_token_batch(
         loss_mask=(target != IGNORE_INDEX).float(),
         advantages=advantages.float(),
         rollout_logp=rollout,
+        seq_lens=torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]),
     )

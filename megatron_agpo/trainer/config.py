@@ -64,6 +64,9 @@ class ModelSection:
     """Tiny model: SwiGLU width."""
     tiny_max_len: int = 64
     """Tiny model: context length (prompt + response)."""
+    reference_hf_path: str = ""
+    """Reference policy for the KL term (only loaded when algorithm.loss.kl_coef != 0).
+    Empty: the policy's own starting weights."""
     warmstart_steps: int = 1200
     """Supervised warm-start steps on the arithmetic task before RL (0: none)."""
     warmstart_lr: float = 3e-3
@@ -125,7 +128,10 @@ class TrainerSection:
     steps: int = 60
     """RL steps (rollout batches)."""
     micro_batch_size: int = 32
-    """Sequences per forward/backward micro-batch."""
+    """Sequences per forward/backward micro-batch (at most, with a token budget)."""
+    token_budget: int = 0
+    """Dynamic batch size: padded tokens (rows x longest row) per micro-batch; rows are sorted
+    by length and packed greedily, a longer row runs alone. 0: micro_batch_size rows each."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1
@@ -133,6 +139,17 @@ class TrainerSection:
     old_logp: str = "recompute"
     """recompute (the trainer's own log-probs before the update, with a truncated importance
     weight against the engine's) or rollout (the engine's log-probs as old log-probs)."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: responses cut at rollout.max_new_tokens get no loss (they still
+    count in their group's advantages); the share is logged as response/overlong_filtered."""
+    dynamic_sampling: str = "off"
+    """DAPO's dynamic sampling: drop groups that carry no learning signal and sample more prompts
+    until data.prompts_per_step groups remain. off; zero_advantage (drop groups whose
+    advantages are all 0: for AGPO only all-correct groups, since all-wrong groups still get
+    -w_neg); identical_rewards (DAPO's rule: also drops all-wrong groups)."""
+    max_sampling_rounds: int = 4
+    """Dynamic sampling: rollout batches tried per step; if the batch is still short after
+    them, the step trains on the groups it has and logs groups/kept below prompts_per_step."""
     max_skipped_steps: int = 3
     """Stop after this many consecutive steps skipped for a non-finite loss or grad norm."""
     eval_every: int = 20
@@ -141,6 +158,21 @@ class TrainerSection:
     """Samples per held-out prompt for pass@k (k = 1, 2, 4, ... eval_n)."""
     seed: int = 1234
     """Seed of the run: model init, sampling seeds, shuffling."""
+
+
+@dataclass
+class SchedulerSection:
+    """Learning-rate schedule over optimizer updates (megatron's OptimizerParamScheduler)."""
+
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many updates."""
+    decay_style: str = "constant"
+    """constant, linear or cosine (to min_lr at decay_steps)."""
+    min_lr: float = 0.0
+    """Floor of the decay."""
+    decay_steps: int = 0
+    """Updates over which the lr decays; 0: every update of the run (steps x ppo_epochs x
+    mini_batches)."""
 
 
 @dataclass
@@ -179,6 +211,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=1e-4))
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     nproc: int = 2
@@ -206,8 +239,35 @@ class TrainConfig:
                 f"{total} sequences per step (data.prompts_per_step x rollout.n) do not split "
                 f"into trainer.mini_batches={self.trainer.mini_batches}"
             )
+        if self.trainer.dynamic_sampling not in ("off", "zero_advantage", "identical_rewards"):
+            raise ValueError(
+                f"trainer.dynamic_sampling={self.trainer.dynamic_sampling!r}: off, "
+                "zero_advantage or identical_rewards"
+            )
+        if self.trainer.max_sampling_rounds < 1:
+            raise ValueError(f"trainer.max_sampling_rounds={self.trainer.max_sampling_rounds} < 1")
+        if self.trainer.token_budget < 0:
+            raise ValueError(f"trainer.token_budget={self.trainer.token_budget} < 0")
+        if self.scheduler.decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(
+                f"scheduler.decay_style={self.scheduler.decay_style!r}: constant, linear or cosine"
+            )
+        if self.scheduler.min_lr > self.optimizer.lr:
+            raise ValueError(
+                f"scheduler.min_lr={self.scheduler.min_lr} > optimizer.lr={self.optimizer.lr}"
+            )
+        if self.scheduler.warmup_steps >= self.total_updates():
+            raise ValueError(
+                f"scheduler.warmup_steps={self.scheduler.warmup_steps} must be below the run's "
+                f"{self.total_updates()} updates (decay_steps or steps x ppo_epochs x mini_batches)"
+            )
         if self.trainer.micro_batch_size < 1:
             raise ValueError(f"trainer.micro_batch_size={self.trainer.micro_batch_size} < 1")
+
+    def total_updates(self) -> int:
+        """Optimizer updates the schedule spans."""
+        t = self.trainer
+        return self.scheduler.decay_steps or t.steps * t.ppo_epochs * t.mini_batches
 
 
 def register_configs() -> None:

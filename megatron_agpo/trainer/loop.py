@@ -3,8 +3,8 @@
 
 Every rank runs the same loop. Rank 0 alone talks to the rollout engine and the reward
 workers, and broadcasts what they returned, so all ranks build identical batches. The policy
-is megatron-core (TP x DP; PP is not supported by the trainer yet), the loss the fused
-vocab-parallel AGPO loss, the engine real vLLM (replica processes, or in-process).
+is megatron-core (TP x PP x DP), the loss the fused vocab-parallel AGPO loss, the engine real
+vLLM (replica processes, or in-process).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_agpo.algorithms import advantages as compute_advantages
-from megatron_agpo.algorithms import aggregation_weights
+from megatron_agpo.algorithms import aggregation_weights, group_rows, informative_groups
+from megatron_agpo.ops import IGNORE_INDEX
 from megatron_agpo.trainer import checkpoint as ckpt
 from megatron_agpo.trainer.batch import TokenBatch, build_token_batch
 from megatron_agpo.trainer.config import TrainConfig
@@ -40,10 +41,11 @@ def _broadcast(obj):
     return box[0]
 
 
-def sampling_seed(run_seed: int, step: int, index: int) -> int:
-    """A request's sampling seed: fixed by (run, step, prompt), so a resumed run resamples
-    exactly what the uninterrupted run sampled."""
-    h = hashlib.sha256(f"{run_seed}:{step}:{index}".encode()).digest()
+def sampling_seed(run_seed: int, step: int, index: int, round_: int = 0) -> int:
+    """A request's sampling seed: fixed by (run, step, dynamic-sampling round, prompt), so a
+    resumed run resamples exactly what the uninterrupted run sampled."""
+    key = f"{run_seed}:{step}:{index}" if round_ == 0 else f"{run_seed}:{step}:{round_}:{index}"
+    h = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(h[:4], "little")
 
 
@@ -68,6 +70,33 @@ def ensure_policy_dir(cfg: TrainConfig, log=print) -> Path:
     return tiny_policy_dir(cfg.model, cfg.data, log=log)
 
 
+def build_scheduler(optimizer, cfg: TrainConfig):
+    """megatron's lr schedule over the run's optimizer updates. The config wins over a
+    checkpoint's settings on resume (override); the update count comes from the checkpoint."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    s, lr, wd = cfg.scheduler, cfg.optimizer.lr, cfg.optimizer.weight_decay
+    for group in optimizer.param_groups:
+        # megatron reads a group's own max/min lr before the scheduler's (min_lr is None there
+        # unless set); every group of ours follows the one schedule.
+        group["max_lr"], group["min_lr"] = lr, s.min_lr
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if s.warmup_steps else lr,
+        max_lr=lr,
+        min_lr=s.min_lr,
+        lr_warmup_steps=s.warmup_steps,
+        lr_decay_steps=cfg.total_updates(),
+        lr_decay_style=s.decay_style,
+        start_wd=wd,
+        end_wd=wd,
+        wd_incr_steps=cfg.total_updates(),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         from transformers import AutoTokenizer
@@ -78,11 +107,6 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         init_parallel(cfg.parallel)
-        if cfg.parallel.pipeline_parallel > 1:
-            raise NotImplementedError(
-                "parallel.pipeline_parallel > 1: the trainer supports TP x DP for now "
-                "(models and conversion support PP)"
-            )
         self.rank = _rank()
         self.run_dir = Path(cfg.logging.run_dir)
         if self.rank == 0:
@@ -94,6 +118,13 @@ class Trainer:
         model, self.mcfg = build_model_from_hf(self.policy_dir, params_dtype=cfg.model.params_dtype)
         self.vocab_size = self.mcfg.vocab_size
         self.model, self.optimizer = wrap_for_training(model, cfg.parallel, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.ref_model = None
+        if cfg.algorithm.loss.kl_coef != 0.0:
+            # The KL anchor: frozen, no optimizer, same parallel layout as the policy.
+            ref_dir = cfg.model.reference_hf_path or self.policy_dir
+            self.ref_model, _ = build_model_from_hf(ref_dir, params_dtype=cfg.model.params_dtype)
+            self.ref_model.eval()
         self.train_prompts, self.eval_prompts = self._load_prompts()
         from megatron_agpo.data.iterator import PromptIterator
 
@@ -166,11 +197,18 @@ class Trainer:
         state = ckpt.load(path, self.model, self.optimizer)
         self.step, self.version = state["step"], state["version"]
         self.data.load_state_dict(state["data"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self) -> Path:
-        state = {"step": self.step, "version": self.version, "data": self.data.state_dict()}
+        state = {
+            "step": self.step,
+            "version": self.version,
+            "data": self.data.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
         return ckpt.save(
             self.run_dir / "checkpoints",
             self.step,
@@ -181,7 +219,7 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- the step
-    def rollout(self, prompts, n: int, step_seed: int) -> dict | None:
+    def rollout(self, prompts, n: int, step_seed: int, round_: int = 0) -> dict | None:
         """Rank 0: sample n responses per prompt and score them; None elsewhere."""
         if self.rank != 0:
             return None
@@ -195,7 +233,7 @@ class Trainer:
                 temperature=r.temperature,
                 top_p=r.top_p,
                 max_new_tokens=r.max_new_tokens,
-                seed=sampling_seed(self.cfg.trainer.seed, step_seed, i),
+                seed=sampling_seed(self.cfg.trainer.seed, step_seed, i, round_),
             )
             for i, ex in enumerate(prompts)
         ]
@@ -210,39 +248,87 @@ class Trainer:
             "rewards": rewards,
         }
 
+    def collect(self, t: Timer) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
+        """Rollouts for one step: rewards and advantages of data.prompts_per_step groups.
+
+        With dynamic sampling, groups without signal are dropped and more prompts sampled, up to
+        trainer.max_sampling_rounds batches; advantages are per group, so concatenating the
+        kept groups of several rounds changes none of them.
+        """
+        cfg, n = self.cfg, self.cfg.rollout.n
+        rule, want = cfg.trainer.dynamic_sampling, cfg.data.prompts_per_step
+        keys = ("prompts", "responses", "logprobs", "truncated", "rewards")
+        got = {k: [] for k in keys}
+        rewards, adv = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        stats = {"groups/sampled": 0, "sampling/rounds": 0}
+        rounds = 1 if rule == "off" else cfg.trainer.max_sampling_rounds
+        for rnd in range(rounds):
+            prompts = self.data.next_batch()
+            with t("rollout"):
+                out = _broadcast(self.rollout(prompts, n, self.step, rnd))
+            r = torch.tensor(out["rewards"], dtype=torch.float64)
+            a = compute_advantages(r, n, cfg.algorithm.advantage_config())
+            rows = torch.arange(len(r))
+            if rule != "off":
+                rows = group_rows(informative_groups(r, a, n, rule), n)
+            rows = rows[: (want - len(rewards) // n) * n]  # never more than the step needs
+            for k in keys:
+                got[k] += [out[k][i] for i in rows.tolist()]
+            rewards, adv = torch.cat([rewards, r[rows]]), torch.cat([adv, a[rows]])
+            stats["groups/sampled"] += len(r) // n
+            stats["sampling/rounds"] += 1
+            if len(rewards) // n >= want:
+                break
+        stats["groups/kept"] = len(rewards) // n
+        if not len(rewards):
+            raise RuntimeError(
+                f"dynamic sampling ({rule}) kept no group in {rounds} rounds of {want} prompts: "
+                "every group had identical rewards / zero advantages; raise "
+                "trainer.max_sampling_rounds or use an easier/harder prompt set"
+            )
+        return got, rewards, adv, stats
+
     def train_step(self) -> dict:
         cfg, t = self.cfg, Timer()
-        prompts = self.data.next_batch()
-        with t("rollout"):
-            out = _broadcast(self.rollout(prompts, cfg.rollout.n, self.step))
-        rewards = torch.tensor(out["rewards"], dtype=torch.float64)
-        adv = compute_advantages(rewards, cfg.rollout.n, cfg.algorithm.advantage_config())
+        out, rewards, adv, stats = self.collect(t)
         batch = build_token_batch(
             out["prompts"], out["responses"], out["logprobs"], adv, self.tokenizer.pad_token_id
         )
-        mbs = cfg.trainer.micro_batch_size
+        if cfg.trainer.overlong_filter:
+            cut = torch.tensor(out["truncated"], dtype=torch.bool)
+            batch.target[cut] = IGNORE_INDEX
+            batch.loss_mask[cut] = 0.0
+        mbs, budget = cfg.trainer.micro_batch_size, cfg.trainer.token_budget
         with t("logprob"):
             batch.old_logp = (
-                compute_logp(self.model, batch, mbs, self.vocab_size)
+                compute_logp(self.model, batch, mbs, self.vocab_size, budget)
                 if cfg.trainer.old_logp == "recompute"
                 else batch.rollout_logp
             )
+            if self.ref_model is not None:
+                batch.ref_logp = compute_logp(self.ref_model, batch, mbs, self.vocab_size, budget)
         loss_cfg = cfg.algorithm.loss
         metrics, updated = {}, False
         with t("update"):
-            size = len(batch) // cfg.trainer.mini_batches
             for _ in range(cfg.trainer.ppo_epochs):
-                for mini in batch.chunks(size):
+                for rows in torch.arange(len(batch)).tensor_split(cfg.trainer.mini_batches):
+                    if not len(rows):  # a short dynamic-sampling batch
+                        continue
+                    mini = batch.select(rows)
                     mini.agg_weights = aggregation_weights(
                         mini.loss_mask, loss_cfg.agg_mode, loss_cfg.norm_constant
                     )
                     self.model.zero_grad_buffer()
                     self.optimizer.zero_grad()
-                    metrics = forward_backward(self.model, mini, loss_cfg, mbs, self.vocab_size)
+                    metrics = forward_backward(
+                        self.model, mini, loss_cfg, mbs, self.vocab_size, budget
+                    )
                     if not grads_are_finite(self.model):
                         self.skipped_in_row += 1
                         continue
+                    metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # this update's
                     ok, grad_norm, _ = self.optimizer.step()
+                    self.scheduler.step(1)
                     updated |= bool(ok)
                     metrics["grad_norm"] = float(grad_norm or 0.0)
                     self.skipped_in_row = 0
@@ -254,17 +340,22 @@ class Trainer:
         with t("sync"):
             if updated:
                 self.sync_weights(self.version + 1)
-        return self._step_metrics(out, batch, rewards, adv, metrics, t, updated)
+        row = self._step_metrics(out, batch, rewards, adv, metrics, t, updated)
+        row.update(stats)
+        if cfg.trainer.overlong_filter:
+            row["response/overlong_filtered"] = row["response/truncated"]
+        return row
 
     def sync_weights(self, version: int) -> None:
-        """Collective: stream the sharded policy as HF tensors into the engine."""
-        from megatron_agpo.models import megatron_to_hf_tensors
+        """Collective: stream the sharded policy (TP shards, PP stages) as HF tensors into the
+        engine on rank 0."""
+        from megatron_agpo.models import gather_hf_tensors_to_rank0
 
-        tensors = megatron_to_hf_tensors(self.model, self.mcfg)
+        tensors = gather_hf_tensors_to_rank0(self.model, self.mcfg)
         if self.rank == 0:
             self.engine.update_weights(tensors, version)
         else:
-            for _ in tensors:  # take part in the TP all-gathers
+            for _ in tensors:  # TP all-gathers, and sends from later pipeline stages
                 pass
         self.version = version
 
@@ -290,8 +381,7 @@ class Trainer:
         }
         total = sum(t.seconds.values())
         # Tokens the step processed (prompt + response, padding excluded) per second of it.
-        real = batch.input_ids != self.tokenizer.pad_token_id
-        row["tokens_per_s"] = float(real.sum()) / total
+        row["tokens_per_s"] = float(batch.seq_lens.sum()) / total
         return row
 
     # ----------------------------------------------------------------- eval
@@ -315,7 +405,8 @@ class Trainer:
                 f"AGPO run: {self.policy_dir} | {len(self.train_prompts)} train / "
                 f"{len(self.eval_prompts)} held-out prompts | prompts filtered as too long: "
                 f"{self.prompt_stats['too_long']} | world {dist.get_world_size()} "
-                f"(TP={cfg.parallel.tensor_parallel}) | engine: {cfg.rollout.mode}"
+                f"(TP={cfg.parallel.tensor_parallel}, PP={cfg.parallel.pipeline_parallel}) | "
+                f"engine: {cfg.rollout.mode}"
             )
         every = cfg.trainer.eval_every
         if self.step == 0 and every:

@@ -9,6 +9,7 @@ by their number; we multiply it back).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from functools import partial
 
@@ -17,13 +18,28 @@ import torch.distributed as dist
 
 from megatron_agpo.algorithms import PolicyLossConfig, polarity_metrics, token_loss
 from megatron_agpo.ops import fused_vocab_parallel_agpo_loss
-from megatron_agpo.trainer.batch import TokenBatch
+from megatron_agpo.trainer.batch import MicroBatch, TokenBatch
 
 
 def _tp_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def _from_last_stage(obj):
+    """The last pipeline stage's obj on every stage (the loss and its outputs live there)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj if ps.is_pipeline_last_stage() else None]
+    dist.broadcast_object_list(
+        box,
+        src=ps.get_pipeline_model_parallel_last_rank(),
+        group=ps.get_pipeline_model_parallel_group(),
+    )
+    return box[0]
 
 
 def _forward(model, mb: TokenBatch) -> torch.Tensor:
@@ -40,6 +56,7 @@ def _per_token(logits_BSV, mb: TokenBatch, cfg: PolicyLossConfig, vocab_size: in
         mb.advantages_per_token.reshape(-1),
         cfg,
         old_logp=flat(old_logp),
+        ref_logp=flat(mb.ref_logp),
         rollout_logp=flat(mb.rollout_logp),
         tp_group=_tp_group(),
         # The logits are the output layer's fresh output and are read by nothing else: the
@@ -57,8 +74,7 @@ def _loss_fn(mb: TokenBatch, logits, *, cfg: PolicyLossConfig, vocab_size: int, 
         adv = mb.advantages_per_token
         tl = token_loss(
             out.logp.detach().view(b, s),
-            None if mb.old_logp is None else mb.old_logp,
-            adv, cfg, rollout_logp=mb.rollout_logp,
+            mb.old_logp, adv, cfg, ref_logp=mb.ref_logp, rollout_logp=mb.rollout_logp,
         )  # fmt: skip
         metrics = polarity_metrics(tl, adv, mb.loss_mask, out.entropy.detach().view(b, s))
         gap = (out.logp.detach().view(b, s) - mb.rollout_logp).abs() * mb.loss_mask
@@ -67,44 +83,71 @@ def _loss_fn(mb: TokenBatch, logits, *, cfg: PolicyLossConfig, vocab_size: int, 
 
 
 def _logp_fn(mb: TokenBatch, logits, *, vocab_size: int):
+    mb = dataclasses.replace(mb, ref_logp=None)  # a plain forward: no KL term
     out = _per_token(logits.detach(), mb, PolicyLossConfig(), vocab_size, None)
     return torch.zeros(()), {"logp": out.logp.view(mb.loss_mask.shape)}
 
 
 def _run(model, micro: list[TokenBatch], loss_factory, forward_only: bool) -> list[dict]:
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        # Micro-batches differ in rows and length (trimmed, token budget): the stages send
+        # each activation's shape before it instead of assuming one fixed shape.
+        get_model_config(model).variable_seq_lengths = True
 
     def forward_step(data_iterator: Iterator[TokenBatch], model):
         mb = next(data_iterator)
         return _forward(model, mb), partial(loss_factory, mb)
 
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(micro),
-        model=[model],
-        num_microbatches=len(micro),
-        seq_length=micro[0].input_ids.shape[1],
-        micro_batch_size=len(micro[0]),
-        forward_only=forward_only,
+    # On stages before the last the schedule returns no outputs: the last stage's are
+    # broadcast so every rank sees the log-probs and metrics.
+    return _from_last_stage(
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=[model],
+            num_microbatches=len(micro),
+            seq_length=micro[0].input_ids.shape[1],
+            micro_batch_size=len(micro[0]),
+            forward_only=forward_only,
+        )
     )
 
 
 @torch.no_grad()
-def compute_logp(model, batch: TokenBatch, micro_batch_size: int, vocab_size: int) -> torch.Tensor:
-    """The policy's log-prob of every target token, [B, S] (0 at ignored positions)."""
-    micro = list(batch.chunks(micro_batch_size))
-    outs = _run(model, micro, partial(_logp_fn, vocab_size=vocab_size), forward_only=True)
-    return torch.cat([o["logp"] for o in outs])
+def compute_logp(
+    model, batch: TokenBatch, micro_batch_size: int, vocab_size: int, token_budget: int = 0
+) -> torch.Tensor:
+    """The model's log-prob of every target token, [B, S] (0 at ignored positions)."""
+    micro = batch.micro_batches(micro_batch_size, token_budget)
+    fn = partial(_logp_fn, vocab_size=vocab_size)
+    outs = _run(model, [m.batch for m in micro], fn, forward_only=True)
+    logp = torch.zeros_like(batch.rollout_logp)
+    for m, o in zip(micro, outs, strict=True):
+        logp[m.rows, : o["logp"].shape[1]] = o["logp"]
+    return logp
 
 
 def forward_backward(
-    model, batch: TokenBatch, cfg: PolicyLossConfig, micro_batch_size: int, vocab_size: int
+    model,
+    batch: TokenBatch,
+    cfg: PolicyLossConfig,
+    micro_batch_size: int,
+    vocab_size: int,
+    token_budget: int = 0,
 ) -> dict[str, float]:
-    """Accumulate gradients of the mini-batch's aggregated loss; returns its metrics."""
-    micro = list(batch.chunks(micro_batch_size))
+    """Accumulate gradients of the mini-batch's aggregated loss; returns its metrics.
+
+    batch.agg_weights already normalise over the whole mini-batch, so how it is split into
+    micro-batches (fixed rows or a token budget) does not change the gradient.
+    """
+    micro: list[MicroBatch] = batch.micro_batches(micro_batch_size, token_budget)
     fn = partial(_loss_fn, cfg=cfg, vocab_size=vocab_size, n_micro=len(micro))
-    outs = _run(model, micro, fn, forward_only=False)
-    return merge_metrics(outs, [mb.loss_mask for mb in micro])
+    outs = _run(model, [m.batch for m in micro], fn, forward_only=False)
+    return merge_metrics(outs, [m.batch.loss_mask for m in micro])
 
 
 def merge_metrics(outs: list[dict], masks: list[torch.Tensor]) -> dict[str, float]:

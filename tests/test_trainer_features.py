@@ -1,0 +1,172 @@
+"""DAPO filters, dynamic batch size, the lr schedule and dynamic sampling, against hand-worked
+values and closed forms (no engine: the rollout is a stub returning chosen rewards)."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_agpo.algorithms import advantages, group_rows, informative_groups
+from megatron_agpo.data.iterator import PromptIterator
+from megatron_agpo.train import load_config
+from megatron_agpo.trainer.batch import build_token_batch, plan_micro_batches
+from megatron_agpo.trainer.loop import Timer, Trainer, build_scheduler
+
+pytestmark = pytest.mark.unit
+
+# Three groups of n=4: all wrong, mixed, all right.
+REWARDS = torch.tensor([0.0, 0, 0, 0, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.float64)
+
+
+def test_informative_groups_agpo_keeps_all_wrong_groups():
+    adv = advantages(REWARDS, 4, "agpo")
+    # AGPO: all-wrong -> -w_neg (signal), all-right -> 0 (none).
+    assert informative_groups(REWARDS, adv, 4, "zero_advantage").tolist() == [True, True, False]
+    assert informative_groups(REWARDS, adv, 4, "identical_rewards").tolist() == [False, True, False]
+    grpo = advantages(REWARDS, 4, "grpo")
+    assert informative_groups(REWARDS, grpo, 4, "zero_advantage").tolist() == [False, True, False]
+
+
+def test_informative_groups_errors_and_rows():
+    adv = advantages(REWARDS, 4, "agpo")
+    with pytest.raises(ValueError, match="groups of n=5"):
+        informative_groups(REWARDS, adv, 5, "zero_advantage")
+    with pytest.raises(ValueError, match="unknown group filter 'x'"):
+        informative_groups(REWARDS, adv, 4, "x")
+    with pytest.raises(ValueError, match=r"rewards \(12,\) and advantages \(11,\)"):
+        informative_groups(REWARDS, adv[:11], 4, "zero_advantage")
+    assert group_rows(torch.tensor([False, True, True]), 2).tolist() == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("budget,max_rows", [(1, 4), (12, 3), (20, 8), (1000, 3), (1000, 100)])
+def test_plan_micro_batches_covers_every_row_within_budget(budget, max_rows):
+    lengths = [5, 9, 3, 9, 7, 2, 11, 4, 6, 8]
+    plan = plan_micro_batches(lengths, max_rows, budget)
+    assert sorted(i for g in plan for i in g) == list(range(len(lengths)))
+    for g in plan:
+        assert len(g) <= max_rows
+        cost = len(g) * max(lengths[i] for i in g)
+        assert cost <= budget or len(g) == 1  # a row over budget runs alone, uncut
+    # Greedy longest-first is optimal for this cost on sorted input: no two neighbouring
+    # groups could be merged.
+    for a, b in zip(plan, plan[1:], strict=False):
+        merged = len(a) + len(b)
+        assert merged > max_rows or merged * lengths[a[0]] > budget
+
+
+def test_micro_batches_hold_the_rows_trimmed():
+    b = build_token_batch(
+        [[1, 2], [1], [1, 2, 3]], [[4], [5, 6, 7, 8], [9]], [[-1.0], [-1.0] * 4, [-1.0]],
+        torch.tensor([1.0, 2.0, 3.0]), pad_id=0,
+    )  # fmt: skip
+    micro = b.micro_batches(max_rows=2, token_budget=8)
+    assert [m.rows for m in micro] == [[1], [2, 0]]
+    assert micro[0].batch.input_ids.tolist() == [[1, 5, 6, 7, 8]]
+    assert micro[1].batch.input_ids.tolist() == [[1, 2, 3, 9], [1, 2, 4, 0]]
+    assert micro[1].batch.advantages.tolist() == [3.0, 1.0]
+    plain = b.micro_batches(max_rows=2)
+    assert [m.rows for m in plain] == [[0, 1], [2]] and plain[1].batch.input_ids.shape == (1, 4)
+
+
+class _Opt:
+    def __init__(self) -> None:
+        self.param_groups = [{"lr": 0.0, "wd_mult": 1.0}, {"lr": 0.0, "wd_mult": 0.0}]
+
+
+def test_cosine_schedule_with_warmup_matches_closed_form():
+    cfg = load_config(
+        ["trainer.steps=20", "optimizer.lr=1e-3", "scheduler.warmup_steps=4",
+         "scheduler.decay_style=cosine", "scheduler.min_lr=1e-4"]
+    )  # fmt: skip
+    opt = _Opt()
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        assert opt.param_groups[1]["lr"] == lrs[-1]
+        sched.step(1)
+    for k, lr in enumerate(lrs):
+        if k <= 4:
+            want = 1e-3 * k / 4
+        else:
+            want = 1e-4 + 0.5 * (1 + math.cos(math.pi * (k - 4) / 16)) * (1e-3 - 1e-4)
+        assert lr == pytest.approx(want, rel=1e-12, abs=1e-15), k
+    # Restoring the update count restores the lr (the config wins for everything else).
+    again = build_scheduler(_Opt(), cfg)
+    again.load_state_dict(sched.state_dict())
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_constant_schedule_keeps_lr_and_config_errors():
+    opt = _Opt()
+    sched = build_scheduler(opt, load_config([]))
+    for _ in range(5):
+        sched.step(1)
+    assert opt.param_groups[0]["lr"] == 1e-4
+    with pytest.raises(ValueError, match="scheduler.warmup_steps=60 must be below"):
+        load_config(["scheduler.warmup_steps=60"]).validate()
+    with pytest.raises(ValueError, match="scheduler.decay_style='step'"):
+        load_config(["scheduler.decay_style=step"]).validate()
+    with pytest.raises(ValueError, match="trainer.dynamic_sampling='on'"):
+        load_config(["trainer.dynamic_sampling=on"]).validate()
+
+
+def _stub_trainer(overrides, reward_rounds):
+    """A Trainer with only what `collect` reads; rollout returns the given rewards per call."""
+    cfg = load_config(["data.prompts_per_step=3", "rollout.n=4", *overrides])
+    t = Trainer.__new__(Trainer)
+    t.cfg, t.step, t.rank = cfg, 0, 0
+    t.data = PromptIterator(list(range(100)), batch_size=3, shuffle=False)
+    calls = iter(reward_rounds)
+
+    def rollout(prompts, n, step_seed, round_=0):
+        r = next(calls)
+        ids = [p for p in prompts for _ in range(n)]
+        return {
+            "prompts": [[p] for p in ids],
+            "responses": [[p, j] for j, p in enumerate(ids)],
+            "logprobs": [[-1.0, -1.0] for _ in ids],
+            "truncated": [False] * len(ids),
+            "rewards": r,
+        }
+
+    t.rollout = rollout
+    return t
+
+
+def test_dynamic_sampling_refills_with_informative_groups_only():
+    w, m, r = [0.0] * 4, [1.0, 0, 0, 0], [1.0] * 4  # wrong, mixed, right groups
+    rounds = [w + r + r, m + w + r, m + m + w]
+    t = _stub_trainer(["trainer.dynamic_sampling=identical_rewards"], rounds)
+    out, rewards, adv, stats = t.collect(Timer())
+    # Round 1 keeps nothing, round 2 the mixed group (prompt 3), round 3 its two mixed ones.
+    assert [p[0] for p in out["prompts"][::4]] == [3, 6, 7]
+    assert len(rewards) == 12 and stats == {
+        "groups/sampled": 9, "sampling/rounds": 3, "groups/kept": 3,
+    }  # fmt: skip
+    # Advantages are the groups' own: the same as computing them on the kept groups alone.
+    kept = torch.tensor(m + m + m, dtype=torch.float64)
+    torch.testing.assert_close(adv, advantages(kept, 4, "agpo"))
+    # A round with more informative groups than needed is cut to the step's size.
+    t = _stub_trainer(["trainer.dynamic_sampling=identical_rewards"], [m + r + m, m + m + m])
+    out, _, _, stats = t.collect(Timer())
+    assert [p[0] for p in out["prompts"][::4]] == [0, 2, 3] and stats["groups/sampled"] == 6
+    t = _stub_trainer(["trainer.dynamic_sampling=zero_advantage"], rounds)
+    out, rewards, _, stats = t.collect(Timer())
+    assert [p[0] for p in out["prompts"][::4]] == [0, 3, 4]  # AGPO keeps all-wrong groups
+    assert stats["sampling/rounds"] == 2 and t.data.state_dict()["offset"] == 6
+
+
+def test_dynamic_sampling_with_nothing_kept_is_an_error():
+    r = [1.0] * 12
+    t = _stub_trainer(
+        ["trainer.dynamic_sampling=zero_advantage", "trainer.max_sampling_rounds=2"], [r, r]
+    )
+    with pytest.raises(RuntimeError, match="kept no group in 2 rounds"):
+        t.collect(Timer())
+
+
+def test_collect_without_dynamic_sampling_is_one_round():
+    t = _stub_trainer([], [[1.0] * 12])
+    out, rewards, adv, stats = t.collect(Timer())
+    assert len(rewards) == 12 and stats["groups/kept"] == 3
