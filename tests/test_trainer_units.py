@@ -64,7 +64,6 @@ def test_default_config_and_groups():
         ("rollout.mode=remote", "rollout.mode='remote'"),
         ("trainer.mini_batches=3", "do not split into trainer.mini_batches=3"),
         ("algorithm.loss.agg_mode=mean", "agg_mode='mean'"),
-        ("rollout=colocated", "colocated is not supported by the trainer"),
     ],
 )
 def test_bad_config_is_named(override, match):
@@ -109,3 +108,19 @@ def test_metrics_writer_drops_lines_past_resume_point(tmp_path):
     w.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[-1]["x"] is None
+
+
+def test_metrics_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_agpo.trainer.metrics import MetricsWriter
+
+    w = MetricsWriter(tmp_path, tensorboard=True, total_steps=3, progress=False)
+    for s in (1, 2, 3):
+        w.log({"step": s, "reward/mean": 0.25 * s, "pos/loss": float("nan")})
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("reward/mean")
+    assert [(e.step, e.value) for e in events] == [(1, 0.25), (2, 0.5), (3, 0.75)]
+    assert "pos/loss" not in acc.Tags()["scalars"]  # non-finite values are left out

@@ -237,6 +237,8 @@ class Trainer:
             )
             for i, ex in enumerate(prompts)
         ]
+        if self.cfg.rollout.mode == "colocated":
+            self.engine.wake_up()  # no-op unless asleep (CUDA sleep mode)
         samples = self.engine.generate(reqs, expected_version=self.version).samples
         truths = [prompts[s.prompt_id].ground_truth for s in samples]
         rewards = self.reward.score_batch([s.text for s in samples], truths)
@@ -280,6 +282,10 @@ class Trainer:
             if len(rewards) // n >= want:
                 break
         stats["groups/kept"] = len(rewards) // n
+        if self.rank == 0 and cfg.rollout.mode == "colocated":
+            # On CUDA: free the KV cache and offload the weights while the trainer works; the
+            # next sync (or rollout) wakes the engine. A no-op on CPU.
+            self.engine.sleep()
         if not len(rewards):
             raise RuntimeError(
                 f"dynamic sampling ({rule}) kept no group in {rounds} rounds of {want} prompts: "

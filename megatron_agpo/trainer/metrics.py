@@ -25,7 +25,11 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the events a killed run wrote past the
+                # checkpoint, as _drop_after does for the JSONL.
+                self._tb = SummaryWriter(
+                    str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+                )
             except ImportError:
                 print("metrics: tensorboard is not installed; writing metrics.jsonl only")
         self._bar = None
