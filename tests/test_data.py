@@ -196,7 +196,7 @@ def test_parquet_error_names_row(tmp_path):
 
 
 def test_unknown_extension_and_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown file type '.csv'"):
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
         load_prompts(DataConfig(path=str(tmp_path / "x.csv")))
     with pytest.raises(ValueError, match="format"):
         DataConfig(format="csv")

@@ -360,7 +360,7 @@ def test_loader_missing_answer_in_boxed_solution(tmp_path):
 def test_loader_other_errors(tmp_path):
     bad_json = tmp_path / "a.jsonl"
     bad_json.write_text(json.dumps(AMC_ROWS[0]) + "\n\n{not json\n")
-    with pytest.raises(ValueError, match=r"a\.jsonl: row 1 \(line 3\): invalid JSON"):
+    with pytest.raises(ValueError, match=r"a\.jsonl row 1 \(line 3\): invalid JSON"):
         load_benchmark("amc23", bad_json)
     dup = _write([AMC_ROWS[0], AMC_ROWS[0]], tmp_path / "d.jsonl")
     with pytest.raises(ValueError, match=r"row 1 \(line 2\): duplicate id '0'.*row 0"):

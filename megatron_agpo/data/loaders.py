@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_agpo.data.files import read_rows
 from megatron_agpo.data.records import DataValidationError, PromptExample
 
 logger = logging.getLogger(__name__)
@@ -85,38 +86,6 @@ class EncodeStats:
 
 
 # ---- reading rows ----
-
-
-def read_rows(path: str | Path) -> Iterator[tuple[int, str, Any]]:
-    """Yield (row index, location for messages, raw row) from a .jsonl or .parquet file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        yield from _read_jsonl(path)
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield i, f"{path.name} row {i}", row
-    else:
-        raise ValueError(f"{path}: unknown file type {suffix!r} (expected .jsonl or .parquet)")
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
-    index = 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path.name} row {index} (line {line_no})"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataValidationError(
-                    f"{where}: invalid JSON: {e.msg} at column {e.colno}"
-                ) from None
-            yield index, where, row
-            index += 1
 
 
 # ---- validating rows ----

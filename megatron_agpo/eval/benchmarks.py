@@ -8,9 +8,8 @@ non-empty one wins. ../../docs/EVAL.md lists them.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,65 +166,12 @@ def _first(row: Mapping[str, Any], fields: tuple[str, ...]) -> str | None:
     return None
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        row = 0
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"row {row} (line {lineno})"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: {where}: invalid JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}: {where}: expected a JSON object, got {type(record).__name__}"
-                )
-            yield where, record
-            row += 1
-
-
-def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]  # some releases wrap the list: {"data": [...]}
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of objects (or JSONL)")
-    for row, record in enumerate(data):
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}: row {row}: expected a JSON object, got {type(record).__name__}"
-            )
-        yield f"row {row}", record
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
-    for row, record in enumerate(pq.read_table(path).to_pylist()):
-        yield f"row {row}", record
-
-
-_READERS: dict[str, Callable[[Path], Iterator[tuple[str, dict[str, Any]]]]] = {
-    ".jsonl": _read_jsonl,
-    ".json": _read_json,
-    ".parquet": _read_parquet,
-}
-
-
 def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(location, record) for each row of a .jsonl, .json or .parquet file.
+    """(location, record) for each row of a .jsonl, .json or .parquet file; location reads
+    "<file> row <i> (line <n>)" (`megatron_agpo.data.files.read_rows`)."""
+    from megatron_agpo.data.files import read_rows
 
-    location reads "row <i>" (0-based; JSONL adds the line number) for error messages.
-    """
-    path = Path(path)
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise ValueError(
-            f"{path}: unsupported file type {path.suffix!r}: expected one of {sorted(_READERS)}"
-        )
-    return reader(path)
+    return ((where, row) for _, where, row in read_rows(path))
 
 
 def parse_record(
@@ -233,7 +179,7 @@ def parse_record(
 ) -> EvalProblem:
     """One release row as an EvalProblem; a ValueError names file, row and missing field."""
     spec = BENCHMARKS[benchmark]
-    prefix = f"{path}: {where or f'row {index}'}"
+    prefix = where or f"{path}: row {index}"
     problem = _first(record, spec.problem_fields)
     if problem is None:
         raise ValueError(
@@ -272,7 +218,7 @@ def load_benchmark(name: str, path: str | Path) -> list[EvalProblem]:
     for index, (where, record) in enumerate(read_records(path)):
         p = parse_record(benchmark, record, index, where, str(path))
         if p.id in first_row:
-            raise ValueError(f"{path}: {where}: duplicate id {p.id!r} (first at {first_row[p.id]})")
+            raise ValueError(f"{where}: duplicate id {p.id!r} (first at {first_row[p.id]})")
         first_row[p.id] = where
         problems.append(p)
     if not problems:
