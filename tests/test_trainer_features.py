@@ -123,6 +123,7 @@ def _stub_trainer(overrides, reward_rounds):
         r = next(calls)
         ids = [p for p in prompts for _ in range(n)]
         return {
+            "reward_s": 0.0,
             "prompts": [[p] for p in ids],
             "responses": [[p, j] for j, p in enumerate(ids)],
             "logprobs": [[-1.0, -1.0] for _ in ids],

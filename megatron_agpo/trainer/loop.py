@@ -59,6 +59,11 @@ class Timer:
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
+    def move(self, src: str, dst: str, seconds: float) -> None:
+        """Book `seconds` of what was timed as src under dst instead."""
+        self.seconds[src] -= seconds
+        self.seconds[dst] = self.seconds.get(dst, 0.0) + seconds
+
 
 def ensure_policy_dir(cfg: TrainConfig, log=print) -> Path:
     """The HF folder the policy and the engine start from (the tiny model is built and
@@ -241,8 +246,10 @@ class Trainer:
             self.engine.wake_up()  # no-op unless asleep (CUDA sleep mode)
         samples = self.engine.generate(reqs, expected_version=self.version).samples
         truths = [prompts[s.prompt_id].ground_truth for s in samples]
+        t0 = time.perf_counter()
         rewards = self.reward.score_batch([s.text for s in samples], truths)
         return {
+            "reward_s": time.perf_counter() - t0,
             "prompts": [list(s.prompt_token_ids) for s in samples],
             "responses": [list(s.response_token_ids) for s in samples],
             "logprobs": [list(s.logprobs) for s in samples],
@@ -268,6 +275,7 @@ class Trainer:
             prompts = self.data.next_batch()
             with t("rollout"):
                 out = _broadcast(self.rollout(prompts, n, self.step, rnd))
+            t.move("rollout", "reward", out["reward_s"])  # scoring ran inside the rollout call
             r = torch.tensor(out["rewards"], dtype=torch.float64)
             a = compute_advantages(r, n, cfg.algorithm.advantage_config())
             rows = torch.arange(len(r))
