@@ -320,6 +320,34 @@ def test_replicas_sync_parity(pool, tokenizer, hf_model):
     assert pool.weight_versions == [1, 1]
 
 
+def test_tied_output_layer_follows_the_sync(tmp_path_factory, tokenizer):
+    """A model whose output layer is its input embedding (SmolLM2, Qwen2.5-1.5B): the sync
+    sends only the embedding, as the trainer does, and the engine's logits must follow it.
+    vLLM 0.32 on CPU kept the load-time copy of the tied head (log-probs 4.2 off on SmolLM2)
+    until `refresh_tied_lm_heads`. One replica process: a second in-process engine would share
+    vLLM's module-level state with the `colocated` fixture."""
+    from megatron_agpo.rollout.replicas import ReplicaPool
+
+    tied_dir = tu.make_tiny_llama(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
+    hf = tu.load_hf_model(tied_dir)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    probes = _probe_ids(tokenizer)
+    new = copy.deepcopy(hf)
+    tu.perturb_(new, scale=0.3, seed=5)
+    ref = tu.hf_token_logprobs(new, probes)
+    sent = [(n, t) for n, t in tu.hf_named_tensors(new) if n != "lm_head.weight"]
+    pool = ReplicaPool(
+        _config(tied_dir, start_timeout_s=300, request_timeout_s=120, sync_timeout_s=120),
+        log_dir=tmp_path_factory.mktemp("tied_logs"),
+    )
+    try:
+        parity = sync_and_verify(pool, iter(sent), 1, probes, ref, TOL)
+    finally:
+        pool.close()
+    print(f"\ntied head sync parity: max {parity.max_abs_diff:.2e}")
+    assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
+
+
 def test_replicas_mixed_versions_refused(pool, tokenizer, hf_model):
     new = copy.deepcopy(hf_model)
     tu.perturb_(new, scale=0.3, seed=4)

@@ -56,6 +56,19 @@ def test_default_config_and_groups():
     assert w.algorithm.advantage_config().pos_weight == 0.5 and w.algorithm.loss.eps_high == 0.3
 
 
+def test_model_preset_wins_over_rollout_group():
+    # The model group comes last: its context length and engine dtype are not replaced by the
+    # rollout group's (which once set a 64-token fp32 engine for every model).
+    q = load_config(["model=qwen2_5_math_7b", "rollout=colocated"])
+    assert q.rollout.engine.max_model_len == 4096 and q.rollout.engine.dtype == "auto"
+    assert q.rollout.mode == "colocated" and q.rollout.max_new_tokens == 3072
+    s = load_config(["model=smollm2_135m"])
+    assert s.rollout.engine.max_model_len == 512 and s.rollout.engine.dtype == "float32"
+    t = load_config([])
+    assert t.rollout.engine.max_model_len == 64 and t.rollout.engine.dtype == "float32"
+    assert load_config(["model=llama3_70b", "rollout=colocated"]).rollout.mode == "colocated"
+
+
 @pytest.mark.parametrize(
     "override,match",
     [

@@ -13,14 +13,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_K
 # the \boxed{} instruction; the held-out rows come first (data.num_eval=13).
 .venv/bin/python examples/smollm2_arithmetic/make_data.py --out "$RUN_DIR/data.jsonl" --levels 1
 
-# rollout.engine.max_model_len is repeated here: conf/train.yaml merges the rollout group
-# (max_model_len 64) after the model group, so the value in conf/model/smollm2_135m.yaml
-# does not win on its own. Prompts are <= 130 tokens.
+# Prompts are <= 130 tokens; conf/model/smollm2_135m.yaml gives the engine 512.
 exec .venv/bin/agpo-train \
     model=smollm2_135m \
     data=math_jsonl data.format=verl data.path="$RUN_DIR/data.jsonl" data.num_eval=13 \
     data.prompts_per_step=4 rollout.n=8 rollout.max_new_tokens=32 \
-    rollout.engine.max_model_len=512 \
     trainer.steps=4 trainer.micro_batch_size=8 trainer.eval_every=2 trainer.eval_n=8 \
     checkpoint.resume=none logging.run_dir="$RUN_DIR" logging.tensorboard=false \
     "$@"

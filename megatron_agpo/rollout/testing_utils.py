@@ -29,6 +29,7 @@ def make_tiny_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
     intermediate_size: int | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a random fp32 Llama with a char tokenizer as an HF folder; returns the folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,7 +45,7 @@ def make_tiny_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
