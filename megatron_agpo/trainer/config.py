@@ -185,6 +185,8 @@ class CheckpointSection:
     """auto (the latest complete checkpoint in the run dir, if any), none, or a path."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted."""
+    save_final: bool = True
+    """Save at the end of the run (when the last step was not saved already)."""
 
 
 @dataclass

@@ -435,7 +435,8 @@ class Trainer:
             last = row
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                 self.save()
-        if not cfg.checkpoint.save_every or self.step % cfg.checkpoint.save_every:
+        saved = cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0
+        if cfg.checkpoint.save_final and not saved:
             self.save()
         if self.rank == 0:
             plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
