@@ -121,6 +121,8 @@ def test_metrics_writer_drops_lines_past_resume_point(tmp_path):
     w.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[-1]["x"] is None
+    MetricsWriter(tmp_path, tensorboard=False, total_steps=10, progress=False).close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == []  # a fresh start: a fresh file
 
 
 def test_metrics_reach_tensorboard(tmp_path):

@@ -41,11 +41,13 @@ class MetricsWriter:
             )
 
     def _drop_after(self, step: int) -> None:
-        # After a resume, lines of steps past the checkpoint were never part of this history.
+        # After a resume, lines of steps past the checkpoint were never part of this history;
+        # a run that starts at step 0 (nothing to resume) starts the file afresh, or an old
+        # run's base evaluation would stay beside the new one.
         if not self.path.exists():
             return
         rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= step]
+        kept = [r for r in rows if r.get("step", 0) <= step] if step > 0 else []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, row: dict, step_done: bool = True) -> None:
