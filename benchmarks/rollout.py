@@ -1,5 +1,5 @@
 """Sampling throughput: vLLM (ColocatedEngine) vs transformers `generate`, same prompts,
-samples per prompt and lengths, SmolLM2-135M-Instruct in fp32 on this machine.
+samples per prompt and lengths, SmolLM2-135M-Instruct in fp32 (or --dtype bfloat16) on this machine.
 
 Both sides sample exactly --max-new-tokens per sample (EOS ignored / min length), at
 temperature 1, and tokens/s counts generated tokens only. vLLM also returns each token's
@@ -24,6 +24,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="let vLLM compile the model (torch.compile/inductor on CPU; enforce_eager=False)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     torch.set_num_threads(args.threads)
@@ -51,7 +57,12 @@ def main() -> None:
     # --- vLLM
     t0 = time.perf_counter()
     engine = ColocatedEngine(
-        RolloutConfig(model_path=str(path), dtype="float32", max_model_len=1024)
+        RolloutConfig(
+            model_path=str(path),
+            dtype=args.dtype,
+            max_model_len=1024,
+            enforce_eager=not args.compile,
+        )
     )
     start_s = time.perf_counter() - t0
     reqs = [
@@ -67,7 +78,7 @@ def main() -> None:
     del engine
 
     # --- transformers
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype)).eval()
     tok.padding_side = "left"
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(map(len, prompts))
@@ -96,9 +107,10 @@ def main() -> None:
     hf_tokens = (out.shape[1] - width) * out.shape[0]
 
     print(
-        f"SmolLM2-135M-Instruct fp32, {args.prompts} prompts x n={args.n} x {T} new tokens "
+        f"SmolLM2-135M-Instruct {args.dtype}, {args.prompts} prompts x n={args.n} x {T} new tokens "
         f"({total} tokens), torch threads {args.threads}, {platform.processor() or 'cpu'}, "
         f"{os.cpu_count()} cores; vLLM engine start {start_s:.1f} s"
+        f"{' (compiled)' if args.compile else ' (eager)'}"
     )
     print("| engine | tokens | seconds | tokens/s |\n|---|---|---|---|")
     print(
