@@ -144,6 +144,7 @@ def test_dynamic_sampling_refills_with_informative_groups_only():
     assert [p[0] for p in out["prompts"][::4]] == [3, 6, 7]
     assert len(rewards) == 12 and stats == {
         "groups/sampled": 9, "sampling/rounds": 3, "groups/kept": 3,
+        "reward/mean_sampled": pytest.approx(15 / 36, rel=1e-12),  # all 9 groups, not the kept
     }  # fmt: skip
     # Advantages are the groups' own: the same as computing them on the kept groups alone.
     kept = torch.tensor(m + m + m, dtype=torch.float64)

@@ -269,7 +269,7 @@ class Trainer:
         keys = ("prompts", "responses", "logprobs", "truncated", "rewards")
         got = {k: [] for k in keys}
         rewards, adv = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-        stats = {"groups/sampled": 0, "sampling/rounds": 0}
+        stats, sampled_sum = {"groups/sampled": 0, "sampling/rounds": 0}, 0.0
         rounds = 1 if rule == "off" else cfg.trainer.max_sampling_rounds
         for rnd in range(rounds):
             prompts = self.data.next_batch()
@@ -286,10 +286,13 @@ class Trainer:
                 got[k] += [out[k][i] for i in rows.tolist()]
             rewards, adv = torch.cat([rewards, r[rows]]), torch.cat([adv, a[rows]])
             stats["groups/sampled"] += len(r) // n
+            sampled_sum += float(r.sum())
             stats["sampling/rounds"] += 1
             if len(rewards) // n >= want:
                 break
         stats["groups/kept"] = len(rewards) // n
+        # Before the group filter (reward/mean is over the kept groups only).
+        stats["reward/mean_sampled"] = sampled_sum / (stats["groups/sampled"] * n)
         if self.rank == 0 and cfg.rollout.mode == "colocated":
             # On CUDA: free the KV cache and offload the weights while the trainer works; the
             # next sync (or rollout) wakes the engine. A no-op on CPU.
@@ -321,31 +324,8 @@ class Trainer:
             )
             if self.ref_model is not None:
                 batch.ref_logp = compute_logp(self.ref_model, batch, mbs, self.vocab_size, budget)
-        loss_cfg = cfg.algorithm.loss
-        metrics, updated = {}, False
         with t("update"):
-            for _ in range(cfg.trainer.ppo_epochs):
-                for rows in torch.arange(len(batch)).tensor_split(cfg.trainer.mini_batches):
-                    if not len(rows):  # a short dynamic-sampling batch
-                        continue
-                    mini = batch.select(rows)
-                    mini.agg_weights = aggregation_weights(
-                        mini.loss_mask, loss_cfg.agg_mode, loss_cfg.norm_constant
-                    )
-                    self.model.zero_grad_buffer()
-                    self.optimizer.zero_grad()
-                    metrics = forward_backward(
-                        self.model, mini, loss_cfg, mbs, self.vocab_size, budget
-                    )
-                    if not grads_are_finite(self.model):
-                        self.skipped_in_row += 1
-                        continue
-                    metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # this update's
-                    ok, grad_norm, _ = self.optimizer.step()
-                    self.scheduler.step(1)
-                    updated |= bool(ok)
-                    metrics["grad_norm"] = float(grad_norm or 0.0)
-                    self.skipped_in_row = 0
+            metrics, updated = self.update(batch)
         if self.skipped_in_row >= cfg.trainer.max_skipped_steps:
             raise FloatingPointError(
                 f"{self.skipped_in_row} consecutive updates skipped for non-finite gradients"
@@ -359,6 +339,36 @@ class Trainer:
         if cfg.trainer.overlong_filter:
             row["response/overlong_filtered"] = row["response/truncated"]
         return row
+
+    def update(self, batch: TokenBatch) -> tuple[dict, bool]:
+        """trainer.ppo_epochs passes of trainer.mini_batches optimizer steps over the batch;
+        returns the last update's metrics and whether any update was applied."""
+        cfg, loss_cfg = self.cfg.trainer, self.cfg.algorithm.loss
+        metrics, updated = {}, False
+        for _ in range(cfg.ppo_epochs):
+            for rows in torch.arange(len(batch)).tensor_split(cfg.mini_batches):
+                if not len(rows):  # a short dynamic-sampling batch
+                    continue
+                mini = batch.select(rows)
+                mini.agg_weights = aggregation_weights(
+                    mini.loss_mask, loss_cfg.agg_mode, loss_cfg.norm_constant
+                )
+                self.model.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                metrics = forward_backward(
+                    self.model, mini, loss_cfg, cfg.micro_batch_size, self.vocab_size,
+                    cfg.token_budget,
+                )  # fmt: skip
+                if not grads_are_finite(self.model):  # the same answer on every rank
+                    self.skipped_in_row += 1
+                    continue
+                metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # this update's
+                ok, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(1)
+                updated |= bool(ok)
+                metrics["grad_norm"] = float(grad_norm or 0.0)
+                self.skipped_in_row = 0
+        return metrics, updated
 
     def sync_weights(self, version: int) -> None:
         """Collective: stream the sharded policy (TP shards, PP stages) as HF tensors into the
