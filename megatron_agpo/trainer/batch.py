@@ -9,7 +9,7 @@ whose *next* token is a response token: `target[b, t] = seq[b, t + 1]` for
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -51,10 +51,6 @@ class TokenBatch:
                 for f in fields(self)
             }
         )
-
-    def chunks(self, size: int) -> Iterator[TokenBatch]:
-        for s in range(0, len(self), size):
-            yield self.select(slice(s, s + size))
 
     def trimmed(self) -> TokenBatch:
         """The same rows without the padding columns no row needs."""
