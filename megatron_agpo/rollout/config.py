@@ -37,6 +37,17 @@ class RolloutConfig:
     bucket_mb: float = 256.0
     """Upper bound (MB) on one weight-sync message to a replica; a single tensor larger than
     this is sent alone."""
+    sync_channel: str = "zmq"
+    """How weight bytes reach replicas. "zmq": in the bucket messages themselves (host memory).
+    "collective": bucket headers over ZMQ, the bytes as one flat tensor per bucket broadcast
+    over a private process group (trainer rank 0 + replicas; gloo on CPU, NCCL with CUDA),
+    built once at pool start. Ignored by the colocated engine."""
+    sync_backend: str = "auto"
+    """Backend of the collective channel: "auto" (NCCL where CUDA is available, else gloo),
+    "gloo" or "nccl"."""
+    sync_port: int = 0
+    """TCP port of the collective channel's TCPStore, hosted by the trainer on `replica_host`;
+    0 = a free port."""
     num_replicas: int = 1
     """Replica processes the pool starts (ignored by the colocated engine)."""
     replica_host: str = "127.0.0.1"
@@ -66,10 +77,17 @@ class RolloutConfig:
             "request_timeout_s": self.request_timeout_s > 0,
             "sync_timeout_s": self.sync_timeout_s > 0,
             "verify_tolerance": self.verify_tolerance > 0,
+            "sync_port": 0 <= self.sync_port <= 65535,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r} is out of range")
+        choices = {"sync_channel": ("zmq", "collective"), "sync_backend": ("auto", "gloo", "nccl")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"RolloutConfig.{name}={getattr(self, name)!r} is not one of {allowed}"
+                )
         if self.replica_cuda_devices and len(self.replica_cuda_devices) != self.num_replicas:
             raise ValueError(
                 f"RolloutConfig.replica_cuda_devices has {len(self.replica_cuda_devices)} "

@@ -10,7 +10,10 @@ bytes in the following frames. The channel is meant for a trusted network (pickl
 
 A weight sync is one `reload_weights` call fed by a generator that pulls buckets from the
 socket: the worker holds one bucket at a time, and acknowledges a bucket only after vLLM has
-consumed its tensors, which paces the trainer.
+consumed its tensors, which paces the trainer. With the collective channel
+(`collective_init`, sent once at pool start), a bucket header carries "nbytes" and no byte
+frames: the bytes arrive as one flat tensor over the private process group (rank = index + 1),
+received into a buffer of that size, and vLLM gets views into it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import zmq
 
 from megatron_agpo.rollout import vllm_engine
 from megatron_agpo.rollout.config import RolloutConfig
-from megatron_agpo.rollout.weight_sync import decode_bucket
+from megatron_agpo.rollout.weight_sync import CollectiveChannel, decode_bucket, unpack_bucket
 
 POLL_MS = 500
 
@@ -45,6 +48,7 @@ class Worker:
         self.llm = vllm_engine.build_llm(config, seed=config.seed + index)
         self.version: int | None = 0  # None: a sync failed half-way, weights are unknown
         self.pending: list | None = None  # a message read while a sync was being aborted
+        self.channel: CollectiveChannel | None = None
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(connect)
@@ -105,6 +109,14 @@ class Worker:
             }
         if op == "sync_begin":
             return self.sync(header)
+        if op == "collective_init":
+            store = CollectiveChannel.connect_store(
+                header["host"], header["port"], header["world_size"], header["store_timeout_s"]
+            )
+            self.channel = CollectiveChannel(
+                store, header["rank"], header["world_size"], header["backend"], header["timeout_s"]
+            )
+            return {"ok": True}
         if op == "sleep":
             if vllm_engine.sleep_mode_available() and self.config.enable_sleep_mode:
                 self.llm.sleep(level=1)
@@ -130,7 +142,14 @@ class Worker:
                     # The trainer gave up on this sync and moved on: keep its message.
                     self.pending = frames
                     raise SyncAborted(f"sync aborted by a {h['op']!r} message")
-                yield from decode_bucket(h, [f.buffer for f in frames[1:]])
+                if "nbytes" in h:  # collective channel: the bytes come over the process group
+                    if self.channel is None:
+                        raise RuntimeError("collective bucket, but no collective channel")
+                    flat = self.channel.recv(h["nbytes"], h["broadcast"])
+                    yield from unpack_bucket(h, flat)
+                    del flat  # vLLM copied the views: the buffer goes with this bucket
+                else:
+                    yield from decode_bucket(h, [f.buffer for f in frames[1:]])
                 # Every tensor of the bucket is in vLLM now: ask for the next one.
                 self.send({"op": "bucket_ack", "ok": True}, h["seq"])
 

@@ -10,9 +10,11 @@ Every wait has a deadline, and a replica whose process exits is noticed within a
 so a dead or silent replica raises an error naming it instead of hanging the trainer. A
 replica that failed once is not used again (its state is unknown); build a new pool.
 
-On GPU the same channel works (tensors are staged through host memory). The faster path is
-vLLM 0.32's weight-transfer layer (NCCL broadcast from trainer rank 0 into the replicas'
-GPUs); docs/ROLLOUT.md describes how it plugs in here.
+With `config.sync_channel="collective"`, the bucket headers still go over ZMQ but each
+bucket's bytes go as one flat tensor over a private process group (trainer rank 0 plus the
+replicas; gloo on CPU, NCCL with CUDA) built at pool start over the pool's own TCPStore,
+never through `init_process_group`: a trainer's default group is left alone. A member that
+fails during a collective sync breaks the group, so the whole pool is then unusable.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from megatron_agpo.rollout.types import (
     StaleWeightsError,
     SyncReport,
 )
-from megatron_agpo.rollout.weight_sync import encode_bucket, iter_buckets
+from megatron_agpo.rollout.weight_sync import (
+    CollectiveChannel,
+    collective_backend,
+    encode_bucket,
+    iter_buckets,
+    pack_bucket,
+)
 
 POLL_MS = 200
 LOG_TAIL_CHARS = 3000
@@ -78,6 +86,7 @@ class ReplicaPool:
         self._versions: list[int | None] = []
         self._failed: dict[int, str] = {}
         self._seq = 0
+        self._channel: CollectiveChannel | None = None
         try:
             for i in range(config.num_replicas):
                 self._launch(i)
@@ -89,6 +98,8 @@ class ReplicaPool:
                 seq=None,
             )
             self._versions = [h["version"] for h in hello]
+            if config.sync_channel == "collective":
+                self._start_collective()
         except BaseException:
             self.close()
             raise
@@ -148,10 +159,34 @@ class ReplicaPool:
                 raise RolloutError(f"{self._describe(i)} failed earlier: {self._failed[i]}")
 
     def _send(self, i: int, header: dict, frames: Sequence = ()) -> None:
-        try:
-            self._socks[i].send_multipart([pickle.dumps(header), *frames], copy=False)
-        except zmq.ZMQError as e:
-            raise self._fail(i, f"{self._describe(i)}: send failed: {e}") from e
+        """Queue a message for replica i. A DEALER socket whose peer is gone (the replica
+        exited) blocks a send forever, so send without blocking and, while the socket takes
+        nothing, check the replica's process (bounded by `request_timeout_s`)."""
+        msg = [pickle.dumps(header), *frames]
+        timeout = self.config.request_timeout_s
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._socks[i].send_multipart(msg, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                rc = self.processes[i].poll()
+                if rc is not None:
+                    raise self._fail(
+                        i,
+                        f"{self._describe(i)} exited with code {rc} before taking a "
+                        f"{header.get('op')!r} message; log tail:\n{self._log_tail(i)}",
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise self._fail(
+                        i,
+                        f"{self._describe(i)} took no {header.get('op')!r} message "
+                        f"within {timeout:g} s",
+                        True,
+                    ) from None
+                self._socks[i].poll(POLL_MS, zmq.POLLOUT)
+            except zmq.ZMQError as e:
+                raise self._fail(i, f"{self._describe(i)}: send failed: {e}") from e
 
     def _gather(
         self,
@@ -198,6 +233,64 @@ class ReplicaPool:
                     f"{names}: no answer during {what} within {timeout_s:g} s"
                 )
         return [replies[i] for i in order]
+
+    def _start_collective(self) -> None:
+        """Build the private process group (trainer rank 0, replica i rank i + 1)."""
+        cfg, n = self.config, self.num_replicas
+        backend = collective_backend(cfg.sync_backend)
+        store = CollectiveChannel.host_store(
+            cfg.replica_host, cfg.sync_port, n + 1, cfg.start_timeout_s
+        )
+        thread, result = CollectiveChannel.build_in_thread(
+            store, 0, n + 1, backend, cfg.sync_timeout_s
+        )
+        what = f"collective channel set-up ({backend}, {cfg.replica_host}:{store.port})"
+        seq = self._next_seq()
+        for i in range(n):
+            self._send(
+                i,
+                {
+                    "op": "collective_init",
+                    "seq": seq,
+                    "host": cfg.replica_host,
+                    "port": store.port,
+                    "rank": i + 1,
+                    "world_size": n + 1,
+                    "backend": backend,
+                    "store_timeout_s": cfg.start_timeout_s,
+                    "timeout_s": cfg.sync_timeout_s,
+                },
+            )
+        deadline = time.monotonic() + cfg.start_timeout_s
+        self._gather(range(n), deadline, what, cfg.start_timeout_s, seq)
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if "error" in result:
+            raise RolloutError(f"{what} failed on the trainer: {result['error']}")
+        if "channel" not in result:
+            raise RolloutTimeoutError(f"{what}: trainer side not done in {cfg.start_timeout_s:g} s")
+        self._channel = result["channel"]
+
+    def _finish_sends(self, works: list, what: str) -> None:
+        """Complete the trainer's side of a collective send. Called after every target acked
+        the bucket, so the bytes have arrived and this returns at once; the backend's own
+        timeout (`sync_timeout_s` at pool start) bounds it anyway. (Gloo point-to-point works
+        report completion only through `wait`, so there is nothing to poll.)"""
+        for w in works:
+            try:
+                w.wait()
+            except RuntimeError as e:
+                raise RolloutError(f"collective send during {what} failed: {e}") from e
+
+    def _break_collective(self, error: RolloutError) -> RolloutError:
+        """A member failed mid-sync: the group is unusable for everyone, and so is the pool."""
+        note = (
+            "the collective weight-sync channel is broken (a member failed during a collective "
+            "sync): this pool is unusable now, build a new one"
+        )
+        for i in range(self.num_replicas):
+            self._failed.setdefault(i, note)
+            self._versions[i] = None
+        return type(error)(f"{error}\n{note}")
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -304,17 +397,39 @@ class ReplicaPool:
             )
         self._gather(targets, deadline, f"weight sync v{version} (begin)", timeout, seq)
         num_tensors = num_bytes = num_buckets = 0
-        for bucket in iter_buckets(weights, self.config.bucket_bytes):
-            header, frames = encode_bucket(bucket)
-            for i in targets:
-                self._send(i, {**header, "seq": seq}, frames)
-            self._gather(
-                targets, deadline, f"weight sync v{version} (bucket {num_buckets})", timeout, seq
-            )
-            num_buckets += 1
-            num_tensors += len(bucket)
-            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            del bucket, frames  # one bucket alive at a time
+        channel = self._channel
+        # Collective: a broadcast when every replica takes part, point-to-point to a subset.
+        ranks = (
+            None if sorted(targets) == list(range(self.num_replicas)) else [i + 1 for i in targets]
+        )
+        device = channel.device if channel is not None else "cpu"
+        try:
+            for bucket in iter_buckets(weights, self.config.bucket_bytes, device):
+                what = f"weight sync v{version} (bucket {num_buckets})"
+                num_buckets += 1
+                num_tensors += len(bucket)
+                num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                if channel is None:
+                    header, frames = encode_bucket(bucket)
+                    del bucket
+                    for i in targets:
+                        self._send(i, {**header, "seq": seq}, frames)
+                    self._gather(targets, deadline, what, timeout, seq)
+                    del frames  # one bucket alive at a time
+                    continue
+                header, flat = pack_bucket(bucket, device)
+                del bucket  # the flat copy is the bucket now
+                header["broadcast"] = ranks is None
+                for i in targets:
+                    self._send(i, {**header, "seq": seq})
+                works = channel.send(flat, ranks) if header["nbytes"] else []
+                self._gather(targets, deadline, what, timeout, seq)
+                self._finish_sends(works, what)
+                del flat, works
+        except RolloutError as e:
+            if channel is not None:
+                raise self._break_collective(e) from e
+            raise
         for i in targets:
             self._send(i, {"op": "sync_end", "seq": seq})
         done = self._gather(targets, deadline, f"weight sync v{version} (reload)", timeout, seq)
@@ -360,6 +475,7 @@ class ReplicaPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=timeout_s)
+        self._channel = None  # after the replicas left it (or were killed)
         for sock in self._socks:
             sock.close(0)
         self._socks = []

@@ -4,6 +4,9 @@ Trainer side: `iter_buckets` groups any (hf_name, tensor) iterator (e.g. the out
 `megatron_to_hf_tensors`) into buckets of at most `bucket_bytes`, so the sender holds one
 bucket at a time, never a second full copy of the model. `encode_bucket` / `decode_bucket`
 turn a bucket into ZMQ frames (a small header plus each tensor's raw bytes) and back.
+`pack_bucket` / `unpack_bucket` do the same with one flat uint8 tensor instead of frames:
+what the collective channel (`CollectiveChannel`, a private gloo/NCCL process group between
+the trainer and its replicas) broadcasts while the header goes over ZMQ.
 
 After a sync, `sync_and_verify` compares the engine's prompt log-probs on fixed sequences
 with the caller's reference log-probs (e.g. the trainer's own forward on the same weights).
@@ -11,9 +14,12 @@ with the caller's reference log-probs (e.g. the trainer's own forward on the sam
 
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -23,17 +29,20 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 
 def iter_buckets(
-    weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+    weights: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    device: str | torch.device = "cpu",
 ) -> Iterator[Bucket]:
     """Group tensors into buckets of at most `bucket_bytes` (a bigger tensor goes alone).
 
-    Tensors are moved to CPU and made contiguous here, one at a time, because the channel
-    sends host bytes; the caller's iterator may free each GPU tensor once it is yielded.
+    Tensors are moved to `device` (CPU for the ZMQ and gloo channels, the trainer's GPU for
+    NCCL) and made contiguous here, one at a time; the caller's iterator may free each tensor
+    once it is yielded.
     """
     bucket: Bucket = []
     size = 0
     for name, t in weights:
-        t = t.detach().to("cpu").contiguous()
+        t = t.detach().to(device).contiguous()
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
@@ -61,6 +70,135 @@ def decode_bucket(header: dict, frames: Sequence) -> Iterator[tuple[str, torch.T
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(frame, dtype=torch.uint8) if len(frame) else torch.empty(0)
         yield name, raw.view(getattr(torch, dtype)).reshape(shape)
+
+
+PACK_ALIGN = 64  # byte offset of every tensor in a packed bucket (any dtype view is aligned)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // PACK_ALIGN) * PACK_ALIGN
+
+
+def pack_bucket(bucket: Bucket, device: str | torch.device = "cpu") -> tuple[dict, torch.Tensor]:
+    """(header, flat uint8 tensor on `device`): every tensor's bytes at an aligned offset.
+
+    The header ("specs": name, dtype, shape, offset; "nbytes") is small and goes over ZMQ; the
+    flat tensor is what the collective channel broadcasts.
+    """
+    specs, offset = [], 0
+    for name, t in bucket:
+        specs.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset))
+        offset = _aligned(offset + t.numel() * t.element_size())
+    flat = torch.empty(offset, dtype=torch.uint8, device=device)
+    for (_, _, _, off), (_, t) in zip(specs, bucket, strict=True):
+        raw = t.reshape(-1).view(torch.uint8)
+        flat[off : off + raw.numel()].copy_(raw)
+    return {"op": "bucket", "specs": specs, "nbytes": offset}, flat
+
+
+def unpack_bucket(header: dict, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one packed bucket, as views into `flat` (no copy)."""
+    for name, dtype, shape, off in header["specs"]:
+        dt = getattr(torch, dtype)
+        n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        yield name, flat[off : off + n].view(dt).reshape(shape)
+
+
+def collective_backend(requested: str = "auto") -> str:
+    """ "nccl" where CUDA is available ("auto"), else "gloo"."""
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return requested
+
+
+class CollectiveChannel:
+    """A private process group between the trainer (rank 0) and its replicas (ranks 1..N).
+
+    Built directly as a backend object (`ProcessGroupGloo` / `ProcessGroupNCCL`) over its own
+    `TCPStore`, hosted by the trainer: no `init_process_group` / `new_group`, so a trainer
+    that already holds a default group (its own job's) keeps it untouched, and vLLM's groups
+    inside a replica are not involved either. Every operation is bounded by `timeout_s` (the
+    backend's own timeout): a peer that dies fails it at once (connection closed), one that
+    stalls after `timeout_s`.
+    """
+
+    def __init__(
+        self,
+        store: torch.distributed.Store,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        timeout = timedelta(seconds=timeout_s)
+        prefix = torch.distributed.PrefixStore("agpo_weight_sync", store)
+        if backend == "nccl":
+            from torch.distributed import ProcessGroupNCCL
+
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            opts = ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = ProcessGroupNCCL(prefix, rank, world_size, opts)
+        elif backend == "gloo":
+            self.device = torch.device("cpu")
+            self.pg = torch.distributed.ProcessGroupGloo(prefix, rank, world_size, timeout=timeout)
+        else:
+            raise ValueError(f"unknown collective backend {backend!r} (gloo or nccl)")
+
+    @staticmethod
+    def host_store(host: str, port: int, world_size: int, timeout_s: float):
+        """The trainer's store (port 0 = a free one; read it back from `.port`)."""
+        return torch.distributed.TCPStore(
+            host, port, world_size, True, timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+
+    @staticmethod
+    def connect_store(host: str, port: int, world_size: int, timeout_s: float):
+        return torch.distributed.TCPStore(
+            host, port, world_size, False, timedelta(seconds=timeout_s)
+        )
+
+    @classmethod
+    def build_in_thread(cls, *args) -> tuple[threading.Thread, dict]:
+        """Construct the group in a daemon thread (the constructor blocks until every rank
+        joins); `result["channel"]` or `result["error"]` once the thread ends."""
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["channel"] = cls(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                result["error"] = e
+
+        thread = threading.Thread(target=run, name="agpo-collective-init", daemon=True)
+        thread.start()
+        return thread, result
+
+    def send(self, flat: torch.Tensor, ranks: Sequence[int] | None = None) -> list:
+        """Start sending `flat` from rank 0: a broadcast to every rank (`ranks` None) or
+        point-to-point sends to `ranks` (a subset sync). Returns the pending works."""
+        if ranks is None:
+            opts = torch.distributed.BroadcastOptions()
+            opts.rootRank = 0
+            return [self.pg.broadcast([flat], opts)]
+        return [self.pg.send([flat], r, 0) for r in ranks]
+
+    def recv(self, nbytes: int, broadcast: bool) -> torch.Tensor:
+        """Receive one flat bucket of `nbytes` from rank 0 (blocks, up to the timeout)."""
+        flat = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if nbytes == 0:  # nothing was sent (a bucket of empty tensors)
+            return flat
+        if broadcast:
+            opts = torch.distributed.BroadcastOptions()
+            opts.rootRank = 0
+            self.pg.broadcast([flat], opts).wait()
+        else:
+            self.pg.recv([flat], 0, 0).wait()
+        return flat
 
 
 @dataclass(frozen=True)
