@@ -150,6 +150,18 @@ def _probe_ids(tokenizer):
     return [p + tokenizer.encode(" The answer is 42.") for p in _prompts(tokenizer, PROBES)]
 
 
+def _check_parity(label: str, parity):
+    """Print a sync's parity (visible with -s), assert it, return its SyncReport."""
+    sync = parity.sync
+    print(
+        f"\n{label}: max {parity.max_abs_diff:.2e} mean {parity.mean_abs_diff:.2e}, change "
+        f"{parity.max_change_from_before:.3f}, {sync.num_bytes / 1e6:.1f} MB in "
+        f"{sync.num_buckets} buckets, {sync.seconds:.3f} s"
+    )
+    assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
+    return sync
+
+
 def _check_against_hf(batch: RolloutBatch, hf) -> tuple[float, float]:
     seqs = [list(s.prompt_token_ids) + list(s.response_token_ids) for s in batch.samples]
     ref = tu.hf_token_logprobs(hf, seqs, [len(s.prompt_token_ids) for s in batch.samples])
@@ -369,13 +381,7 @@ def test_replicas_sync_parity(pool, tokenizer, hf_model):
         parity = sync_and_verify(pool, tu.hf_named_tensors(new), 1, probes, ref, TOL)
     finally:
         pool.config.bucket_mb = RolloutConfig.bucket_mb
-    sync = parity.sync
-    print(
-        f"\nreplica sync parity (2 replicas): max {parity.max_abs_diff:.2e} mean "
-        f"{parity.mean_abs_diff:.2e}, change {parity.max_change_from_before:.3f}, "
-        f"{sync.num_bytes / 1e6:.1f} MB in {sync.num_buckets} buckets, {sync.seconds:.3f} s"
-    )
-    assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
+    sync = _check_parity("replica sync parity (2 replicas)", parity)
     assert sync.num_buckets > 4 and len(sync.replica_seconds) == 2
     assert pool.weight_versions == [1, 1]
 
@@ -483,13 +489,7 @@ def test_collective_sync_parity(collective_pool, tokenizer, hf_model):
     finally:
         dist.destroy_process_group()
         pool.config.bucket_mb = RolloutConfig.bucket_mb
-    sync = parity.sync
-    print(
-        f"\ncollective sync parity (2 replicas, gloo): max {parity.max_abs_diff:.2e} mean "
-        f"{parity.mean_abs_diff:.2e}, change {parity.max_change_from_before:.3f}, "
-        f"{sync.num_bytes / 1e6:.1f} MB in {sync.num_buckets} buckets, {sync.seconds:.3f} s"
-    )
-    assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
+    sync = _check_parity("collective sync parity (2 replicas, gloo)", parity)
     assert sync.num_buckets > 4 and sync.num_tensors == len(new.state_dict())
     assert pool.weight_versions == [1, 1]
 
