@@ -11,6 +11,7 @@ from megatron_agpo.rewards.math import (
     verify_boxed_answer,
 )
 from megatron_agpo.rewards.pool import CallTimeout, DeadlinePool, WorkerError
+from megatron_agpo.rewards.registry import build_reward, register_reward, reward_names
 
 __all__ = [
     "AnswerCheck",
@@ -21,6 +22,9 @@ __all__ = [
     "RewardConfig",
     "RewardStats",
     "WorkerError",
+    "build_reward",
+    "register_reward",
+    "reward_names",
     "check_answer",
     "default_math_reward",
     "find_boxes",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from megatron_agpo.rewards.answer import check_answer
 from megatron_agpo.rewards.base import RewardStats
 from megatron_agpo.rewards.pool import CallTimeout, DeadlinePool, WorkerError
+from megatron_agpo.rewards.registry import register_reward
 
 logger = logging.getLogger(__name__)
 
@@ -241,3 +242,9 @@ def score_batch(
     """`math_reward` over many responses, in parallel; stats via
     `default_math_reward().stats()`."""
     return default_math_reward().score_batch(responses, ground_truths, prompts=prompts)
+
+
+@register_reward("math")
+def build_math_reward(section) -> MathReward:
+    """`reward.name=math`: the math reward with `reward.math`'s settings."""
+    return MathReward(section.math)

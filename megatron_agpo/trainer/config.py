@@ -202,6 +202,17 @@ class LoggingSection:
 
 
 @dataclass
+class RewardSection:
+    """The task's reward: `name` picks a registered reward (megatron_agpo.rewards.registry),
+    which reads its own sub-config below."""
+
+    name: str = "math"
+    """math, relevance, or a name added with `megatron_agpo.rewards.register_reward`."""
+    math: RewardConfig = field(default_factory=RewardConfig)
+    """The math reward (math-verify in workers under a deadline)."""
+
+
+@dataclass
 class TrainConfig:
     """A whole AGPO run."""
 
@@ -210,7 +221,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(tensor_parallel=2))
     rollout: RolloutSection = field(default_factory=RolloutSection)
     data: DataSection = field(default_factory=DataSection)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardSection = field(default_factory=RewardSection)
     optimizer: OptimizerSettings = field(default_factory=lambda: OptimizerSettings(lr=1e-4))
     trainer: TrainerSection = field(default_factory=TrainerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)

@@ -166,7 +166,7 @@ class Trainer:
         return train, held
 
     def _start_services(self) -> None:
-        from megatron_agpo.rewards import MathReward
+        from megatron_agpo.rewards import build_reward
 
         e = self.cfg.rollout.engine
         if not e.model_path:
@@ -179,7 +179,7 @@ class Trainer:
             from megatron_agpo.rollout.colocated import ColocatedEngine
 
             self.engine = ColocatedEngine(e)
-        self.reward = MathReward(self.cfg.reward)
+        self.reward = build_reward(self.cfg.reward)
         self.metrics = MetricsWriter(
             self.run_dir,
             self.cfg.logging.tensorboard,
