@@ -12,8 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_agpo.algorithms import AdvantageConfig, PolicyLossConfig, resolve
+from megatron_agpo.data.relevance import RelevanceDataConfig
 from megatron_agpo.parallel import OptimizerSettings, ParallelConfig
 from megatron_agpo.rewards.math import RewardConfig
+from megatron_agpo.rewards.relevance import RelevanceRewardConfig
 from megatron_agpo.rollout.config import RolloutConfig
 
 
@@ -101,6 +103,8 @@ class DataSection:
     """Longer prompts are filtered out and counted, never truncated."""
     seed: int = 0
     """Generator and shuffle seed."""
+    relevance: RelevanceDataConfig = field(default_factory=RelevanceDataConfig)
+    """data.kind=relevance: pairs, label set and prompt template (megatron_agpo.data.relevance)."""
 
 
 @dataclass
@@ -210,6 +214,8 @@ class RewardSection:
     """math, relevance, or a name added with `megatron_agpo.rewards.register_reward`."""
     math: RewardConfig = field(default_factory=RewardConfig)
     """The math reward (math-verify in workers under a deadline)."""
+    relevance: RelevanceRewardConfig = field(default_factory=RelevanceRewardConfig)
+    """The relevance reward (one boxed label against the gold label)."""
 
 
 @dataclass
