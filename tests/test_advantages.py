@@ -107,9 +107,14 @@ def test_unknown_algorithm_and_option():
         resolve("agpo", neg_rule="const")
 
 
-def test_bessel_needs_two_samples():
-    with pytest.raises(ValueError, match="bessel"):
-        advantages(torch.zeros(3), 1, "grpo")
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "agpo", "rloo", "gspo"])
+def test_groups_of_one_get_zero_group_advantage(name):
+    # One response has no baseline to compare with: the group rule gives 0 (it used to raise
+    # for Bessel's std); AGPO's constant negative rule still applies to a wrong response.
+    r = torch.tensor([1.0, 0.0, 0.3], dtype=torch.float64)
+    a = advantages(r, 1, name)
+    expect = [0.0, -1.0, -1.0] if name == "agpo" else [0.0, 0.0, 0.0]
+    assert a.tolist() == expect
 
 
 rewards_st = st.integers(1, 6).flatmap(
@@ -126,7 +131,7 @@ rewards_st = st.integers(1, 6).flatmap(
 @given(rewards_st, st.sampled_from(sorted(PRESETS)), st.randoms(use_true_random=False))
 def test_properties(gr, name, rnd):
     g, xs = gr
-    if not xs or (name in ("grpo",) and g < 2):
+    if not xs:
         return
     r = torch.tensor(xs, dtype=torch.float64)
     a = advantages(r, g, name)

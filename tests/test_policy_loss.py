@@ -12,6 +12,7 @@ from megatron_agpo.algorithms import (
     policy_loss,
     token_loss,
 )
+from megatron_agpo.algorithms.policy_loss import AGG_MODES
 
 
 def textbook_token_loss(lp, old, a, eps_low=0.2, eps_high=0.28, c=3.0):
@@ -119,7 +120,7 @@ def test_aggregation_modes_closed_forms():
     assert aggregate(vals, mask, "seq-sum-constant", 10).item() == pytest.approx(31 / 30)
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-sum-constant"])
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_gradcheck_float64(mode):
     logp, old, adv, mask = sample()
     cfg = PolicyLossConfig(agg_mode=mode, kl_coef=0.05, entropy_coef=0.01, eps_low=0.3)

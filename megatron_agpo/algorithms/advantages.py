@@ -7,8 +7,12 @@ Each polarity (negative: r <= tau, positive: r > tau) gets one rule:
 - ``none``:     ``A = 0``.
 
 mu and sigma are the mean and standard deviation of the rewards of the response's group
-(the G responses to one prompt). See ../../docs/ALGORITHM.md for the formulas and the
-presets' derivations.
+(the G responses to one prompt). With ``baseline="leave_one_out"`` (RLOO) mu is the mean of
+the group's *other* responses. ``batch_norm`` (REINFORCE++ with baseline) then whitens all
+advantages of the batch: ``(A - mean_batch(A)) / (std_batch(A) + eps)``.
+
+A group of one response has no baseline: the group rule gives it 0 (every std mode).
+See ../../docs/ALGORITHM.md for the formulas and the presets' derivations.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 # Plain str (validated in __post_init__), not Literal: OmegaConf rejects Literal annotations.
 Rule = str  # "constant" | "group" | "none"
 StdMode = str  # "population" | "bessel" | "none"
+Baseline = str  # "mean" | "leave_one_out"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,13 @@ class AdvantageConfig:
     TRL/verl), or none (no division: Dr. GRPO)."""
     eps: float = 1e-6
     """Added to the std before dividing, so that constant groups give 0, not NaN."""
+    baseline: Baseline = "mean"
+    """Baseline the group rule subtracts: the group mean (GRPO), or leave_one_out, the mean
+    of the other G - 1 responses (RLOO: A_i = G / (G - 1) * (r_i - mu))."""
+    batch_norm: bool = False
+    """Whiten the advantages over the whole batch after the rules (REINFORCE++ with baseline):
+    A <- (A - mean(A)) / (std(A) + eps), std with Bessel's correction over responses. The
+    batch is one call's rewards: the trainer calls once per sampling round."""
     pos_adv_max: float | None = None
     """Optional cap on positive advantages (a rare correct path can otherwise get a large one)."""
     tau: float = 0.5
@@ -52,6 +64,10 @@ class AdvantageConfig:
                 raise ValueError(
                     f"AdvantageConfig.{name}={value!r}: must be 'constant', 'group' or 'none'"
                 )
+        if self.baseline not in ("mean", "leave_one_out"):
+            raise ValueError(
+                f"AdvantageConfig.baseline={self.baseline!r}: must be 'mean' or 'leave_one_out'"
+            )
         if self.std not in ("population", "bessel", "none"):
             raise ValueError(
                 f"AdvantageConfig.std={self.std!r}: must be 'population', 'bessel' or 'none'"
@@ -76,8 +92,28 @@ PRESETS: dict[str, AdvantageConfig] = {
     ),
     "nsr": AdvantageConfig(neg_rule="constant", neg_weight=1.0, pos_rule="none"),
     "psr": AdvantageConfig(neg_rule="none", pos_rule="constant", pos_weight=1.0),
+    "rloo": AdvantageConfig(
+        neg_rule="group",
+        neg_weight=1.0,
+        pos_rule="group",
+        pos_weight=1.0,
+        std="none",
+        baseline="leave_one_out",
+    ),
+    "reinforce_pp": AdvantageConfig(
+        neg_rule="group",
+        neg_weight=1.0,
+        pos_rule="group",
+        pos_weight=1.0,
+        std="none",
+        batch_norm=True,
+    ),  # fmt: skip
+    "gspo": AdvantageConfig(
+        neg_rule="group", neg_weight=1.0, pos_rule="group", pos_weight=1.0, std="bessel"
+    ),
 }
-"""Named algorithms. Dr. GRPO also needs the `seq-sum-constant` loss aggregation."""
+"""Named algorithms. Dr. GRPO also needs the `seq-sum-constant` loss aggregation, GSPO the
+sequence-level ratio (`PolicyLossConfig.ratio_level="sequence"`): conf/algorithm/*.yaml."""
 
 
 def resolve(algorithm: str | AdvantageConfig = "agpo", **overrides) -> AdvantageConfig:
@@ -132,20 +168,22 @@ def advantages(
     cfg = resolve(algorithm, **overrides)
     _check_rewards(rewards, group_size)
     uses_group = "group" in (cfg.neg_rule, cfg.pos_rule)
-    if uses_group and cfg.std == "bessel" and group_size < 2:
-        raise ValueError("std='bessel' needs group_size >= 2 (one sample has no sample std)")
 
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r_GN = rewards.to(dtype).view(-1, group_size)  # [groups, G]
     positive = r_GN > cfg.tau
 
-    if uses_group:
+    if uses_group and group_size > 1:
         mu = r_GN.mean(dim=1, keepdim=True)
         z = r_GN - mu
+        if cfg.baseline == "leave_one_out":
+            # r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mu)
+            z = z * (group_size / (group_size - 1))
         if cfg.std != "none":
             sigma = r_GN.std(dim=1, keepdim=True, correction=1 if cfg.std == "bessel" else 0)
             z = z / (sigma + cfg.eps)
     else:
+        # No group rule, or groups of one response: nothing to compare with, advantage 0.
         z = torch.zeros_like(r_GN)
 
     def rule(kind: Rule, weight: float, sign: float) -> torch.Tensor:
@@ -159,4 +197,8 @@ def advantages(
     if cfg.pos_adv_max is not None:
         pos = pos.clamp(max=cfg.pos_adv_max)
     neg = rule(cfg.neg_rule, cfg.neg_weight, -1.0)
-    return torch.where(positive, pos, neg).view(-1)
+    adv = torch.where(positive, pos, neg).view(-1)
+    if cfg.batch_norm:
+        sd = adv.std(correction=1) if adv.numel() > 1 else torch.zeros((), dtype=dtype)
+        adv = (adv - adv.mean()) / (sd + cfg.eps)
+    return adv

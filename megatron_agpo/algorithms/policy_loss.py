@@ -9,6 +9,11 @@ Shape legend: B sequences, T response tokens (padded), so per-token tensors are 
     L_t = L_t * min(exp(old_logp - rollout_logp), C)                   (truncated IS, optional)
         + kl_coef * KL(logp, ref_logp) - entropy_coef * H_t
 
+With ``ratio_level="sequence"`` (GSPO) rho is the sequence's ratio
+``s_i = exp(mean_t(logp - old_logp))`` for every token of sequence i, written as GSPO-token
+does: ``exp(logp - sg(logp) + sg(log s_i))``, whose value is s_i and whose gradient in logp_t
+is ``s_i``; under `seq-mean-token-mean` this is GSPO's objective and gradient exactly.
+
 The same `token_loss` is used by the fused vocab-parallel kernel (megatron_agpo.ops), so the
 fused and unfused paths cannot drift apart.
 """
@@ -22,8 +27,18 @@ import torch
 
 # Plain str (validated in __post_init__), not Literal: the config is a Hydra structured
 # config, and OmegaConf does not accept Literal annotations.
-AggMode = str  # "token-mean" | "seq-mean-token-mean" | "seq-sum-constant"
+AggMode = str  # one of AGG_MODES
 KLEstimator = str  # "k1" | "k3"
+RatioLevel = str  # "token" | "sequence"
+
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-sum-constant",
+)
+"""The aggregation modes; see `aggregation_weights` for each one's formula."""
 
 
 @dataclass
@@ -40,15 +55,25 @@ class PolicyLossConfig:
     """Coefficient of the KL penalty to the reference policy (0: no reference model needed)."""
     kl_estimator: KLEstimator = "k3"
     """k1 = logp - ref_logp; k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0)."""
+    kl_clamp: float | None = None
+    """Clamp the per-token KL estimate to [-kl_clamp, kl_clamp] (verl clamps k3 to [-10, 10]:
+    set 10). A clamped token's KL term has no gradient. None: no clamp."""
     entropy_coef: float = 0.0
     """Coefficient of the entropy bonus (the loss gets -entropy_coef * H_t)."""
     tis_cap: float | None = 2.0
     """Truncated importance weight cap C for min(exp(old_logp - rollout_logp), C); used only
     when rollout log-probs are given. None: no correction."""
     agg_mode: AggMode = "token-mean"
-    """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-sum-constant (Dr. GRPO)."""
+    """token-mean (DAPO), token-sum, seq-mean-token-mean (original GRPO), seq-mean-token-sum,
+    seq-sum-constant (Dr. GRPO). Every sequence-level mode counts every row in its divisor,
+    a fully masked row included (verl's rule): see `aggregation_weights`."""
     norm_constant: float | None = None
-    """The constant of seq-sum-constant (tokens per sequence); None: the padded length T."""
+    """The constant of seq-sum-constant (tokens per sequence). None: the trainer uses the
+    maximum response length (`resolve_norm_constant`), as Dr. GRPO's MAX_TOKENS."""
+    ratio_level: RatioLevel = "token"
+    """token: the per-token ratio (PPO, GRPO, DAPO). sequence: GSPO's length-normalised
+    sequence ratio s_i = exp(mean_t(logp - old_logp)), clipped per sequence; needs the
+    per-row mean log-ratio (`sequence_log_ratio`) passed to `token_loss` as seq_log_ratio."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.eps_low < 1:
@@ -63,13 +88,18 @@ class PolicyLossConfig:
             )
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"PolicyLossConfig.tis_cap={self.tis_cap} must be > 0")
-        if self.agg_mode not in ("token-mean", "seq-mean-token-mean", "seq-sum-constant"):
+        if self.agg_mode not in AGG_MODES:
             raise ValueError(
-                f"PolicyLossConfig.agg_mode={self.agg_mode!r}: must be 'token-mean', "
-                "'seq-mean-token-mean' or 'seq-sum-constant'"
+                f"PolicyLossConfig.agg_mode={self.agg_mode!r}: must be one of {list(AGG_MODES)}"
             )
         if self.norm_constant is not None and self.norm_constant <= 0:
             raise ValueError(f"PolicyLossConfig.norm_constant={self.norm_constant} must be > 0")
+        if self.kl_clamp is not None and self.kl_clamp <= 0:
+            raise ValueError(f"PolicyLossConfig.kl_clamp={self.kl_clamp} must be > 0")
+        if self.ratio_level not in ("token", "sequence"):
+            raise ValueError(
+                f"PolicyLossConfig.ratio_level={self.ratio_level!r}: must be 'token' or 'sequence'"
+            )
 
     @property
     def needs_entropy_grad(self) -> bool:
@@ -110,10 +140,13 @@ def token_loss(
     entropy: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    seq_log_ratio: torch.Tensor | None = None,
 ) -> TokenLoss:
     """Per-token loss L_t. All inputs share one shape (advantages already broadcast per token).
 
     old_logp None means on-policy (the ratio is 1 with the gradient of logp).
+    seq_log_ratio: with cfg.ratio_level="sequence" (GSPO), each token's sequence's mean
+    log-ratio mean_t(logp - old_logp) (`sequence_log_ratio`); it is treated as a constant.
     """
     check_same_shape(
         logp=logp,
@@ -122,12 +155,25 @@ def token_loss(
         entropy=entropy,
         ref_logp=ref_logp,
         rollout_logp=rollout_logp,
+        seq_log_ratio=seq_log_ratio,
     )
     if old_logp is None:
         old_logp = logp.detach()
     adv = advantages.to(logp.dtype)
-    # Clamp the log-ratio before exp: a stale token can otherwise overflow to inf * 0 = NaN.
-    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    if cfg.ratio_level == "sequence":
+        if seq_log_ratio is None:
+            raise ValueError(
+                "PolicyLossConfig.ratio_level='sequence' (GSPO) needs seq_log_ratio, the "
+                "per-sequence mean log-ratio (algorithms.sequence_log_ratio); this caller "
+                "passes per-token inputs only"
+            )
+        # GSPO-token: value s_i, gradient s_i * d logp_t (the per-token weight 1/|y_i| comes
+        # from the seq-mean-token-mean aggregation).
+        log_ratio = logp - logp.detach() + seq_log_ratio.detach().to(logp.dtype).clamp(-20, 20)
+    else:
+        # Clamp the log-ratio before exp: a stale token can otherwise overflow to inf*0 = NaN.
+        log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped_obj = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     loss = torch.maximum(unclipped, clipped_obj)
@@ -145,7 +191,7 @@ def token_loss(
 
     kl = None
     if ref_logp is not None and cfg.kl_coef != 0.0:
-        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
+        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator, cfg.kl_clamp)
         loss = loss + cfg.kl_coef * kl
         kl = kl.detach()
     if entropy is not None and cfg.entropy_coef != 0.0:
@@ -153,35 +199,90 @@ def token_loss(
     return TokenLoss(loss, ratio.detach(), clipped, dual_clipped, kl, tis_weight)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate from sampled-token log-probs (Schulman's k1 / k3)."""
+def kl_estimate(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: KLEstimator,
+    clamp: float | None = None,
+) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from sampled-token log-probs (Schulman's k1 / k3),
+    optionally clamped to [-clamp, clamp] (verl: k3 in [-10, 10])."""
     if estimator == "k1":
-        return logp - ref_logp
-    log_r = (ref_logp - logp).clamp(-20.0, 20.0)
-    return torch.exp(log_r) - log_r - 1.0
+        kl = logp - ref_logp
+    else:
+        log_r = (ref_logp - logp).clamp(-20.0, 20.0)
+        kl = torch.exp(log_r) - log_r - 1.0
+    return kl if clamp is None else kl.clamp(-clamp, clamp)
+
+
+def sequence_log_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """GSPO's per-sequence log-ratio, broadcast to tokens and detached: for every token of row
+    i, log s_i = sum_t m_it (logp_it - old_logp_it) / sum_t m_it (0 for a fully masked row).
+
+    logp, old_logp, mask: [B, T]. Padded positions may hold garbage (they are masked out).
+    """
+    check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    m = mask.to(logp.dtype)
+    diff = torch.where(m != 0, (logp - old_logp).detach(), torch.zeros_like(logp))
+    per_row = (diff * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return per_row.expand_as(logp)
+
+
+def resolve_norm_constant(cfg: PolicyLossConfig, max_new_tokens: int) -> float:
+    """The constant C of seq-sum-constant: cfg.norm_constant if set, else the maximum response
+    length (Dr. GRPO's MAX_TOKENS). Fixed for a run, unlike a batch's padded length, so the
+    loss scale of a response does not change with the other responses of its batch."""
+    if cfg.norm_constant is not None:
+        return float(cfg.norm_constant)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens!r} must be a positive int (rollout.max_new_tokens)"
+        )
+    return float(max_new_tokens)
 
 
 def aggregation_weights(
     mask: torch.Tensor, mode: AggMode, norm_constant: float | None = None
 ) -> torch.Tensor:
-    """Weights w_BT with loss = sum(w * L_t): the three aggregation modes as one linear map.
+    """Weights w_BT with loss = sum(w * L_t): every aggregation mode as one linear map.
 
-    mask: [B, T], 1 for response tokens. Sequences without any token get weight 0 (they add
-    nothing to any mode's numerator and are not counted in seq-mean-token-mean).
+    mask: [B, T], 1 for response tokens; n_i = sum_t m_it; N = sum_i n_i.
+
+    - token-mean:          sum(m L) / N
+    - token-sum:           sum(m L)
+    - seq-mean-token-mean: (1/B) sum_i sum_t m_it L_it / n_i
+    - seq-mean-token-sum:  (1/B) sum_i sum_t m_it L_it
+    - seq-sum-constant:    (1/B) sum_i sum_t m_it L_it / C, C = norm_constant
+
+    Fully masked rows (the overlong filter masks whole responses): one rule for every
+    sequence-level mode, verl's: the row counts in the divisor B and adds 0 to the sum. So a
+    filtered response dilutes the step like a response whose loss is 0, in every mode alike.
+
+    norm_constant: pass `resolve_norm_constant(cfg, max_new_tokens)`; None falls back to T,
+    the batch's padded length, which changes from batch to batch.
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
     m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    rows = max(mask.shape[0], 1)
     if mode == "token-mean":
         return m / m.sum().clamp(min=1.0)
+    if mode == "token-sum":
+        return m.clone()
     if mode == "seq-mean-token-mean":
-        per_seq = m.sum(dim=1, keepdim=True)
-        n_seq = (per_seq > 0).sum().clamp(min=1)
-        return m / per_seq.clamp(min=1.0) / n_seq
+        return m / m.sum(dim=1, keepdim=True).clamp(min=1.0) / rows
+    if mode == "seq-mean-token-sum":
+        return m / rows
     if mode == "seq-sum-constant":
         const = float(norm_constant) if norm_constant is not None else float(mask.shape[1])
-        return m / (mask.shape[0] * const)
-    raise ValueError(f"unknown aggregation mode {mode!r}")
+        if const <= 0:
+            raise ValueError(f"norm_constant={norm_constant} must be > 0")
+        return m / (rows * const)
+    raise ValueError(f"unknown aggregation mode {mode!r}: one of {list(AGG_MODES)}")
 
 
 def aggregate(
@@ -250,17 +351,32 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    norm_constant: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss and metrics from per-token log-probs [B, T] (unfused reference path).
 
-    advantages: [B] (one per response) or [B, T].
+    advantages: [B] (one per response) or [B, T]. norm_constant: seq-sum-constant's C
+    (default: cfg.norm_constant, else T; the trainer passes `resolve_norm_constant`).
     """
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     check_same_shape(logp=logp, mask=mask)
     adv_BT = expand_advantages(advantages, mask)
+    seq_lr = None
+    if cfg.ratio_level == "sequence":
+        old = logp.detach() if old_logp is None else old_logp
+        seq_lr = sequence_log_ratio(logp, old, mask)
     tl = token_loss(
-        logp, old_logp, adv_BT, cfg, entropy=entropy, ref_logp=ref_logp, rollout_logp=rollout_logp
+        logp,
+        old_logp,
+        adv_BT,
+        cfg,
+        entropy=entropy,
+        ref_logp=ref_logp,
+        rollout_logp=rollout_logp,
+        seq_log_ratio=seq_lr,
     )
-    loss = aggregate(tl.loss, mask, cfg.agg_mode, cfg.norm_constant)
+    if norm_constant is None:
+        norm_constant = cfg.norm_constant
+    loss = aggregate(tl.loss, mask, cfg.agg_mode, norm_constant)
     return loss, polarity_metrics(tl, adv_BT, mask, entropy)

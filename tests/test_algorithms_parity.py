@@ -1,0 +1,241 @@
+"""The algorithms verl users bring, each against a float64 reference written from its paper.
+
+RLOO (Ahmadian et al., 2024), REINFORCE++ with baseline (Hu et al., 2025), GSPO (Zheng et al.,
+2025), Dr. GRPO's constant normaliser (Liu et al., 2025), the token-sum aggregations, the one
+rule for fully masked rows, and verl's clamp of the k3 estimator.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_agpo.algorithms import (
+    PolicyLossConfig,
+    advantages,
+    aggregate,
+    kl_estimate,
+    policy_loss,
+    token_loss,
+)
+from megatron_agpo.algorithms.policy_loss import (
+    AGG_MODES,
+    aggregation_weights,
+    resolve_norm_constant,
+    sequence_log_ratio,
+)
+
+
+def rewards(n_groups: int, g: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.rand(n_groups * g, generator=gen, dtype=torch.float64)
+    r[:g] = 0.0  # one constant group
+    return r
+
+
+# ---------------------------------------------------------------- advantage estimators
+
+
+def rloo_reference(r: list[float], g: int) -> list[float]:
+    # Ahmadian et al. (2024), eq. for RLOO: A_i = r_i - 1/(k-1) * sum_{j != i} r_j.
+    out = []
+    for k in range(0, len(r), g):
+        grp = r[k : k + g]
+        out += [grp[i] - sum(grp[j] for j in range(g) if j != i) / (g - 1) for i in range(g)]
+    return out
+
+
+@pytest.mark.parametrize("g", [2, 3, 8])
+def test_rloo_matches_paper(g):
+    r = rewards(5, g)
+    expect = torch.tensor(rloo_reference(r.tolist(), g), dtype=torch.float64)
+    torch.testing.assert_close(advantages(r, g, "rloo"), expect, rtol=0, atol=1e-13)
+
+
+def reinforce_pp_reference(r: list[float], g: int, eps: float = 1e-6) -> list[float]:
+    # Hu et al. (2025), REINFORCE++-baseline: A = r - mean_group(r), then normalised over the
+    # global batch, A_norm = (A - mean_batch(A)) / std_batch(A).
+    centred = []
+    for k in range(0, len(r), g):
+        grp = r[k : k + g]
+        mu = sum(grp) / g
+        centred += [x - mu for x in grp]
+    n = len(centred)
+    mean = sum(centred) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in centred) / (n - 1))
+    return [(x - mean) / (sd + eps) for x in centred]
+
+
+@pytest.mark.parametrize("g", [2, 4, 8])
+def test_reinforce_pp_baseline_matches_paper(g):
+    r = rewards(6, g, seed=g)
+    expect = torch.tensor(reinforce_pp_reference(r.tolist(), g), dtype=torch.float64)
+    a = advantages(r, g, "reinforce_pp")
+    torch.testing.assert_close(a, expect, rtol=0, atol=1e-12)
+    assert a.std().item() == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- GSPO
+
+
+def gspo_batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    b, t = 6, 7
+    logp = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
+    old = logp + 0.25 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    adv = torch.tensor([1.3, -0.7, 0.4, -1.1, 0.9, -0.2], dtype=torch.float64)
+    mask = torch.ones(b, t, dtype=torch.float64)
+    mask[1, 3:] = 0
+    mask[3, 1:] = 0
+    mask[4, 5:] = 0
+    old[1, 5] = old[1, 6] = float("nan")  # padding garbage must not leak
+    return logp, old, adv, mask
+
+
+def gspo_reference_loss(logp, old, adv, mask, eps_low, eps_high):
+    # Zheng et al. (2025), eq. (5)-(7), written per sequence:
+    #   s_i = exp(1/|y_i| sum_t log(pi(y_it) / pi_old(y_it)))
+    #   J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i);  loss = -J
+    terms = []
+    for i in range(logp.shape[0]):
+        idx = mask[i].nonzero().flatten()
+        s = torch.exp((logp[i, idx] - old[i, idx]).sum() / len(idx))
+        a = adv[i]
+        terms.append(torch.minimum(s * a, s.clamp(1 - eps_low, 1 + eps_high) * a))
+    return -torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("eps", [(0.2, 0.28), (0.03, 0.04)])
+def test_gspo_value_and_gradient_match_paper(eps):
+    logp, old, adv, mask = gspo_batch()
+    cfg = PolicyLossConfig(
+        ratio_level="sequence",
+        agg_mode="seq-mean-token-mean",
+        eps_low=eps[0],
+        eps_high=eps[1],
+        dual_clip_c=None,
+    )
+    lp = logp.clone().requires_grad_()
+    loss, m = policy_loss(lp, old, adv, mask, cfg)
+    loss.backward()
+    lp_ref = logp.clone().requires_grad_()
+    ref = gspo_reference_loss(lp_ref, old, adv, mask, *eps)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-13, abs=1e-15)
+    valid = mask.bool()
+    torch.testing.assert_close(lp.grad[valid], lp_ref.grad[valid], rtol=1e-12, atol=1e-15)
+    assert torch.all(lp.grad[~valid] == 0)
+    if eps[0] < 0.1:  # the tight ranges clip some sequences (zero gradient there)
+        assert 0 < m["all/clip_frac"] < 1
+
+
+def test_gspo_ratio_is_per_sequence():
+    logp, old, adv, mask = gspo_batch()
+    slr = sequence_log_ratio(logp, old, mask)
+    for i in range(logp.shape[0]):
+        idx = mask[i].nonzero().flatten()
+        expect = sum(float(logp[i, j] - old[i, j]) for j in idx) / len(idx)
+        assert torch.all((slr[i] - expect).abs() < 1e-14)
+    tl = token_loss(
+        logp, old, adv[:, None].expand_as(logp),
+        PolicyLossConfig(ratio_level="sequence"), seq_log_ratio=slr,
+    )  # fmt: skip
+    torch.testing.assert_close(tl.ratio[:, 0], slr[:, 0].exp(), rtol=1e-14, atol=0)
+
+
+def test_gspo_without_the_sequence_ratio_is_a_clear_error():
+    logp, old, adv, _ = gspo_batch()
+    with pytest.raises(ValueError, match="ratio_level='sequence'.*needs seq_log_ratio"):
+        cfg = PolicyLossConfig(ratio_level="sequence")
+        token_loss(logp, old, adv[:, None].expand_as(logp), cfg)
+    with pytest.raises(ValueError, match="ratio_level='seq'"):
+        PolicyLossConfig(ratio_level="seq")
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def loss_matrix(b=4, t=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    vals = torch.randn(b, t, generator=gen, dtype=torch.float64)
+    lengths = [6, 2, 4, 1][:b]
+    mask = torch.zeros(b, t, dtype=torch.float64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return vals, mask, lengths
+
+
+def test_dr_grpo_constant_is_the_max_response_length():
+    # Liu et al. (2025), Dr. GRPO: loss = 1/G sum_i sum_t L_it / MAX_TOKENS.
+    vals, mask, lengths = loss_matrix()
+    cfg = PolicyLossConfig(agg_mode="seq-sum-constant")
+    c = resolve_norm_constant(cfg, 16)
+    assert c == 16.0
+    expect = sum(float(vals[i, :n].sum()) for i, n in enumerate(lengths)) / (len(lengths) * 16)
+    assert aggregate(vals, mask, cfg.agg_mode, c).item() == pytest.approx(expect, rel=1e-14)
+    # The same responses padded to a longer batch: the same loss (with T as the constant, the
+    # old default, the loss would shrink by 6/9).
+    pad_v = torch.cat([vals, torch.full((4, 3), float("nan"), dtype=torch.float64)], dim=1)
+    pad_m = torch.cat([mask, torch.zeros(4, 3, dtype=torch.float64)], dim=1)
+    assert aggregate(pad_v, pad_m, cfg.agg_mode, c).item() == pytest.approx(expect, rel=1e-14)
+    assert resolve_norm_constant(PolicyLossConfig(norm_constant=100.0), 16) == 100.0
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        resolve_norm_constant(cfg, 0)
+
+
+def test_token_sum_modes_closed_forms():
+    vals, mask, lengths = loss_matrix()
+    sums = [float(vals[i, :n].sum()) for i, n in enumerate(lengths)]
+    assert aggregate(vals, mask, "token-sum").item() == pytest.approx(sum(sums), rel=1e-14)
+    assert aggregate(vals, mask, "seq-mean-token-sum").item() == pytest.approx(
+        sum(sums) / 4, rel=1e-14
+    )
+
+
+SEQ_MODES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-sum-constant")
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_fully_masked_rows_one_rule(mode):
+    # verl's rule: a fully masked row counts in every sequence-level divisor and adds 0.
+    vals, mask, _ = loss_matrix()
+    base = aggregate(vals, mask, mode, 8.0).item()
+    vals2 = torch.cat([vals, torch.full((1, 6), float("nan"), dtype=torch.float64)])
+    mask2 = torch.cat([mask, torch.zeros(1, 6, dtype=torch.float64)])
+    with_masked = aggregate(vals2, mask2, mode, 8.0).item()
+    factor = 4 / 5 if mode in SEQ_MODES else 1.0
+    assert with_masked == pytest.approx(base * factor, rel=1e-14)
+    w = aggregation_weights(mask2, mode, 8.0)
+    assert torch.all(w[-1] == 0)
+
+
+def test_unknown_mode_lists_the_known_ones():
+    with pytest.raises(ValueError, match="token-sum"):
+        PolicyLossConfig(agg_mode="sum")
+
+
+# ---------------------------------------------------------------- k3 clamp
+
+
+def verl_k3(logp: float, ref: float, clamp: float = 10.0) -> float:
+    # verl's low_var_kl: kl = clamp(ref - logp, -20, 20); clamp(exp(kl) - kl - 1, -10, 10).
+    kl = min(max(ref - logp, -20.0), 20.0)
+    return min(max(math.exp(kl) - kl - 1.0, -clamp), clamp)
+
+
+def test_k3_clamp_matches_verl():
+    lp = torch.tensor([-1.0, -4.0, -0.5, -30.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.5, -0.5, -0.5, -1.0], dtype=torch.float64)
+    k = kl_estimate(lp, ref, "k3", clamp=10.0)
+    expect = [verl_k3(float(a), float(b)) for a, b in zip(lp.detach(), ref, strict=True)]
+    assert k.tolist() == pytest.approx(expect, rel=1e-14)
+    assert k[1].item() == 10.0 and kl_estimate(lp, ref, "k3")[1].item() > 10  # e^3.5 - 4.5
+    k.sum().backward()
+    assert lp.grad[1].item() == 0.0 and lp.grad[0].item() != 0.0
+    # Through the config: the clamped KL enters the loss.
+    cfg = PolicyLossConfig(kl_coef=0.5, kl_clamp=10.0)
+    a = torch.zeros(4, dtype=torch.float64)
+    tl = token_loss(lp.detach(), None, a, cfg, ref_logp=ref)
+    assert tl.loss.tolist() == pytest.approx([0.5 * e for e in expect], rel=1e-14)
+    with pytest.raises(ValueError, match="kl_clamp=0"):
+        PolicyLossConfig(kl_clamp=0)
