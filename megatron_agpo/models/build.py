@@ -9,20 +9,55 @@ import torch.nn.functional as F
 
 from megatron_agpo.backends import detect
 from megatron_agpo.models.config import ModelConfig
+from megatron_agpo.models.precision import (
+    FP8UnavailableError,
+    check_fp8_available,
+    fp8_transformer_kwargs,
+)
+
+__all__ = [
+    "FP8UnavailableError",
+    "build_model",
+    "fp8_kwargs",
+    "layer_spec",
+    "mask_vocab_padding_",
+    "rope_inv_freq",
+    "transformer_config",
+    "uses_transformer_engine",
+]
 
 
-class FP8UnavailableError(RuntimeError):
-    """FP8 was requested where Transformer Engine on CUDA is not available."""
+def uses_transformer_engine(cfg: ModelConfig, transformer_engine: bool) -> bool:
+    """Whether the layers are Transformer Engine's: always for FP8 (only TE layers have FP8
+    GEMMs), else wherever TE imports on CUDA (fused norm+linear)."""
+    return cfg.fp8 is not None or transformer_engine
 
 
 def layer_spec(cfg: ModelConfig):
     """ModuleSpec for one decoder layer: Transformer Engine's when TE imports and CUDA is
-    present (fused norm+linear, FP8-capable), megatron-core's local modules otherwise."""
+    present or FP8 is on (fused norm+linear, FP8-capable), megatron-core's local modules
+    otherwise. Both name their weights so that `models.weights` maps them to HF."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if detect().transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
+    if uses_transformer_engine(cfg, detect().transformer_engine):
+        check_fp8_available(cfg.fp8, cfg.fp8_recipe)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def fp8_kwargs(cfg: ModelConfig) -> dict:
+    """The FP8 part of the TransformerConfig keyword arguments for cfg ({} when FP8 is off);
+    a pure mapping, checked on CPU by tests/test_fp8_config.py."""
+    return fp8_transformer_kwargs(
+        cfg.fp8,
+        cfg.fp8_recipe,
+        cfg.fp8_param_gather,
+        cfg.first_last_layers_bf16,
+        amax_history_len=cfg.fp8_amax_history_len,
+        amax_compute_algo=cfg.fp8_amax_compute_algo,
+        layers_at_start_in_bf16=cfg.num_layers_at_start_in_bf16,
+        layers_at_end_in_bf16=cfg.num_layers_at_end_in_bf16,
+    )
 
 
 def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
@@ -34,19 +69,7 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg.validate(tensor_parallel=tp, pipeline_parallel=pp)
     backends = detect()
-    fp8 = {}
-    if cfg.fp8 is not None:
-        if not backends.transformer_engine:
-            raise FP8UnavailableError(
-                f"fp8={cfg.fp8!r} needs transformer_engine on CUDA; here "
-                f"{backends.describe()}. Set fp8=None to train in {cfg.params_dtype}."
-            )
-        fp8 = dict(
-            fp8=cfg.fp8,
-            fp8_recipe=cfg.fp8_recipe,
-            fp8_amax_history_len=cfg.fp8_amax_history_len,
-            fp8_amax_compute_algo=cfg.fp8_amax_compute_algo,
-        )
+    check_fp8_available(cfg.fp8, cfg.fp8_recipe)
     dtype = cfg.torch_dtype
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -80,7 +103,7 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        **fp8,
+        **fp8_kwargs(cfg),
     )
 
 

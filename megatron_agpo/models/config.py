@@ -1,8 +1,8 @@
 """ModelConfig: the architecture of a supported HF causal LM, read from its config.json.
 
 One dataclass holds every default; `from_hf` fills it from a checkpoint, `validate` checks it
-against a parallel layout and a tokenizer, `to_transformer_config` turns it into megatron-core's
-TransformerConfig.
+against a parallel layout and a tokenizer, and `megatron_agpo.models.build.transformer_config`
+turns it into megatron-core's TransformerConfig.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from megatron_agpo.models.precision import check_fp8_settings, normalize_fp8
+
 # HF `architectures[0]` -> family. Llama covers Llama 2/3/3.1 and SmolLM2; Qwen2 covers
 # Qwen2, Qwen2.5 and Qwen2.5-Math (same layout: QKV bias, no other biases).
 SUPPORTED_ARCHITECTURES = {
@@ -23,8 +25,6 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
 class UnsupportedModelError(ValueError):
@@ -75,17 +75,31 @@ class ModelConfig:
     pad_token_id: int | None = None
     """Padding id."""
     fp8: str | None = None
-    """FP8 format for TE linear layers: None (off), 'e4m3' or 'hybrid'. Needs TE and CUDA."""
+    """FP8 format for TE linear layers: None (off; "none" is read as None), 'e4m3' or
+    'hybrid'. Needs Transformer Engine and CUDA."""
     fp8_recipe: str = "delayed"
-    """TE FP8 scaling recipe."""
+    """TE FP8 scaling recipe: delayed, tensorwise, blockwise (Hopper+) or mxfp8 (Blackwell)."""
     fp8_amax_history_len: int = 1024
     """Length of the amax history window (delayed scaling)."""
     fp8_amax_compute_algo: str = "max"
     """How the scale is computed from the amax history: 'max' or 'most_recent'."""
+    fp8_param_gather: bool = False
+    """Keep FP8 copies of the GEMM weights (TransformerConfig.fp8_param) so the distributed
+    optimizer all-gathers parameters in FP8 (half the bytes of BF16)."""
+    first_last_layers_bf16: bool = False
+    """Run the first and last `num_layers_at_{start,end}_in_bf16` layers without FP8 (the
+    layers most sensitive to it); not with fp8_recipe='delayed'."""
+    num_layers_at_start_in_bf16: int = 1
+    """Leading layers kept out of FP8 when first_last_layers_bf16."""
+    num_layers_at_end_in_bf16: int = 1
+    """Trailing layers kept out of FP8 when first_last_layers_bf16."""
     init_method_std: float = 0.02
     """Std of the random init used before weights are loaded."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Source config.json fields not used above (kept for the manifest and export)."""
+
+    def __post_init__(self) -> None:
+        self.fp8 = normalize_fp8(self.fp8)
 
     # ----- derived -----
     @property
@@ -275,11 +289,17 @@ class ModelConfig:
             for v in value if isinstance(value, list) else [value]:
                 if v is not None and not 0 <= v < self.vocab_size:
                     raise ValueError(f"{name}={v} is outside the vocabulary [0, {self.vocab_size})")
-        if self.fp8 is not None:
-            if self.fp8 not in FP8_FORMATS:
-                raise ValueError(f"fp8={self.fp8!r}: one of {FP8_FORMATS} or None")
-            if self.fp8_recipe not in FP8_RECIPES:
-                raise ValueError(f"fp8_recipe={self.fp8_recipe!r}: one of {FP8_RECIPES}")
+        check_fp8_settings(
+            self.fp8, self.fp8_recipe, self.fp8_param_gather, self.first_last_layers_bf16
+        )
+        if self.fp8 is not None and self.first_last_layers_bf16:
+            per_stage = self.num_layers // pp
+            for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+                if not 0 <= getattr(self, name) <= per_stage:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} must be between 0 and the "
+                        f"{per_stage} layers of a pipeline stage"
+                    )
 
     def validate_tokenizer(self, tokenizer) -> None:
         """Check a HF tokenizer against the vocabulary (size and special tokens)."""
