@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from megatron_agpo.algorithms import AdvantageConfig, PolicyLossConfig, resolve
 from megatron_agpo.data.relevance import RelevanceDataConfig
 from megatron_agpo.parallel import OptimizerSettings, ParallelConfig
+from megatron_agpo.plan.cluster import ClusterSection
 from megatron_agpo.rewards.math import RewardConfig
 from megatron_agpo.rewards.relevance import RelevanceRewardConfig
 from megatron_agpo.rollout.config import RolloutConfig
@@ -233,6 +234,8 @@ class TrainConfig:
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    """The cluster `agpo-plan` sizes this run for (megatron_agpo.plan); the trainer ignores it."""
     nproc: int = 2
     """Processes to start when `agpo-train` runs outside torchrun/srun (CPU default: 2)."""
 

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_agpo.plan import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""Step time: FLOPs, bytes and collectives of each stage, as pure functions.
+
+Compute-bound stages (training, log-prob passes, prefill) take FLOPs / (peak x matmul
+efficiency); decode is bandwidth-bound (every decode step reads the engine's weights once and
+the KV cache of every running sequence); collectives take ring volume / (link bandwidth x link
+efficiency). Nothing overlaps: the trainer runs without gradient-reduce or TP-communication
+overlap, and the stages of a step run one after another.
+"""
+
+from __future__ import annotations
+
+from megatron_agpo.models.config import ModelConfig
+
+
+def matmul_params(arch: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: every layer's projections and the
+    output layer (not the embedding lookup, norms or biases)."""
+    h, hd = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
+    per_layer = (q + 2 * kv) * h + h * q + 3 * arch.ffn_hidden_size * h
+    return arch.num_layers * per_layer + arch.padded_vocab_size * h
+
+
+def forward_flops(arch: ModelConfig, seq_len: float) -> float:
+    """FLOPs of one forward over a sequence of seq_len tokens: 2 per matmul weight per token,
+    plus causal attention 2 S^2 d per layer (QK^T and AV, each S^2/2 d multiply-adds)."""
+    d_attn = arch.num_attention_heads * arch.head_dim
+    return 2 * matmul_params(arch) * seq_len + 2 * arch.num_layers * seq_len**2 * d_attn
+
+
+def train_flops_factor(recompute: str) -> float:
+    """Forwards' worth of FLOPs per training pass: forward + backward (2x) = 3, one more
+    forward with full recomputation (selective recomputes only the attention core, counted as
+    free here)."""
+    return 4.0 if recompute == "full" else 3.0
+
+
+def ring_allreduce_s(nbytes: float, n: int, gb_s: float) -> float:
+    """Ring all-reduce of nbytes over n ranks at gb_s per direction."""
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / (gb_s * 1e9)
+
+
+def ring_gather_s(nbytes: float, n: int, gb_s: float) -> float:
+    """Ring reduce-scatter or all-gather of nbytes (the full size) over n ranks."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / (gb_s * 1e9)
+
+
+def pipeline_bubble(pp: int, vp: int, micro_batches: int) -> float:
+    """Idle share added to a pipelined pass: (pp - 1) / (vp m) of the compute time (1F1B,
+    interleaved with vp virtual stages)."""
+    return 0.0 if pp == 1 else (pp - 1) / (vp * max(1, micro_batches))
+
+
+def decode_seconds(
+    steps: float,
+    weight_bytes: float,
+    kv_bytes_read: float,
+    flops: float,
+    hbm_gb_s: float,
+    peak_tflops: float,
+    step_overhead_s: float,
+    step_latency_s: float,
+) -> float:
+    """Decode of one engine on one of its GPUs: every step reads the GPU's weight shard and
+    pays a fixed overhead and the TP all-reduce latency; the KV reads and the FLOPs are totals
+    over the whole generation (the memory terms add up, compute overlaps with them)."""
+    memory = (steps * weight_bytes + kv_bytes_read) / (hbm_gb_s * 1e9)
+    compute = flops / (peak_tflops * 1e12)
+    return max(memory, compute) + steps * (step_overhead_s + step_latency_s)
