@@ -54,3 +54,65 @@ def detect() -> Backends:
         apex=cuda and _importable("apex"),
         vllm=importlib.util.find_spec("vllm") is not None,
     )
+
+
+# megatron-core warns once per module, on import, that it falls back to torch code when apex
+# and Transformer Engine are absent: about 22 lines per rank on every CPU start, all saying the
+# same thing. `describe_fallbacks` says it once.
+KNOWN_FALLBACK_WARNINGS = (
+    r"Apex is not installed\. Falling back",
+    r"Transformer Engine and Apex are not installed",
+    r"Transformer Engine is not installed",
+    r"transformer_engine .*not installed",
+    r"Apex is not installed",
+)
+
+VERBOSITIES = ("quiet", "info", "debug")
+
+
+def describe_fallbacks(b: Backends | None = None) -> str | None:
+    """The one line that stands for megatron-core's fallback warnings; None when apex and
+    Transformer Engine are both present (nothing falls back)."""
+    b = b or detect()
+    missing = [name for name, on in (("apex", b.apex), ("Transformer Engine", b.transformer_engine))
+               if not on]  # fmt: skip
+    if not missing:
+        return None
+    return f"backends: no {' / '.join(missing)}: torch fallbacks"
+
+
+def vllm_log_level(verbosity: str) -> str:
+    """VLLM_LOGGING_LEVEL for a `logging.verbosity`."""
+    return {"quiet": "ERROR", "info": "WARNING", "debug": "DEBUG"}[verbosity]
+
+
+def configure_logging(verbosity: str = "info", rank: int = 0, log=print) -> None:
+    """Quiet start-up for `verbosity` (quiet, info, debug) on this rank.
+
+    info / quiet: megatron-core's known fallback warnings are filtered and rank 0 prints
+    `describe_fallbacks()` once instead; ranks > 0 print only errors (Python warnings off,
+    logging at ERROR, transformers at error). vLLM's level follows `vllm_log_level` unless
+    VLLM_LOGGING_LEVEL is already set (vLLM reads it at import, and replica processes inherit
+    it). debug: nothing is filtered, on any rank.
+    """
+    import logging
+    import os
+    import warnings
+
+    if verbosity not in VERBOSITIES:
+        raise ValueError(f"logging.verbosity={verbosity!r}: one of {', '.join(VERBOSITIES)}")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", vllm_log_level(verbosity))
+    if verbosity == "debug":
+        return
+    for pattern in KNOWN_FALLBACK_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    if rank != 0:
+        warnings.simplefilter("ignore")
+        logging.getLogger().setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        return
+    if verbosity == "quiet":
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    line = describe_fallbacks()
+    if line:
+        log(line)

@@ -46,11 +46,14 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
 
 def _jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
     index = 0
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    # Bytes, decoded line by line: a bad byte is reported with its row and line (a text-mode
+    # read would raise a bare UnicodeDecodeError from somewhere in an 8 KB block).
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path} row {index} (line {line_no})"
+            line = _decode(raw, where, first=line_no == 1)
             if not line.strip():
                 continue
-            where = f"{path} row {index} (line {line_no})"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -61,9 +64,33 @@ def _jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
             index += 1
 
 
-def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
+def _decode(raw: bytes, where: str, first: bool = False) -> str:
+    """UTF-8 text of `raw` (a leading BOM on the first line dropped), or an error naming the
+    byte."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.start + 1].hex()
+        raise DataValidationError(
+            f"{where}: not UTF-8 text (byte 0x{bad} at column {e.start + 1}); "
+            f"re-encode the file as UTF-8"
+        ) from None
+
+
+def _json_array(path: Path) -> Iterator[tuple[int, str, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataValidationError(
+            f"{path} (line {line}): not UTF-8 text (byte 0x{raw[e.start : e.start + 1].hex()}); "
+            f"re-encode the file as UTF-8"
+        ) from None
+    if not text.strip():
+        raise DataValidationError(f"{path}: the file is empty (expected a JSON array of objects)")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataValidationError(
             f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"

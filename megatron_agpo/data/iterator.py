@@ -33,7 +33,10 @@ class PromptIterator(Generic[T]):
         self, items: Sequence[T], batch_size: int, seed: int = 0, shuffle: bool = True
     ) -> None:
         if not items:
-            raise ValueError("PromptIterator needs at least one item")
+            raise ValueError(
+                "PromptIterator needs at least one item: the prompt set is empty (an empty "
+                "file, or every prompt filtered out as too long for the engine)"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.items = items

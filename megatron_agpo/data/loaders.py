@@ -184,7 +184,26 @@ def load_prompts(cfg: DataConfig) -> list[PromptExample]:
         raise ValueError("DataConfig.path is empty")
     parse = parse_problem_row if cfg.format == "problem" else parse_verl_row
     source = Path(cfg.path).stem
-    return [parse(i, where, row, cfg, source) for i, where, row in read_rows(cfg.path)]
+    rows = [parse(i, where, row, cfg, source) for i, where, row in read_rows(cfg.path)]
+    if not rows:
+        raise DataValidationError(f"{cfg.path}: no rows (the file is empty)")
+    return rows
+
+
+def held_out_split(
+    rows: Sequence[PromptExample], num_eval: int, path: str = ""
+) -> tuple[list[PromptExample], list[PromptExample]]:
+    """(held-out, train): the first `num_eval` rows are held out. Refuses a file that would
+    leave nothing to train on, instead of silently holding every row out."""
+    if num_eval < 0:
+        raise ValueError(f"num_eval={num_eval} must be >= 0")
+    if len(rows) <= num_eval:
+        raise DataValidationError(
+            f"{path or 'the prompt set'}: {len(rows)} rows, not more than the {num_eval} "
+            f"held out for evaluation (data.num_eval): nothing left to train on; lower "
+            f"data.num_eval or add rows"
+        )
+    return list(rows[:num_eval]), list(rows[num_eval:])
 
 
 # ---- tokenizing ----

@@ -78,6 +78,42 @@ class ModelSection:
     """Warm-start sequences per step."""
     cache_dir: str = "~/.cache/megatron_agpo"
     """Where the warm-started tiny model is cached (keyed by its settings)."""
+    fp8: str = "none"
+    """FP8 training: none, e4m3 or hybrid (e4m3 forward, e5m2 gradients). Needs Transformer
+    Engine on a CUDA GPU (compute capability 8.9+); elsewhere the config is refused."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling recipe: delayed, tensorwise, blockwise (Hopper+) or mxfp8 (Blackwell)."""
+    fp8_param_gather: bool = False
+    """Keep FP8 copies of the weights and all-gather them in FP8 (needs fp8 and
+    parallel.use_distributed_optimizer)."""
+    first_last_layers_bf16: bool = False
+    """Keep the first and last transformer layer out of FP8 (not with fp8_recipe=delayed)."""
+
+    def precision_problems(self, use_distributed_optimizer: bool = True) -> list[str]:
+        """Problems of the FP8 fields, one line each naming the key: values, combinations,
+        and whether this machine has Transformer Engine on a capable GPU."""
+        from megatron_agpo.models.precision import check_fp8_available, check_fp8_settings
+
+        try:
+            check_fp8_settings(
+                self.fp8,
+                self.fp8_recipe,
+                self.fp8_param_gather,
+                self.first_last_layers_bf16,
+                prefix="model.",
+            )
+            if self.fp8_param_gather and not use_distributed_optimizer:
+                raise ValueError(
+                    "model.fp8_param_gather=true needs parallel.use_distributed_optimizer=true"
+                )
+            check_fp8_available(self.fp8, self.fp8_recipe, key="model.fp8")
+        except ValueError as e:
+            return [str(e)]
+        return []
+
+    def megatron_overrides(self) -> dict:
+        """ModelConfig fields this section sets beyond the HF config (precision recipes)."""
+        return {}
 
 
 @dataclass
@@ -204,6 +240,17 @@ class LoggingSection:
     """Also write TensorBoard events (when tensorboard is installed)."""
     progress: bool = True
     """Console progress bar."""
+    verbosity: str = "info"
+    """quiet, info or debug. info: megatron-core's known apex / Transformer Engine fallback
+    warnings are summarised in one line on rank 0, ranks > 0 print only errors, vLLM logs
+    warnings and errors. quiet: also vLLM errors only. debug: everything, on every rank."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package; `pip install wandb`)."""
+    wandb_project: str = "megatron-agpo"
+    """W&B project."""
+    wandb_mode: str = "auto"
+    """online, offline (files under run_dir/wandb, `wandb sync` them later) or auto (online
+    when a W&B API key is configured and the W&B host answers, else offline)."""
 
 
 @dataclass
@@ -240,56 +287,204 @@ class TrainConfig:
     """Processes to start when `agpo-train` runs outside torchrun/srun (CPU default: 2)."""
 
     def validate(self) -> None:
-        """Checks across sections; each section validates its own fields."""
-        self.algorithm.advantage_config()  # raises on an unknown preset or rule
-        if self.rollout.mode not in ("replicas", "colocated"):
-            raise ValueError(f"rollout.mode={self.rollout.mode!r}: replicas or colocated")
-        if self.trainer.old_logp not in ("recompute", "rollout"):
-            raise ValueError(f"trainer.old_logp={self.trainer.old_logp!r}: recompute or rollout")
-        if self.data.kind not in ("arithmetic", "math_jsonl"):
-            raise ValueError(f"data.kind={self.data.kind!r}: arithmetic or math_jsonl")
-        if self.data.kind == "math_jsonl" and not self.data.path:
-            raise ValueError("data.kind=math_jsonl needs data.path")
-        if self.rollout.n < 2 and "group" in (
-            self.algorithm.advantage_config().pos_rule,
-            self.algorithm.advantage_config().neg_rule,
+        """Raise `ConfigError` listing every problem of `problems()` (one line each)."""
+        found = self.problems()
+        if found:
+            raise ConfigError(found)
+
+    def problems(self) -> list[str]:
+        """Every range, choice and cross-section problem, one line each, naming the key.
+
+        Pure (no files, no network): `megatron_agpo.validate.preflight` adds the checks that
+        read paths (model folder, data file)."""
+        out: list[str] = []
+
+        def need(ok: bool, key: str, value, rule: str) -> None:
+            if not ok:
+                out.append(f"{key}={value!r}: {rule}")
+
+        d, r, t, s = self.data, self.rollout, self.trainer, self.scheduler
+        try:
+            adv = self.algorithm.advantage_config()
+        except ValueError as e:  # an unknown preset or rule
+            out.append(f"algorithm: {e}")
+            adv = None
+        need(r.mode in ("replicas", "colocated"), "rollout.mode", r.mode, "replicas or colocated")
+        need(
+            t.old_logp in ("recompute", "rollout"),
+            "trainer.old_logp",
+            t.old_logp,
+            "recompute or rollout",
+        )
+        need(
+            d.kind in ("arithmetic", "math_jsonl"), "data.kind", d.kind, "arithmetic or math_jsonl"
+        )
+        if d.kind == "math_jsonl" and not d.path:
+            out.append("data.path is empty: data.kind=math_jsonl needs data.path=FILE")
+        need(d.format in ("problem", "verl"), "data.format", d.format, "problem or verl")
+        need(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "must be >= 1")
+        need(
+            d.max_prompt_tokens >= 1, "data.max_prompt_tokens", d.max_prompt_tokens, "must be >= 1"
+        )
+        need(d.num_eval >= 0, "data.num_eval", d.num_eval, "must be >= 0")
+        if d.kind == "arithmetic":
+            need(d.num_train >= 1, "data.num_train", d.num_train, "must be >= 1")
+        need(r.n >= 1, "rollout.n", r.n, "must be >= 1")
+        if adv is not None and r.n < 2 and "group" in (adv.pos_rule, adv.neg_rule):
+            out.append(f"rollout.n={r.n}: a group advantage ({self.algorithm.name}) needs n >= 2")
+        need(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0")
+        need(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+        if r.max_new_tokens >= r.engine.max_model_len:
+            out.append(
+                f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
+                f"rollout.engine.max_model_len={r.engine.max_model_len}"
+            )
+        for key in (
+            "steps",
+            "micro_batch_size",
+            "ppo_epochs",
+            "mini_batches",
+            "eval_n",
+            "max_sampling_rounds",
+            "max_skipped_steps",
         ):
-            raise ValueError(f"rollout.n={self.rollout.n}: a group advantage needs n >= 2")
-        total = self.data.prompts_per_step * self.rollout.n
-        if total % self.trainer.mini_batches:
-            raise ValueError(
+            need(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "must be >= 1")
+        need(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0: never)")
+        need(t.token_budget >= 0, "trainer.token_budget", t.token_budget, "must be >= 0")
+        total = d.prompts_per_step * r.n
+        if t.mini_batches >= 1 and total >= 1 and total % t.mini_batches:
+            out.append(
                 f"{total} sequences per step (data.prompts_per_step x rollout.n) do not split "
-                f"into trainer.mini_batches={self.trainer.mini_batches}"
+                f"into trainer.mini_batches={t.mini_batches}"
             )
-        if self.trainer.dynamic_sampling not in ("off", "zero_advantage", "identical_rewards"):
-            raise ValueError(
-                f"trainer.dynamic_sampling={self.trainer.dynamic_sampling!r}: off, "
-                "zero_advantage or identical_rewards"
+        need(
+            t.dynamic_sampling in ("off", "zero_advantage", "identical_rewards"),
+            "trainer.dynamic_sampling",
+            t.dynamic_sampling,
+            "off, zero_advantage or identical_rewards",
+        )
+        need(
+            s.decay_style in ("constant", "linear", "cosine"),
+            "scheduler.decay_style",
+            s.decay_style,
+            "constant, linear or cosine",
+        )
+        need(s.warmup_steps >= 0, "scheduler.warmup_steps", s.warmup_steps, "must be >= 0")
+        need(s.decay_steps >= 0, "scheduler.decay_steps", s.decay_steps, "must be >= 0")
+        need(self.optimizer.lr > 0, "optimizer.lr", self.optimizer.lr, "must be > 0")
+        need(
+            0 <= s.min_lr <= self.optimizer.lr,
+            "scheduler.min_lr",
+            s.min_lr,
+            f"must be in [0, optimizer.lr={self.optimizer.lr}]",
+        )
+        # Only meaningful once the run's length is valid (trainer.steps=0 is reported above).
+        run_ok = min(t.steps, t.ppo_epochs, t.mini_batches) >= 1
+        if run_ok and 1 <= s.warmup_steps >= self.total_updates():
+            out.append(
+                f"scheduler.warmup_steps={s.warmup_steps} must be below the run's "
+                f"{self.total_updates()} optimizer updates (scheduler.decay_steps, else "
+                "trainer.steps x ppo_epochs x mini_batches)"
             )
-        if self.trainer.max_sampling_rounds < 1:
-            raise ValueError(f"trainer.max_sampling_rounds={self.trainer.max_sampling_rounds} < 1")
-        if self.trainer.token_budget < 0:
-            raise ValueError(f"trainer.token_budget={self.trainer.token_budget} < 0")
-        if self.scheduler.decay_style not in ("constant", "linear", "cosine"):
-            raise ValueError(
-                f"scheduler.decay_style={self.scheduler.decay_style!r}: constant, linear or cosine"
+        need(
+            self.checkpoint.save_every >= 0,
+            "checkpoint.save_every",
+            self.checkpoint.save_every,
+            "must be >= 0 (0: only at the end)",
+        )
+        need(
+            self.checkpoint.keep_last >= 1,
+            "checkpoint.keep_last",
+            self.checkpoint.keep_last,
+            "must be >= 1",
+        )
+        need(
+            self.logging.verbosity in ("quiet", "info", "debug"),
+            "logging.verbosity",
+            self.logging.verbosity,
+            "quiet, info or debug",
+        )
+        need(
+            self.logging.wandb_mode in ("auto", "online", "offline"),
+            "logging.wandb_mode",
+            self.logging.wandb_mode,
+            "auto, online or offline",
+        )
+        need(
+            self.model.params_dtype in ("float32", "bfloat16"),
+            "model.params_dtype",
+            self.model.params_dtype,
+            "float32 or bfloat16",
+        )
+        p = self.parallel
+        need(p.tensor_parallel >= 1, "parallel.tensor_parallel", p.tensor_parallel, "must be >= 1")
+        need(
+            p.pipeline_parallel >= 1,
+            "parallel.pipeline_parallel",
+            p.pipeline_parallel,
+            "must be >= 1",
+        )
+        need(self.nproc >= 1, "nproc", self.nproc, "must be >= 1")
+        if p.sequence_parallel and p.tensor_parallel == 1:
+            out.append("parallel.sequence_parallel=True needs parallel.tensor_parallel > 1")
+        if not self.model.hf_path and p.tensor_parallel >= 1 and p.pipeline_parallel >= 1:
+            out.extend(self._tiny_model_problems())
+        out.extend(self.model.precision_problems(p.use_distributed_optimizer))
+        return out
+
+    def _tiny_model_problems(self) -> list[str]:
+        """The tiny model's shape against the parallel layout (an HF model's is checked
+        against its config.json in `megatron_agpo.validate`)."""
+        m, tp, pp = self.model, self.parallel.tensor_parallel, self.parallel.pipeline_parallel
+        out = []
+        for key, size in (
+            ("tiny_hidden", m.tiny_hidden),
+            ("tiny_layers", m.tiny_layers),
+            ("tiny_heads", m.tiny_heads),
+            ("tiny_ffn", m.tiny_ffn),
+        ):
+            if size < 1:
+                out.append(f"model.{key}={size}: must be >= 1")
+        if out:
+            return out
+        kv = max(1, m.tiny_heads // 2)
+        if m.tiny_hidden % m.tiny_heads:
+            out.append(
+                f"model.tiny_hidden={m.tiny_hidden} is not divisible by model.tiny_heads="
+                f"{m.tiny_heads}"
             )
-        if self.scheduler.min_lr > self.optimizer.lr:
-            raise ValueError(
-                f"scheduler.min_lr={self.scheduler.min_lr} > optimizer.lr={self.optimizer.lr}"
+        if m.tiny_heads % tp or kv % tp:
+            out.append(
+                f"parallel.tensor_parallel={tp} does not divide the tiny model's "
+                f"{m.tiny_heads} attention heads and {kv} KV heads (model.tiny_heads)"
             )
-        if self.scheduler.warmup_steps >= self.total_updates():
-            raise ValueError(
-                f"scheduler.warmup_steps={self.scheduler.warmup_steps} must be below the run's "
-                f"{self.total_updates()} updates (decay_steps or steps x ppo_epochs x mini_batches)"
+        if m.tiny_ffn % tp:
+            out.append(f"parallel.tensor_parallel={tp} does not divide model.tiny_ffn={m.tiny_ffn}")
+        if m.tiny_layers % pp:
+            out.append(
+                f"parallel.pipeline_parallel={pp} does not divide model.tiny_layers={m.tiny_layers}"
             )
-        if self.trainer.micro_batch_size < 1:
-            raise ValueError(f"trainer.micro_batch_size={self.trainer.micro_batch_size} < 1")
+        if self.rollout.engine.max_model_len > m.tiny_max_len:
+            out.append(
+                f"rollout.engine.max_model_len={self.rollout.engine.max_model_len} exceeds the "
+                f"tiny model's context model.tiny_max_len={m.tiny_max_len}"
+            )
+        return out
 
     def total_updates(self) -> int:
         """Optimizer updates the schedule spans."""
         t = self.trainer
         return self.scheduler.decay_steps or t.steps * t.ppo_epochs * t.mini_batches
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; `problems` holds one line per problem, each
+    naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 def register_configs() -> None:
