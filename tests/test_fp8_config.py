@@ -213,3 +213,12 @@ def test_rollout_quantization_is_checked_and_reaches_vllm(monkeypatch):
     build_llm(RolloutConfig(model_path="/m", quantization="fp8"))
     build_llm(RolloutConfig(model_path="/m"))
     assert [kw["quantization"] for kw in seen] == ["fp8", None]
+
+
+def test_trainer_section_hands_fp8_fields_to_the_model_builder():
+    section = ModelSection(fp8="hybrid", fp8_recipe="blockwise", first_last_layers_bf16=True)
+    over = section.megatron_overrides()
+    assert over == {"fp8": "hybrid", "fp8_recipe": "blockwise", "fp8_param_gather": False,
+                    "first_last_layers_bf16": True}  # fmt: skip
+    assert _cfg(**over).fp8 == "hybrid"
+    assert ModelSection().megatron_overrides()["fp8"] is None

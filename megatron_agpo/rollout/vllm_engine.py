@@ -58,6 +58,7 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
         # Log-probs of the logits before temperature / top-p: the trainer recomputes exactly
         # these (log_softmax of its logits), so importance ratios compare like with like.
         logprobs_mode="raw_logprobs",
+        quantization=config.quantization or None,
     )
     chunked = config.enable_chunked_prefill
     if chunked is None and not torch.cuda.is_available():

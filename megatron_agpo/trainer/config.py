@@ -113,7 +113,11 @@ class ModelSection:
 
     def megatron_overrides(self) -> dict:
         """ModelConfig fields this section sets beyond the HF config (precision recipes)."""
-        return {}
+        from megatron_agpo.models.precision import model_overrides
+
+        out = model_overrides(self)
+        out.pop("params_dtype")  # passed on its own by the trainer
+        return out
 
 
 @dataclass
