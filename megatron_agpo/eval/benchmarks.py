@@ -9,6 +9,7 @@ non-empty one wins. ../../docs/EVAL.md lists them.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,16 +101,44 @@ DISPLAY_NAMES = {
 }
 
 
-def canonical_name(name: str) -> str:
-    """The BENCHMARKS key for name (case-insensitive, common aliases accepted)."""
+# Any other --data name: a generic benchmark reading these fields (overridable per run).
+GENERIC = BenchmarkSpec(
+    problem_fields=("problem", "question"),
+    answer_fields=("answer", "final_answer"),
+    id_fields=("id", "unique_id", "idx"),
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def canonical_name(name: str, generic: bool = False) -> str:
+    """The BENCHMARKS key for name (case-insensitive, common aliases accepted). With
+    `generic`, any other name made of letters, digits, `_`, `.` and `-` is its own
+    (lower-cased) key: a generic benchmark (`GENERIC` fields)."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in BENCHMARKS:
+    if key in BENCHMARKS:
+        return key
+    if generic and _NAME.match(key):
+        return key
+    if generic:
         raise ValueError(
-            f"unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)} "
-            f"(or aliases {sorted(_ALIASES)})"
+            f"benchmark name {name!r}: use letters, digits, '_', '.' or '-' (at most 64)"
         )
-    return key
+    raise ValueError(
+        f"unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)} "
+        f"(or aliases {sorted(_ALIASES)})"
+    )
+
+
+def generic_spec(
+    problem_field: str | None = None, answer_field: str | None = None, id_field: str | None = None
+) -> BenchmarkSpec:
+    """`GENERIC` with the given field names in place of its defaults."""
+    return BenchmarkSpec(
+        problem_fields=(problem_field,) if problem_field else GENERIC.problem_fields,
+        answer_fields=(answer_field,) if answer_field else GENERIC.answer_fields,
+        id_fields=(id_field,) if id_field else GENERIC.id_fields,
+    )
 
 
 def last_boxed(text: str) -> str | None:
@@ -175,10 +204,16 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def parse_record(
-    benchmark: str, record: Mapping[str, Any], index: int, where: str = "", path: str = ""
+    benchmark: str,
+    record: Mapping[str, Any],
+    index: int,
+    where: str = "",
+    path: str = "",
+    spec: BenchmarkSpec | None = None,
 ) -> EvalProblem:
-    """One release row as an EvalProblem; a ValueError names file, row and missing field."""
-    spec = BENCHMARKS[benchmark]
+    """One release row as an EvalProblem; a ValueError names file, row and missing field.
+    `spec`: the fields to read (default: the named benchmark's, else `GENERIC`)."""
+    spec = spec or BENCHMARKS.get(benchmark, GENERIC)
     prefix = where or f"{path}: row {index}"
     problem = _first(record, spec.problem_fields)
     if problem is None:
@@ -206,17 +241,25 @@ def parse_record(
     return EvalProblem(benchmark=benchmark, id=pid, problem=problem, answer=_strip_math(answer))
 
 
-def load_benchmark(name: str, path: str | Path) -> list[EvalProblem]:
+def load_benchmark(
+    name: str, path: str | Path, spec: BenchmarkSpec | None = None
+) -> list[EvalProblem]:
     """All problems of benchmark name from path (.jsonl, .json or .parquet), in file order.
 
+    `name` is one of the five named benchmarks, or, with `spec` (e.g. `generic_spec()`), any
+    name: a generic benchmark whose rows have the spec's problem / answer / id fields.
     Raises ValueError naming the file, the row and the field when a row has no problem or no
     answer, and naming both rows when two share an id (results are keyed by id).
     """
-    benchmark = canonical_name(name)
+    benchmark = canonical_name(name, generic=spec is not None)
+    if benchmark in BENCHMARKS:
+        spec = BENCHMARKS[benchmark]
+    if Path(path).suffix.lower() in (".jsonl", ".json", ".parquet") and not Path(path).is_file():
+        raise ValueError(f"{path}: no such file (benchmark {name})")
     problems: list[EvalProblem] = []
     first_row: dict[str, str] = {}
     for index, (where, record) in enumerate(read_records(path)):
-        p = parse_record(benchmark, record, index, where, str(path))
+        p = parse_record(benchmark, record, index, where, str(path), spec)
         if p.id in first_row:
             raise ValueError(f"{where}: duplicate id {p.id!r} (first at {first_row[p.id]})")
         first_row[p.id] = where

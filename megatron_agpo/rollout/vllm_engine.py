@@ -25,26 +25,39 @@ def sleep_mode_available() -> bool:
     return torch.cuda.is_available()
 
 
-def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
-    """Start a vLLM engine inside this process.
+# CPU KV cache when nothing sets it: vLLM's own default is a share of *all* memory (its
+# gpu_memory_utilization, 0.92, applied to RAM), which fails as soon as another process holds
+# a few GB. This much of the memory available now, within [1, 8] GiB, is ample for the
+# models that run on CPU (SmolLM2-135M fp32: 46 KB per token, 1 GiB = 23k tokens).
+CPU_KV_SHARE = 0.25
+CPU_KV_MAX_GIB = 8
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this process, so
-    `collective_rpc("reload_weights", weights_iterator=...)` receives our tensors (and
-    generator) directly instead of through vLLM's serialising RPC. vLLM reads the variable
-    when the engine is built, so it is set here, once, before that.
-    """
-    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        raise RuntimeError(
-            "VLLM_ENABLE_V1_MULTIPROCESSING is set to a non-zero value; in-process weight "
-            "reloads need the engine core in this process (unset it or set it to 0)"
-        )
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if config.cpu_kvcache_space_gib is not None and not torch.cuda.is_available():
-        # On CPU vLLM sizes its KV cache from this variable (else from a share of all memory,
-        # which fails beside a trainer that already holds some); read at engine start.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kvcache_space_gib)
-    from vllm import LLM
 
+def cpu_kvcache_gib(config: RolloutConfig, environ: dict[str, str] | None = None) -> int:
+    """GiB of KV cache a CPU engine gets: `config.cpu_kvcache_space_gib`, else an already set
+    VLLM_CPU_KVCACHE_SPACE, else `CPU_KV_SHARE` of the available memory (1..8 GiB)."""
+    env = os.environ if environ is None else environ
+    if config.cpu_kvcache_space_gib is not None:
+        return int(config.cpu_kvcache_space_gib)
+    if env.get("VLLM_CPU_KVCACHE_SPACE", "") not in ("", "0"):
+        return int(env["VLLM_CPU_KVCACHE_SPACE"])
+    available = _available_memory_bytes()
+    return max(1, min(CPU_KV_MAX_GIB, int(available * CPU_KV_SHARE) >> 30))
+
+
+def _available_memory_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil comes with vLLM; without it, assume the minimum
+        return 4 << 30
+
+
+def engine_kwargs(config: RolloutConfig, seed: int | None = None) -> dict[str, Any]:
+    """The `vllm.LLM(...)` arguments for `config` on this machine: the one place that decides
+    the CPU/GPU differences (chunked prefill, memory share, sleep mode) for training and
+    evaluation alike."""
     if not config.model_path:
         raise ValueError("RolloutConfig.model_path is empty")
     kwargs: dict[str, Any] = dict(
@@ -58,7 +71,7 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
         # Log-probs of the logits before temperature / top-p: the trainer recomputes exactly
         # these (log_softmax of its logits), so importance ratios compare like with like.
         logprobs_mode="raw_logprobs",
-        quantization=config.quantization or None,
+        quantization=getattr(config, "quantization", "") or None,
     )
     chunked = config.enable_chunked_prefill
     if chunked is None and not torch.cuda.is_available():
@@ -68,6 +81,29 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = config.enable_sleep_mode
+    return kwargs
+
+
+def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
+    """Start a vLLM engine inside this process (the trainer's engines and the eval tool).
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this process, so
+    `collective_rpc("reload_weights", weights_iterator=...)` receives our tensors (and
+    generator) directly instead of through vLLM's serialising RPC. vLLM reads the variable
+    when the engine is built, so it is set here, once, before that. On CPU the KV cache size
+    is set too (`cpu_kvcache_gib`), read by vLLM at engine start.
+    """
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        raise RuntimeError(
+            "VLLM_ENABLE_V1_MULTIPROCESSING is set to a non-zero value; in-process weight "
+            "reloads need the engine core in this process (unset it or set it to 0)"
+        )
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gib(config))
+    kwargs = engine_kwargs(config, seed)
+    from vllm import LLM
+
     return LLM(**kwargs)
 
 
