@@ -6,7 +6,15 @@ exact integers computed from the generated operands with the usual precedence (*
 -, left to right); nothing is ever evaluated from text.
 
 Train and eval never overlap: an expression's split is a hash of its text, so the same
-expression lands in the same split whatever the seed, level or count.
+expression lands in the same split whatever the seed, level or count. The tiny policy's
+supervised warm start draws from the train side of the same hash, so held-out expressions
+are new to it too.
+
+Levels 1-5 are the original task (the default run uses level 1). Levels 6-10 are the graded
+task (`GRADED_LEVELS`, version `GRADED_VERSION`): two-operand addition and subtraction graded
+by operand digits and by the number of carries / borrows of column arithmetic, from
+"43+5" (none) to "68+57" (two carries). Its held-out set is pinned by a hash in
+tests/test_arithmetic_graded.py: changing the generator changes the version.
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ class Level:
     """Operators drawn from."""
     max_operand: int
     """Operands are drawn from 0..max_operand."""
+    digits: tuple[int, ...] | None = None
+    """Graded levels: digits of each operand (1: 0..9, 2: 10..99), instead of max_operand."""
+    carries: tuple[int, ...] | None = None
+    """Graded levels: the allowed numbers of carries (+) or borrows (-) of column arithmetic;
+    a subtraction keeps its larger operand first (answers stay >= 0)."""
 
 
 LEVELS: dict[int, Level] = {
@@ -39,7 +52,22 @@ LEVELS: dict[int, Level] = {
     3: Level(2, "+-*", 20),
     4: Level(3, "+-*", 99),
     5: Level(4, "+-*", 999),
+    # The graded task (version GRADED_VERSION): 2-digit +- 1-digit, then 2-digit +- 2-digit,
+    # by carries / borrows.
+    6: Level(1, "+-", 99, digits=(2, 1), carries=(0,)),  # 43+5, 47-3
+    7: Level(1, "+-", 99, digits=(2, 1), carries=(1,)),  # 47+5, 43-8
+    8: Level(1, "+-", 99, digits=(2, 2), carries=(0,)),  # 43+25, 68-25
+    9: Level(1, "+-", 99, digits=(2, 2), carries=(1,)),  # 47+25, 81+42, 63-28
+    10: Level(1, "+", 99, digits=(2, 2), carries=(2,)),  # 68+57: two carries
 }
+
+GRADED_LEVELS: tuple[int, ...] = (6, 7, 8, 9, 10)
+"""The graded task's levels, easiest first."""
+GRADED_VERSION = 1
+"""Version of the graded task: bumped whenever its problems change."""
+GRADED_NUM_EVAL = 400
+"""Size of the graded task's pinned held-out set (seed 0). A smaller data.num_eval gives a
+prefix of it."""
 
 
 @dataclass(frozen=True)
@@ -98,9 +126,39 @@ def split_of(expression: str, eval_fraction: float) -> Split:
     return "eval" if h % 1_000_000 < eval_fraction * 1_000_000 else "train"
 
 
+def column_carries(a: int, b: int, op: str) -> int:
+    """Carries of a + b, or borrows of a - b (a >= b >= 0), in base-10 column arithmetic."""
+    if op == "-" and a < b:
+        raise ValueError(f"column_carries: {a}-{b} is negative")
+    count, carry = 0, 0
+    while a or b:
+        da, db = a % 10, b % 10
+        if op == "+":
+            carry = 1 if da + db + carry >= 10 else 0
+        else:
+            carry = 1 if da - db - carry < 0 else 0
+        count += carry
+        a, b = a // 10, b // 10
+    return count
+
+
+def _graded_problem(rng: random.Random, spec: Level) -> tuple[str, int]:
+    # Rejection sampling within the level: every draw comes from the same seeded stream, so
+    # the problems are a pure function of (seed, split, levels).
+    while True:
+        a, b = (rng.randint(0 if d == 1 else 10 ** (d - 1), 10**d - 1) for d in spec.digits)
+        op = rng.choice(spec.ops)
+        if op == "-" and a < b:
+            a, b = b, a
+        if column_carries(a, b, op) in spec.carries:
+            return render([a, b], [op]), evaluate([a, b], [op])
+
+
 def random_problem(rng: random.Random, level: int) -> tuple[str, int]:
     """(expression, answer) at `level`."""
     spec = LEVELS[level]
+    if spec.digits is not None:
+        return _graded_problem(rng, spec)
     operands = [rng.randint(0, spec.max_operand) for _ in range(spec.num_ops + 1)]
     ops = [rng.choice(spec.ops) for _ in range(spec.num_ops)]
     if level == 2 and ops[0] == "-" and operands[0] < operands[1]:
