@@ -122,3 +122,95 @@ def pass_at_k_curve(
     ks = default_ks(int(n.min())) if ks is None else list(ks)
     # math.fsum: the mean of hundreds of values in [0, 1] then does not depend on their order.
     return {int(k): math.fsum(pass_at_k_array(n, c, k).tolist()) / len(pairs) for k in ks}
+
+
+# ---- confidence intervals: bootstrap over problems and seeds ----
+
+
+def pass_at_k_grid(n: int, correct: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """[S, P, K] pass@k of every (seed, problem) for each k: `correct` is [S, P] counts of
+    correct samples out of n (S seeds, i.e. independent runs, each evaluated on P problems)."""
+    c = np.asarray(correct)
+    if c.ndim != 2 or c.size == 0:
+        raise ValueError(f"correct must be a non-empty [seeds, problems] array, got {c.shape}")
+    flat = c.reshape(-1)
+    out = np.stack([pass_at_k_array(np.full(flat.shape, n), flat, k) for k in ks], axis=-1)
+    return out.reshape(*c.shape, len(ks))
+
+
+def bootstrap_pass_at_k(
+    arms: dict[str, tuple[int, np.ndarray]],
+    ks: Sequence[int],
+    *,
+    reference: str | None = None,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Mean pass@k per arm with a percentile bootstrap interval over problems and seeds, and
+    each arm's difference to `reference` with its interval.
+
+    arms: name -> (n, correct[S, P]); every arm is evaluated on the same P problems, in the
+    same order (S may differ). One resample draws P problems with replacement, shared by all
+    arms (the problems are common, so differences are paired over problems), and, per arm,
+    S of its seeds with replacement (the runs are independent). Only the ks <= n of an arm
+    are reported for it; differences use the ks both arms have.
+
+    Returns {arm: {"seeds": S, "pass": {k: (mean, low, high)}, "diff": {k: (d, low, high)}}}.
+    """
+    if not arms:
+        raise ValueError("bootstrap_pass_at_k: no arms")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_pass_at_k: level={level} must be in (0, 1)")
+    if resamples < 1:
+        raise ValueError(f"bootstrap_pass_at_k: resamples={resamples} must be >= 1")
+    problems = {name: np.asarray(c).shape[-1] for name, (_, c) in arms.items()}
+    if len(set(problems.values())) != 1:
+        raise ValueError(f"bootstrap_pass_at_k: arms differ in problem count: {problems}")
+    if reference is not None and reference not in arms:
+        raise ValueError(f"bootstrap_pass_at_k: reference {reference!r} is not an arm")
+    n_problems = next(iter(problems.values()))
+    arm_ks = {name: [k for k in ks if k <= n] for name, (n, _) in arms.items()}
+    grids = {name: pass_at_k_grid(n, c, arm_ks[name]) for name, (n, c) in arms.items()}
+    rng = np.random.default_rng(seed)
+    # Multinomial counts are the resampling weights: a problem drawn twice counts twice.
+    u = rng.multinomial(n_problems, np.full(n_problems, 1.0 / n_problems), size=resamples)
+    boots: dict[str, np.ndarray] = {}
+    for name, g in grids.items():
+        s = g.shape[0]
+        w = rng.multinomial(s, np.full(s, 1.0 / s), size=resamples)  # [R, S]
+        # mean over the resampled grid: sum_s sum_p w_s u_p g[s, p, k] / (S P), for each r
+        per_seed = np.einsum("rp,spk->rsk", u, g)  # [R, S, K]
+        boots[name] = np.einsum("rs,rsk->rk", w, per_seed) / (s * n_problems)
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+    out: dict[str, dict] = {}
+    for name, g in grids.items():
+        means = g.mean(axis=(0, 1))
+        b = boots[name]
+        out[name] = {
+            "seeds": g.shape[0],
+            "pass": {
+                k: (
+                    float(means[j]),
+                    float(np.quantile(b[:, j], lo_q)),
+                    float(np.quantile(b[:, j], hi_q)),
+                )
+                for j, k in enumerate(arm_ks[name])
+            },
+            "diff": {},
+        }
+        if reference is None or name == reference:
+            continue
+        ref_ks = arm_ks[reference]
+        ref_means = grids[reference].mean(axis=(0, 1))
+        for j, k in enumerate(arm_ks[name]):
+            if k not in ref_ks:
+                continue
+            jr = ref_ks.index(k)
+            d = boots[name][:, j] - boots[reference][:, jr]
+            out[name]["diff"][k] = (
+                float(means[j] - ref_means[jr]),
+                float(np.quantile(d, lo_q)),
+                float(np.quantile(d, hi_q)),
+            )
+    return out
