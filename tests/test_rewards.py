@@ -62,6 +62,60 @@ def test_find_boxes_nested_and_escaped_braces():
     assert last_boxed("no box") is None
 
 
+def _reference_find_boxes(text: str) -> list[tuple[int, int, str]]:
+    """The earlier quadratic algorithm, kept as the reference: each box's brace is matched
+    by its own scan from that brace (escapes skipped); a closed box hides the ones inside."""
+    import re
+
+    out, pos = [], 0
+    while (m := re.compile(r"\\(?:boxed|fbox)\s*\{").search(text, pos)) is not None:
+        depth, i, close = 0, m.end() - 1, None
+        while i < len(text):
+            c = text[i]
+            if c == "\\":
+                i += 2
+                continue
+            depth += (c == "{") - (c == "}")
+            if c == "}" and depth == 0:
+                close = i
+                break
+            i += 1
+        if close is None:
+            pos = m.end()
+            continue
+        out.append((m.start(), close + 1, text[m.end() : close]))
+        pos = close + 1
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["\\boxed{", "\\fbox {", "{", "}", "\\", "\\{", "a", " ", "\n"]),
+        max_size=40,
+    )
+)
+def test_find_boxes_matches_reference_algorithm(tokens):
+    text = "".join(tokens)
+    assert [(b.start, b.end, b.content) for b in find_boxes(text)] == _reference_find_boxes(text)
+
+
+def test_answer_scan_is_linear_and_bounded():
+    # 140 KB of unclosed boxes took 136 s with the per-box scan (quadratic).
+    runaway = "\\boxed{" * 20_000
+    t0 = time.perf_counter()
+    assert check_answer(runaway, "5").zero_reason == "no_answer"
+    assert check_answer(runaway + "\\boxed{5}", "5").answer == "5"
+    assert time.perf_counter() - t0 < 0.5
+    # Bounded: only the last MAX_SCAN_CHARS characters are scanned, so a box at the end of a
+    # megabyte of text is found and one before that tail is not.
+    from megatron_agpo.rewards.answer import MAX_SCAN_CHARS
+
+    filler = "x" * (MAX_SCAN_CHARS + 10)
+    assert check_answer("\\boxed{5}" + filler, "5").zero_reason == "no_answer"
+    assert check_answer("y" * 1_000_000 + "\\boxed{7}", "7").answer == "7"
+
+
 _balanced = st.recursive(
     st.text(alphabet="ab1+ ", max_size=4),
     lambda inner: st.builds(lambda a, b: "{" + a + "}" + b, inner, inner),
