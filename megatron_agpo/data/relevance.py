@@ -361,6 +361,7 @@ PRODUCT_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "kettle": ("kitchen", ("filter", "base")),
 }
 MODELS = ("x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8", "x9")
+COLOURS = ("red", "blue", "black", "white")
 
 
 def near_miss(brand: str) -> str:
@@ -380,7 +381,7 @@ class SyntheticConfig:
     """Queries per split: warmstart, train, eval, pool, test (splits share no query)."""
     pairs_per_query: int = 10
     """Items judged per query (the ranking list of NDCG@10)."""
-    mix: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.2, 0.3])
+    mix: list[float] = field(default_factory=lambda: [0.3, 0.3, 0.15, 0.25])
     """Share of Exact, Substitute, Complement, Irrelevant items per query (drawn)."""
     hard_fraction: float = 0.5
     """Share of Substitute, Complement and Irrelevant items drawn as hard cases: near-miss
@@ -412,7 +413,9 @@ def _item(kind: str, brand: str, ptype: str, model_or_acc: str, rng: random.Rand
             "brand": brand,
             "type": ptype,
             "model": model_or_acc,
-            "title": f"{brand} {ptype} {model_or_acc}",
+            # A colour makes several Exact items per query possible (the same product, in
+            # another colour, is still the product asked for).
+            "title": f"{brand} {ptype} {model_or_acc} {rng.choice(COLOURS)}",
             "category": cat,
             "price": float(rng.randrange(50, 900)),
         }

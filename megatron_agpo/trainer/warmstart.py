@@ -44,13 +44,18 @@ def _key(model: ModelSection, data: DataSection) -> str:
         )
     }
     fields.update(levels=list(data.warmstart_levels), seed=data.seed, version=2)
+    if data.kind == "relevance":  # the arithmetic key (and its cached folder) stays as it was
+        from megatron_agpo.data.relevance import warmstart_fingerprint
+
+        fields["relevance"] = warmstart_fingerprint(data)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def tiny_policy_dir(model: ModelSection, data: DataSection, log=print) -> Path:
     """The warm-started tiny model's HF folder, built on first use and cached."""
     root = Path(os.path.expanduser(model.cache_dir))
-    out = root / f"tiny-arith-{_key(model, data)}"
+    task = "relevance" if data.kind == "relevance" else "arith"
+    out = root / f"tiny-{task}-{_key(model, data)}"
     if (out / "config.json").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
@@ -103,18 +108,23 @@ def _build_and_warm_start(model: ModelSection, data: DataSection, out: Path, log
         torch_dtype="float32",
     )
     lm = LlamaForCausalLM(config)
-    train = generate_arithmetic(
-        ArithmeticConfig(
-            levels=tuple(data.warmstart_levels), seed=data.seed + 1, num_train=4000, num_eval=64
-        ),
-        "train",
-    )
-    held = generate_arithmetic(
-        ArithmeticConfig(
-            levels=tuple(data.warmstart_levels), seed=data.seed + 1, num_eval=64, num_train=1
-        ),
-        "eval",
-    )
+    if data.kind == "relevance":  # a small labelled split of query-item pairs
+        from megatron_agpo.data.relevance import warmstart_examples
+
+        train, held = warmstart_examples(data)
+    else:
+        train = generate_arithmetic(
+            ArithmeticConfig(
+                levels=tuple(data.warmstart_levels), seed=data.seed + 1, num_train=4000, num_eval=64
+            ),
+            "train",
+        )
+        held = generate_arithmetic(
+            ArithmeticConfig(
+                levels=tuple(data.warmstart_levels), seed=data.seed + 1, num_eval=64, num_train=1
+            ),
+            "eval",
+        )
 
     def encode(ex) -> tuple[list[int], int]:
         prompt = [tok.bos_token_id] + tok.encode(ex.problem, add_special_tokens=False)
