@@ -12,7 +12,7 @@
 # Everything lives under $AGPO_SLURM_DIR (default /tmp/agpo-slurm): slurm.conf, gres.conf,
 # state, spool, logs and pid files. Clients find the cluster through SLURM_CONF, which `env`
 # prints. Besides the real node (`localhost`, partition `debug`, the default) the config
-# declares eight powered-down CLOUD nodes gpu[1-8] with 8 GPUs each (partition `gpu`): they
+# declares sixteen powered-down CLOUD nodes gpu[1-16] with 8 GPUs each (partition `gpu`): they
 # never run anything, but let the real controller check a multi-node GPU job's directives with
 # `sbatch --test-only` (slurm/agpo_70b.sh).
 #
@@ -92,12 +92,12 @@ ResumeProgram=/bin/true
 SuspendTime=INFINITE
 # The cloud nodes come first: slurmctld 22.05 stops with "Duplicated NodeHostName" when a
 # node range follows NodeName=localhost.
-NodeName=gpu[1-8] CPUs=64 RealMemory=1000000 Gres=gpu:8 State=CLOUD
+NodeName=gpu[1-16] CPUs=64 RealMemory=1000000 Gres=gpu:8 State=CLOUD
 NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=gpu[1-8] MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=gpu[1-16] MaxTime=INFINITE State=UP
 EOF
-    echo "NodeName=gpu[1-8] Name=gpu Count=8" >"$DIR/etc/gres.conf"
+    echo "NodeName=gpu[1-16] Name=gpu Count=8" >"$DIR/etc/gres.conf"
 }
 
 pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
