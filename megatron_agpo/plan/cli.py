@@ -33,7 +33,9 @@ def render(plan: Plan, source: str) -> str:
         f"micro-batch={lay.micro_batch} distributed optimizer="
         f"{'on' if lay.distributed_optimizer else 'off'} {lay.params_dtype} fp8={lay.fp8} "
         f"offload={'on' if lay.offload_optimizer else 'off'}",
-        f"rollout: {lay.rollout_mode}, {lay.engines} engine(s) x TP {lay.engine_tp}, memory "
+        f"rollout: {lay.rollout_mode}"
+        f"{f' on {lay.rollout_gpus} GPUs of their own' if lay.engines_on_own_gpus else ''}, "
+        f"{lay.engines} engine(s) x TP {lay.engine_tp}, memory "
         f"fraction {lay.engine_memory_fraction:g}, context {lay.context_len}, "
         f"{lay.prompts} prompts x {lay.samples_per_prompt} samples, max {lay.max_new_tokens} new "
         f"tokens",

@@ -50,6 +50,9 @@ class Layout:
     engine_dtype: str
     engine_quantization: str
     engine_sleeps_in_training: bool
+    engines_on_own_gpus: bool
+    """rollout.engine.launch=external: the engines run on GPUs of their own (other nodes), not
+    beside the trainer's ranks."""
     enforce_eager: bool
     sync_channel: str
     context_len: int
@@ -67,6 +70,11 @@ class Layout:
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def rollout_gpus(self) -> int:
+        """GPUs the engines use beyond the trainer's (0 when they share the trainer's)."""
+        return self.engines * self.engine_tp if self.engines_on_own_gpus else 0
 
     @property
     def dp(self) -> int:
@@ -106,6 +114,8 @@ class Layout:
             # The loop puts the colocated engine to sleep while the trainer works (weights
             # offloaded, KV cache freed); replicas keep their memory.
             engine_sleeps_in_training=r.mode == "colocated" and e.enable_sleep_mode,
+            engines_on_own_gpus=r.mode == "replicas"
+            and getattr(e, "launch", "spawn") == "external",
             enforce_eager=e.enforce_eager,
             sync_channel=e.sync_channel,
             context_len=e.max_model_len,
@@ -348,8 +358,10 @@ def stage_memory(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection
         activations=acts,
         logits=logits,
         reference=sp.total * mem.DTYPE_BYTES[lay.params_dtype] if lay.reference_model else 0.0,
-        rollout=share,
-        rollout_in_training=0.0 if lay.engine_sleeps_in_training else share,
+        rollout=0.0 if lay.engines_on_own_gpus else share,
+        rollout_in_training=0.0
+        if lay.engine_sleeps_in_training or lay.engines_on_own_gpus
+        else share,
         overhead=c.overhead_gib * GIB,
         kv_cache_tokens=max(0, int(kv_tokens)),
     )
@@ -374,8 +386,14 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     tp_bw = nvlink if lay.tp <= lay.gpus_per_node else net
     dp_bw = nvlink if lay.tp * lay.cp * lay.dp <= lay.gpus_per_node else net
     pp_bw = nvlink if world <= lay.gpus_per_node else net
-    fwd = lay.samples * st.forward_flops(arch, seq)
-    tokens_group = lay.samples * seq / (lay.dp * lay.cp)  # tokens through each TP group
+    fwd_seq = st.forward_flops(arch, seq)
+    fwd = lay.samples * fwd_seq
+    # Rows each data-parallel rank trains on per mini-batch (and in a log-prob pass): with more
+    # ranks than rows, some idle, which is where adding GPUs stops paying.
+    rows = math.ceil(lay.samples / (lay.mini_batches * lay.dp)) * lay.mini_batches
+    rows_f = math.ceil(lay.samples / lay.dp)
+    mp_peak = lay.tp * lay.pp * lay.cp * peak  # one model replica's FLOP/s
+    tokens_group = rows * seq / lay.cp  # tokens through each TP group
     act_bytes = mem.DTYPE_BYTES[lay.params_dtype]
 
     def tp_comm(collectives_per_layer: int) -> float:
@@ -389,7 +407,7 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
 
     # Training: ppo_epochs passes; an optimizer step per mini-batch.
     train_fwds = st.train_flops_factor(lay.recompute)
-    compute = lay.ppo_epochs * train_fwds * fwd / (world * peak)
+    compute = lay.ppo_epochs * train_fwds * rows * fwd_seq / mp_peak
     m = _micro_batches(lay, seq, per_optimizer_step=True)
     bubble = compute * st.pipeline_bubble(lay.pp, lay.vp, m)
     colls = 6 if lay.recompute == "full" else 4
@@ -406,7 +424,7 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
 
     # Log-prob passes: forward only.
     passes = int(lay.recompute_old_logp) + int(lay.reference_model)
-    f_compute = fwd / (world * peak)
+    f_compute = rows_f * fwd_seq / mp_peak
     m_f = _micro_batches(lay, seq, per_optimizer_step=False)
     logprobs = passes * (
         f_compute * (1 + st.pipeline_bubble(lay.pp, 1, m_f)) + tp_comm(2) + pp_comm(1)
@@ -447,7 +465,8 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     if lay.rollout_mode == "colocated":
         send = weight_bytes / (gpu.hbm_gb_s * c.hbm_efficiency * 1e9)
     elif lay.sync_channel == "collective":
-        send = weight_bytes / ((net if world > lay.gpus_per_node else nvlink) * 1e9)
+        cross = world > lay.gpus_per_node or lay.engines_on_own_gpus
+        send = weight_bytes / ((net if cross else nvlink) * 1e9)
     else:
         send = weight_bytes * lay.engines / (c.host_copy_gb_s * 1e9)
     refit = gather + send
@@ -501,7 +520,7 @@ def make_plan(lay: Layout, arch: ModelConfig, c: ClusterSection, model_name: str
             f"{m.stage}) > {gpu.memory_gib:.1f} GiB; largest term: {largest} "
             f"{gib[largest]:.1f} GiB"
         )
-    if lay.engines * lay.engine_tp > lay.world:
+    if lay.engines * lay.engine_tp > lay.world and not lay.engines_on_own_gpus:
         # Memory above is per GPU with one engine share; more engines than GPUs is a second,
         # separate reason not to fit.
         fits = False
@@ -524,7 +543,7 @@ def make_plan(lay: Layout, arch: ModelConfig, c: ClusterSection, model_name: str
         memory_by_phase_gib={k: v / GIB for k, v in totals.items()},
         kv_cache_tokens=m.kv_cache_tokens,
         step_time_s=times,
-        tokens_per_s_per_gpu=tokens / (times["total"] * lay.world),
+        tokens_per_s_per_gpu=tokens / (times["total"] * (lay.world + lay.rollout_gpus)),
         train_mfu=mfu,
         assumptions=assumptions(lay, c, gpu),
     )
@@ -551,7 +570,9 @@ def assumptions(lay: Layout, c: ClusterSection, gpu: GpuSpec) -> list[str]:
         f"gives it {lay.engine_memory_fraction:g} of its memory (weights, "
         f"{ENGINE_RESERVE_GIB:g} GiB reserve, KV cache); "
         + (
-            "asleep during training (colocated, sleep mode)"
+            f"on {lay.rollout_gpus} GPUs of their own (launch=external), counted in tokens/s/GPU"
+            if lay.engines_on_own_gpus
+            else "asleep during training (colocated, sleep mode)"
             if lay.engine_sleeps_in_training
             else "kept during training"
         ),
@@ -591,12 +612,17 @@ def search(base: Layout, arch: ModelConfig, c: ClusterSection, top: int = 10) ->
             if world % (tp * pp * base.cp):
                 continue
             for mbs in (1, 2, 4):
-                for etp in tps:
+                # Engines on their own GPUs keep their deployment; shared ones get one
+                # share on every trainer GPU.
+                etps = [base.engine_tp] if base.engines_on_own_gpus else tps
+                for etp in etps:
                     for frac in (0.3, 0.4, 0.5, 0.6, 0.7):
+                        engines = base.engines
+                        if not base.engines_on_own_gpus:
+                            engines = world // etp if base.rollout_mode == "replicas" else 1
                         lay = dataclasses.replace(
                             base, tp=tp, pp=pp, sequence_parallel=tp > 1, micro_batch=mbs,
-                            engine_tp=etp, engine_memory_fraction=frac,
-                            engines=world // etp if base.rollout_mode == "replicas" else 1,
+                            engine_tp=etp, engine_memory_fraction=frac, engines=engines,
                         )  # fmt: skip
                         try:
                             p = make_plan(lay, arch, c)
