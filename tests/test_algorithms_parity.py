@@ -23,6 +23,7 @@ from megatron_agpo.algorithms.policy_loss import (
     aggregation_weights,
     resolve_norm_constant,
     sequence_log_ratio,
+    sequence_log_ratio_flat,
 )
 
 
@@ -141,6 +142,15 @@ def test_gspo_ratio_is_per_sequence():
         PolicyLossConfig(ratio_level="sequence"), seq_log_ratio=slr,
     )  # fmt: skip
     torch.testing.assert_close(tl.ratio[:, 0], slr[:, 0].exp(), rtol=1e-14, atol=0)
+
+
+def test_gspo_flat_layout_matches_the_padded_one():
+    # The fused kernel sees [N] token vectors with a row id per token.
+    logp, old, _, mask = gspo_batch()
+    row = torch.arange(logp.shape[0])[:, None].expand_as(logp).reshape(-1)
+    flat = sequence_log_ratio_flat(logp.reshape(-1), old.reshape(-1), row, mask.reshape(-1))
+    expect = sequence_log_ratio(logp, old, mask).reshape(-1)
+    torch.testing.assert_close(flat, expect, rtol=0, atol=1e-14)
 
 
 def test_gspo_without_the_sequence_ratio_is_a_clear_error():

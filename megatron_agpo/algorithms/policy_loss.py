@@ -232,6 +232,21 @@ def sequence_log_ratio(
     return per_row.expand_as(logp)
 
 
+def sequence_log_ratio_flat(
+    logp: torch.Tensor, old_logp: torch.Tensor, row: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """`sequence_log_ratio` for flat token vectors [N] (the fused kernel's layout): row[i] is
+    the sequence of token i, valid[i] whether it is a response token. Returns [N], detached;
+    a fully invalid row gives 0. The rows' tokens must all be in this call."""
+    check_same_shape(logp=logp, old_logp=old_logp, row=row, valid=valid)
+    rows = int(row.max()) + 1 if row.numel() else 0
+    v = valid.to(logp.dtype)
+    diff = torch.where(valid.bool(), (logp - old_logp).detach(), torch.zeros_like(logp))
+    num = torch.zeros(rows, dtype=logp.dtype, device=logp.device).index_add_(0, row, diff * v)
+    den = torch.zeros(rows, dtype=logp.dtype, device=logp.device).index_add_(0, row, v)
+    return (num / den.clamp(min=1.0))[row]
+
+
 def resolve_norm_constant(cfg: PolicyLossConfig, max_new_tokens: int) -> float:
     """The constant C of seq-sum-constant: cfg.norm_constant if set, else the maximum response
     length (Dr. GRPO's MAX_TOKENS). Fixed for a run, unlike a batch's padded length, so the
