@@ -2,7 +2,7 @@
 # The GPU check: one script, under 8 minutes on one H100/H200, that runs what only a GPU
 # machine can and writes what it found as JSON + markdown (docs/GPU.md).
 #
-#   scripts/gpu_check.sh [OUT_DIR]          # default: $OUT, else ./gpu_check_out
+#   scripts/gpu_check.sh [OUT_DIR]          # default: $OUT, else ${TMPDIR:-/tmp}/gpu_check
 #   GPU_CHECK_DRY_RUN=1 scripts/gpu_check.sh /tmp/x   # every GPU step skipped: the report path
 #   scripts/gpu_check.sh --prepare-wheels DIR         # on a machine with an index: wheels to carry
 #   scripts/gpu_check.sh --report-only OUT_DIR        # rewrite the report from OUT_DIR's files
@@ -24,19 +24,25 @@ ROOT=$PWD
 if [[ ${1:-} == "--prepare-wheels" ]]; then
     dir=${2:?usage: scripts/gpu_check.sh --prepare-wheels DIR}
     # Pure-Python and cp312 manylinux wheels of what the GPU tier imports besides torch
-    # (which the GPU machine has). --no-deps: torch and the CUDA wheels must not come along.
+    # (which the GPU machine has), at constraints-gpu.txt's versions. --no-deps: torch and
+    # the CUDA wheels must not come along. About 50 MB.
     PY=${PYTHON:-python3}
+    # hydra's antlr4 runtime is published as source only: build its (pure-Python) wheel here.
+    "$PY" -m pip wheel --quiet --no-deps -w "$dir" antlr4-python3-runtime==4.9.3
     "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
         --platform any -d "$dir" \
         megatron-core==0.16.1 transformers==5.19.0 tokenizers==0.23.3 safetensors==0.8.0 \
         huggingface_hub==2.4.0 hf-xet==1.8.0 hydra-core==1.3.8 omegaconf==2.3.1 \
-        antlr4-python3-runtime==4.9.3 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
-        sympy==1.14.0 mpmath==1.3.0 regex==2026.11.19 tqdm==4.70.1 PyYAML==6.0.4 \
+        math-verify==0.9.0 latex2sympy2_extended==1.11.0 sympy==1.14.0 mpmath==1.3.0 \
+        regex==2026.11.19 tqdm==4.70.1 PyYAML==6.0.4 \
         packaging==26.4 einops==0.8.2 pytest==9.2.0 pytest-timeout==2.4.0 iniconfig==2.3.1 \
         pluggy==1.7.0 Pygments==2.21.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 anyio==4.16.0 \
         sniffio==1.3.1 certifi==2026.10.19.post1 idna==3.20 typer==0.29.2 click==8.5.1 \
-        shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 annotated-doc==0.0.7
+        shellingham==1.5.4 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 annotated-doc==0.0.7 \
+        numpy==2.3.5 httpx2==2.16.2 httpcore2==2.16.2 pydantic==2.14.4 pydantic_core==2.50.5 \
+        annotated-types==0.8.0 typing-inspection==0.4.5 filelock==4.3.1 fsspec==2026.9.0 \
+        typing_extensions==4.16.0 truststore==0.10.5
     du -sh "$dir"
     exit 0
 fi
@@ -134,7 +140,7 @@ if [[ ${1:-} == "--report-only" ]]; then
     exit $?
 fi
 
-OUT_DIR=${1:-${OUT:-$ROOT/gpu_check_out}}
+OUT_DIR=${1:-${OUT:-${TMPDIR:-/tmp}/gpu_check}}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 DRY=${GPU_CHECK_DRY_RUN:-0}
