@@ -222,3 +222,14 @@ def test_trainer_section_hands_fp8_fields_to_the_model_builder():
                     "first_last_layers_bf16": True}  # fmt: skip
     assert _cfg(**over).fp8 == "hybrid"
     assert ModelSection().megatron_overrides()["fp8"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA here: FP8 rollouts may work")
+def test_fp8_rollouts_on_cpu_are_refused_by_key():
+    cfg = TrainConfig()
+    cfg.rollout.engine.quantization = "fp8"
+    problems = cfg.problems()
+    assert any(p.startswith("rollout.engine.quantization=fp8 needs vLLM on a CUDA GPU")
+               for p in problems), problems  # fmt: skip
+    cfg.rollout.engine.quantization = ""
+    assert not any("quantization" in p for p in cfg.problems())
