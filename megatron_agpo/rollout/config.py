@@ -64,6 +64,11 @@ class RolloutConfig:
     """A weight sync raises if it has not completed on every replica by then."""
     verify_tolerance: float = 1e-4
     """Max |engine - reference| prompt log-prob accepted by `sync_and_verify` (fp32 CPU)."""
+    quantization: str = ""
+    """vLLM `quantization=`: "" (the checkpoint's dtype) or "fp8" (FP8 weights, quantized
+    online at load and at every weight sync; CUDA GPUs of compute capability 8.9+). The
+    trainer then corrects with truncated importance sampling
+    (`megatron_agpo.models.precision.needs_tis`)."""
 
     def __post_init__(self) -> None:
         self.replica_cuda_devices = tuple(self.replica_cuda_devices)
@@ -82,7 +87,11 @@ class RolloutConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r} is out of range")
-        choices = {"sync_channel": ("zmq", "collective"), "sync_backend": ("auto", "gloo", "nccl")}
+        choices = {
+            "sync_channel": ("zmq", "collective"),
+            "sync_backend": ("auto", "gloo", "nccl"),
+            "quantization": ("", "fp8"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
