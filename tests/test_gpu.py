@@ -167,7 +167,7 @@ def test_two_adam_steps_on_cuda_match_transformers(cuda_world, llama_dir):
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (scripts/setup.sh --gpu)")
 def test_agpo_train_two_steps_colocated_on_one_gpu(tmp_path):
     """`agpo-train` end to end on one GPU: TP=1, vLLM colocated in the trainer's process,
-    two AGPO steps; the trainer-engine log-prob gap stays at fp32 noise."""
+    two AGPO steps; the trainer-engine log-prob gap stays at numerical noise."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "megatron_agpo.train", "nproc=1", "parallel.tensor_parallel=1",
            "rollout=colocated", "trainer.steps=2", "trainer.eval_every=0",
@@ -175,13 +175,16 @@ def test_agpo_train_two_steps_colocated_on_one_gpu(tmp_path):
            "rollout.engine.dtype=float32", "rollout.engine.gpu_memory_utilization=0.3",
            f"logging.run_dir={run_dir}", "logging.tensorboard=false",
            "logging.progress=false"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, MASTER_PORT=str(free_port()))  # one process: no launcher picks it
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r or "train/loss" in r]
     assert len(steps) >= 2
     gaps = [v for r in steps for k, v in r.items() if k.endswith("logp_gap")]
-    assert gaps and max(gaps) < 1e-3, gaps
+    # fp32 on both sides: a working sync leaves kernel-order noise (< 1e-6 on CPU; vLLM's GPU
+    # kernels may use TF32), a broken one a gap of order 1.
+    assert gaps and max(gaps) < 1e-2, gaps
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (scripts/setup.sh --gpu)")
