@@ -2,6 +2,7 @@
 values and closed forms (no engine: the rollout is a stub returning chosen rewards)."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from megatron_agpo.data.iterator import PromptIterator
 from megatron_agpo.train import load_config
 from megatron_agpo.trainer.batch import build_token_batch, plan_micro_batches
 from megatron_agpo.trainer.loop import Timer, Trainer, build_scheduler
+from megatron_agpo.trainer.records import ScoredRollouts
 
 pytestmark = pytest.mark.unit
 
@@ -112,26 +114,30 @@ def test_constant_schedule_keeps_lr_and_config_errors():
 
 
 def _stub_trainer(overrides, reward_rounds):
-    """A Trainer with only what `collect` reads; rollout returns the given rewards per call."""
+    """A Trainer with only what `collect` reads: generation returns the prompts, scoring the
+    given rewards per round."""
     cfg = load_config(["data.prompts_per_step=3", "rollout.n=4", *overrides])
     t = Trainer.__new__(Trainer)
-    t.cfg, t.step, t.rank = cfg, 0, 0
+    t.cfg, t.step, t.rank, t.device = cfg, 0, 0, torch.device("cpu")
     t.data = PromptIterator(list(range(100)), batch_size=3, shuffle=False)
+    t.engine = types.SimpleNamespace(sleep=lambda: None)
     calls = iter(reward_rounds)
 
-    def rollout(prompts, n, step_seed, round_=0):
+    def score(prompts, samples, n):
         r = next(calls)
         ids = [p for p in prompts for _ in range(n)]
-        return {
-            "reward_s": 0.0,
-            "prompts": [[p] for p in ids],
-            "responses": [[p, j] for j, p in enumerate(ids)],
-            "logprobs": [[-1.0, -1.0] for _ in ids],
-            "truncated": [False] * len(ids),
-            "rewards": r,
-        }
+        return ScoredRollouts(
+            prompt_ids=[(p,) for p in ids],
+            response_ids=[(p, j) for j, p in enumerate(ids)],
+            rollout_logp=[(-1.0, -1.0) for _ in ids],
+            truncated=torch.zeros(len(ids), dtype=torch.bool),
+            rewards=torch.tensor(r, dtype=torch.float64),
+            weight_version=0,
+            group_size=n,
+        )
 
-    t.rollout = rollout
+    t.generate = lambda prompts, n, step_seed, round_=0: prompts
+    t.score = score
     return t
 
 
@@ -139,9 +145,10 @@ def test_dynamic_sampling_refills_with_informative_groups_only():
     w, m, r = [0.0] * 4, [1.0, 0, 0, 0], [1.0] * 4  # wrong, mixed, right groups
     rounds = [w + r + r, m + w + r, m + m + w]
     t = _stub_trainer(["trainer.dynamic_sampling=identical_rewards"], rounds)
-    out, rewards, adv, stats = t.collect(Timer())
+    out, stats = t.collect(Timer())
+    rewards, adv = out.rewards, out.advantages
     # Round 1 keeps nothing, round 2 the mixed group (prompt 3), round 3 its two mixed ones.
-    assert [p[0] for p in out["prompts"][::4]] == [3, 6, 7]
+    assert [p[0] for p in out.prompt_ids[::4]] == [3, 6, 7]
     assert len(rewards) == 12 and stats == {
         "groups/sampled": 9, "sampling/rounds": 3, "groups/kept": 3,
         "reward/mean_sampled": pytest.approx(15 / 36, rel=1e-12),  # all 9 groups, not the kept
@@ -151,11 +158,11 @@ def test_dynamic_sampling_refills_with_informative_groups_only():
     torch.testing.assert_close(adv, advantages(kept, 4, "agpo"))
     # A round with more informative groups than needed is cut to the step's size.
     t = _stub_trainer(["trainer.dynamic_sampling=identical_rewards"], [m + r + m, m + m + m])
-    out, _, _, stats = t.collect(Timer())
-    assert [p[0] for p in out["prompts"][::4]] == [0, 2, 3] and stats["groups/sampled"] == 6
+    out, stats = t.collect(Timer())
+    assert [p[0] for p in out.prompt_ids[::4]] == [0, 2, 3] and stats["groups/sampled"] == 6
     t = _stub_trainer(["trainer.dynamic_sampling=zero_advantage"], rounds)
-    out, rewards, _, stats = t.collect(Timer())
-    assert [p[0] for p in out["prompts"][::4]] == [0, 3, 4]  # AGPO keeps all-wrong groups
+    out, stats = t.collect(Timer())
+    assert [p[0] for p in out.prompt_ids[::4]] == [0, 3, 4]  # AGPO keeps all-wrong groups
     assert stats["sampling/rounds"] == 2 and t.data.state_dict()["offset"] == 6
 
 
@@ -170,5 +177,5 @@ def test_dynamic_sampling_with_nothing_kept_is_an_error():
 
 def test_collect_without_dynamic_sampling_is_one_round():
     t = _stub_trainer([], [[1.0] * 12])
-    out, rewards, adv, stats = t.collect(Timer())
-    assert len(rewards) == 12 and stats["groups/kept"] == 3
+    out, stats = t.collect(Timer())
+    assert len(out.rewards) == 12 and stats["groups/kept"] == 3

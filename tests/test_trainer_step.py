@@ -16,7 +16,7 @@ def tiny_hf(tmp_path_factory):
     return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
 
 
-def make_batch(vocab: int, seed: int = 0):
+def make_batch(vocab: int, seed: int = 0, pad_multiple: int = 1):
     g = torch.Generator().manual_seed(seed)
     n_prompts, group = 3, 4
     prompts, responses, lps = [], [], []
@@ -28,7 +28,7 @@ def make_batch(vocab: int, seed: int = 0):
         lps.append((-torch.rand(len(r), generator=g) * 3).tolist())
     rewards = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 1])
     adv = advantages(rewards, group, "agpo", pos_weight=0.5)
-    return build_token_batch(prompts, responses, lps, adv, pad_id=0)
+    return build_token_batch(prompts, responses, lps, adv, pad_id=0, pad_multiple=pad_multiple)
 
 
 def reference_grads(hf_dir, batch, cfg):

@@ -1,7 +1,7 @@
 """The RL math as pure functions on plain tensors: advantages and the policy loss."""
 
 from megatron_agpo.algorithms.advantages import PRESETS, AdvantageConfig, advantages, resolve
-from megatron_agpo.algorithms.filtering import group_rows, informative_groups
+from megatron_agpo.algorithms.filtering import group_rows, informative_groups, overlong_filter
 from megatron_agpo.algorithms.policy_loss import (
     PolicyLossConfig,
     TokenLoss,
@@ -24,6 +24,7 @@ __all__ = [
     "group_rows",
     "informative_groups",
     "kl_estimate",
+    "overlong_filter",
     "policy_loss",
     "polarity_metrics",
     "resolve",

@@ -38,4 +38,21 @@ def informative_groups(
 
 def group_rows(keep: torch.Tensor, n: int) -> torch.Tensor:
     """[B'] the sequence indices of the kept groups, in order."""
-    return (keep.nonzero().flatten()[:, None] * n + torch.arange(n)).flatten()
+    return (keep.nonzero().flatten()[:, None] * n + torch.arange(n, device=keep.device)).flatten()
+
+
+def overlong_filter(
+    loss_mask_BS: torch.Tensor, target_BS: torch.Tensor, truncated_B: torch.Tensor, ignore: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DAPO's overlong filtering: the rows of responses cut at the token limit leave the loss
+    (mask 0, target `ignore`); they still counted in their group's advantages. Returns new
+    (loss_mask, target); the inputs are not modified."""
+    if truncated_B.shape != loss_mask_BS.shape[:1]:
+        raise ValueError(
+            f"truncated {tuple(truncated_B.shape)} needs one flag per row of loss_mask "
+            f"{tuple(loss_mask_BS.shape)}"
+        )
+    cut = truncated_B.to(device=loss_mask_BS.device, dtype=torch.bool)
+    mask = loss_mask_BS.masked_fill(cut[:, None], 0.0)
+    target = target_BS.masked_fill(cut[:, None], ignore)
+    return mask, target

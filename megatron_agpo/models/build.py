@@ -142,9 +142,16 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    spec = layer_spec(cfg)
+    if tcfg.sequence_parallel and not uses_transformer_engine(cfg, detect().transformer_engine):
+        # megatron's local torch norms refuse sequence parallelism; ours only mark their
+        # weights for the TP gradient reduction (megatron_agpo/models/norm.py).
+        from megatron_agpo.models.norm import sequence_parallel_block_spec
+
+        spec = sequence_parallel_block_spec(spec, tcfg)
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=spec,
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

@@ -137,7 +137,7 @@ def _chunk_stats(z_CV, tgt_C, vocab_start, tp_group, tp_size, exp_out, want_entr
     in_range = (local >= 0) & (local < z_CV.shape[1])
     pred = zs.gather(1, local.clamp(0, z_CV.shape[1] - 1)[:, None]).squeeze(1)
     pred = torch.where(in_range, pred, torch.zeros_like(pred))
-    stats = torch.empty(3, z_CV.shape[0], dtype=z_CV.dtype)
+    stats = torch.empty(3, z_CV.shape[0], dtype=z_CV.dtype, device=z_CV.device)
     if want_entropy:
         # sum(e * (z - max)), the entropy's numerator, as one batched dot product (no
         # [C, Vl] product tensor); the exp then moves into the buffer.
@@ -180,7 +180,7 @@ def _grad_from_exp(e_CV, sum_exp, ent, a, b, tgt_C, vocab_start) -> torch.Tensor
 
 def _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, dtype):
     """a = dLoss/dlogp and b = dLoss/dH per token, from the output grads and the saved g, h."""
-    zeros = torch.zeros(ctx.g.shape[0], dtype=dtype)
+    zeros = torch.zeros(ctx.g.shape[0], dtype=dtype, device=ctx.g.device)
     as_cdt = lambda t: zeros if t is None else t.to(dtype)  # noqa: E731
     gl = as_cdt(grad_loss)
     a = gl * ctx.g + as_cdt(grad_logp)
@@ -251,10 +251,12 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         # only other consumer, the output layer's matmul, saves its inputs, not its output).
         cdt = _compute_dtype(logits)
         inplace = inplace and logits.dtype == cdt
-        buf = logits if inplace else torch.empty(n, v_local, dtype=cdt)
+        dev = logits.device
+        buf = logits if inplace else torch.empty(n, v_local, dtype=cdt, device=dev)
         target = target.long()
-        sum_exp, pred, ent = (torch.empty(n, dtype=cdt) for _ in range(3))
-        work = torch.empty(min(chunk_size, n) if compute_entropy else 0, cols, dtype=cdt)
+        sum_exp, pred, ent = (torch.empty(n, dtype=cdt, device=dev) for _ in range(3))
+        rows_w = min(chunk_size, n) if compute_entropy else 0
+        work = torch.empty(rows_w, cols, dtype=cdt, device=dev)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = logits[s:e, :cols].to(cdt)  # a view when already cdt: never written to
@@ -397,9 +399,11 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         cdt = _compute_dtype(hidden)
         w_valid = weight[:cols]
         # [chunk, Vl] workspaces (logits; x log x for the entropy), reused by every chunk.
-        zbuf = torch.empty(min(chunk_size, n), cols, dtype=cdt)
-        work = torch.empty(min(chunk_size, n) if compute_entropy else 0, cols, dtype=cdt)
-        lse, pred, ent = (torch.empty(n, dtype=cdt) for _ in range(3))
+        dev = hidden.device
+        zbuf = torch.empty(min(chunk_size, n), cols, dtype=cdt, device=dev)
+        rows_w = min(chunk_size, n) if compute_entropy else 0
+        work = torch.empty(rows_w, cols, dtype=cdt, device=dev)
+        lse, pred, ent = (torch.empty(n, dtype=cdt, device=dev) for _ in range(3))
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = _chunk_logits(hidden[s:e], w_valid, zbuf[: e - s], cdt)
@@ -444,7 +448,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         if want_w:
             grad_weight = main_grad if main_grad is not None else torch.zeros_like(weight)
         w_valid = weight[: ctx.cols]  # padded vocabulary rows get no gradient
-        zbuf = torch.empty(min(ctx.chunk_size, n), ctx.cols, dtype=cdt)
+        zbuf = torch.empty(min(ctx.chunk_size, n), ctx.cols, dtype=cdt, device=hidden.device)
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h_c = hidden[s:e]
@@ -452,7 +456,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
             z.sub_(ctx.lse[s:e, None]).exp_()  # p, normalised: lse is already global
             dz = _grad_from_exp(
                 z,
-                torch.ones(e - s, dtype=cdt),
+                torch.ones(e - s, dtype=cdt, device=hidden.device),
                 ctx.ent[s:e],
                 a[s:e],
                 b[s:e],

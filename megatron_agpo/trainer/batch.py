@@ -52,11 +52,28 @@ class TokenBatch:
             }
         )
 
-    def trimmed(self) -> TokenBatch:
-        """The same rows without the padding columns no row needs."""
+    def to(self, device: torch.device | str) -> TokenBatch:
+        """Every tensor on `device` (the model's: the step creates nothing elsewhere)."""
+        return TokenBatch(
+            **{
+                f.name: (
+                    None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                )
+                for f in fields(self)
+            }
+        )
+
+    def trimmed(self, multiple: int = 1) -> TokenBatch:
+        """The same rows without the padding columns no row needs; the length is rounded up to
+        a multiple of `multiple` (sequence parallelism splits it over the TP ranks)."""
         if self.seq_lens is None:
             return self
-        s = int(self.seq_lens.max())
+        s = -(-int(self.seq_lens.max()) // multiple) * multiple
+        if s > self.input_ids.shape[1]:
+            raise ValueError(
+                f"batch length {self.input_ids.shape[1]} is not a multiple of {multiple}: build "
+                "it with build_token_batch(..., pad_multiple=...)"
+            )
         return TokenBatch(
             **{
                 f.name: (t[:, :s] if t is not None and t.dim() == 2 else t)
@@ -65,16 +82,23 @@ class TokenBatch:
             }
         )
 
-    def micro_batches(self, max_rows: int, token_budget: int = 0) -> list[MicroBatch]:
+    def micro_batches(
+        self, max_rows: int, token_budget: int = 0, multiple: int = 1
+    ) -> list[MicroBatch]:
         """Split for forward/backward: at most max_rows sequences per micro-batch and, with a
-        token budget, at most token_budget padded tokens (rows x longest row)."""
+        token budget, at most token_budget padded tokens (rows x longest row); each trimmed
+        to its longest row, rounded up to `multiple`."""
         if self.seq_lens is None or token_budget <= 0:
             plan = [
                 list(range(s, min(s + max_rows, len(self)))) for s in range(0, len(self), max_rows)
             ]
         else:
             plan = plan_micro_batches(self.seq_lens.tolist(), max_rows, token_budget)
-        return [MicroBatch(self.select(torch.tensor(rows)).trimmed(), rows) for rows in plan]
+        device = self.input_ids.device
+        return [
+            MicroBatch(self.select(torch.tensor(rows, device=device)).trimmed(multiple), rows)
+            for rows in plan
+        ]
 
     @property
     def advantages_per_token(self) -> torch.Tensor:
@@ -120,8 +144,11 @@ def build_token_batch(
     rollout_logprobs: Sequence[Sequence[float]],
     advantages: torch.Tensor,
     pad_id: int,
+    pad_multiple: int = 1,
 ) -> TokenBatch:
-    """Pack B (prompt, response) pairs; raises naming the row when lengths disagree."""
+    """Pack B (prompt, response) pairs, on the CPU (move the result with `.to(device)`); the
+    padded length is a multiple of `pad_multiple`. Raises naming the row when lengths
+    disagree."""
     b = len(prompts)
     if not (len(responses) == len(rollout_logprobs) == b == advantages.shape[0]):
         raise ValueError(
@@ -134,21 +161,26 @@ def build_token_batch(
         if len(lp) != len(r):
             raise ValueError(f"sequence {i}: {len(lp)} rollout log-probs for {len(r)} tokens")
     s = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    input_ids = torch.full((b, s), pad_id, dtype=torch.long)
-    target = torch.full((b, s), IGNORE_INDEX, dtype=torch.long)
-    rollout = torch.zeros(b, s)
+    s = -(-s // pad_multiple) * pad_multiple
+    input_ids = torch.full((b, s), pad_id, dtype=torch.long, device="cpu")
+    target = torch.full((b, s), IGNORE_INDEX, dtype=torch.long, device="cpu")
+    rollout = torch.zeros(b, s, device="cpu")
     for i, (p, r, lp) in enumerate(zip(prompts, responses, rollout_logprobs, strict=True)):
         seq = list(p) + list(r)
-        input_ids[i, : len(seq)] = torch.tensor(seq)
+        input_ids[i, : len(seq)] = torch.tensor(seq, device="cpu")
         if r:
             first = len(p) - 1  # position whose next token is the first response token
-            target[i, first : first + len(r)] = torch.tensor(list(r))
-            rollout[i, first : first + len(r)] = torch.tensor(list(lp), dtype=torch.float32)
+            target[i, first : first + len(r)] = torch.tensor(list(r), device="cpu")
+            rollout[i, first : first + len(r)] = torch.tensor(
+                list(lp), dtype=torch.float32, device="cpu"
+            )
     return TokenBatch(
         input_ids=input_ids,
         target=target,
         loss_mask=(target != IGNORE_INDEX).float(),
-        advantages=advantages.float(),
+        advantages=advantages.to(device="cpu", dtype=torch.float32),
         rollout_logp=rollout,
-        seq_lens=torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]),
+        seq_lens=torch.tensor(
+            [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], device="cpu"
+        ),
     )

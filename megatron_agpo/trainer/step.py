@@ -42,12 +42,44 @@ def _from_last_stage(obj):
     return box[0]
 
 
+def model_device(model) -> torch.device:
+    """The device this rank's model lives on (every tensor the step creates goes there)."""
+    return next(model.parameters()).device
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def dp_size_and_rank() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1, 0
+    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+
+def sequence_multiple(model) -> int:
+    """Micro-batch lengths must be a multiple of this: with sequence parallelism the TP ranks
+    each hold S / TP positions of the activations."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model)
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
 def _forward(model, mb: TokenBatch) -> torch.Tensor:
-    pos = torch.arange(mb.input_ids.shape[1]).expand_as(mb.input_ids)
-    return model(input_ids=mb.input_ids, position_ids=pos, attention_mask=None)  # [b, S, Vl]
+    ids = mb.input_ids
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    return model(input_ids=ids, position_ids=pos, attention_mask=None)  # [b, S, Vl]
 
 
-def _per_token(logits_BSV, mb: TokenBatch, cfg: PolicyLossConfig, vocab_size: int, old_logp):
+def _per_token(
+    logits_BSV, mb: TokenBatch, cfg: PolicyLossConfig, vocab_size: int, old_logp,
+    compute_entropy: bool = True,
+):  # fmt: skip
     b, s, vl = logits_BSV.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     return fused_vocab_parallel_agpo_loss(
@@ -63,13 +95,17 @@ def _per_token(logits_BSV, mb: TokenBatch, cfg: PolicyLossConfig, vocab_size: in
         # softmax, then the gradient, can be written over them.
         inplace=True,
         vocab_size=vocab_size,
+        compute_entropy=compute_entropy,
     )
 
 
-def _loss_fn(mb: TokenBatch, logits, *, cfg: PolicyLossConfig, vocab_size: int, n_micro: int):
+def _loss_fn(mb: TokenBatch, logits, *, cfg: PolicyLossConfig, vocab_size: int, scale: float):
     out = _per_token(logits, mb, cfg, vocab_size, mb.old_logp)
     b, s = mb.loss_mask.shape
-    loss = (out.loss.view(b, s) * mb.agg_weights).sum() * n_micro
+    # megatron divides each micro-batch's loss by their number and DDP averages gradients over
+    # the data-parallel ranks; the weights already normalise over the global mini-batch, so
+    # `scale` (micro-batches x DP size) undoes both.
+    loss = (out.loss.view(b, s) * mb.agg_weights).sum() * scale
     with torch.no_grad():
         adv = mb.advantages_per_token
         tl = token_loss(
@@ -84,8 +120,9 @@ def _loss_fn(mb: TokenBatch, logits, *, cfg: PolicyLossConfig, vocab_size: int, 
 
 def _logp_fn(mb: TokenBatch, logits, *, vocab_size: int):
     mb = dataclasses.replace(mb, ref_logp=None)  # a plain forward: no KL term
-    out = _per_token(logits.detach(), mb, PolicyLossConfig(), vocab_size, None)
-    return torch.zeros(()), {"logp": out.logp.view(mb.loss_mask.shape)}
+    # No entropy here: nothing reads it, and it costs a pass over the vocabulary.
+    out = _per_token(logits.detach(), mb, PolicyLossConfig(), vocab_size, None, False)
+    return torch.zeros((), device=logits.device), {"logp": out.logp.view(mb.loss_mask.shape)}
 
 
 def _run(model, micro: list[TokenBatch], loss_factory, forward_only: bool) -> list[dict]:
@@ -117,18 +154,47 @@ def _run(model, micro: list[TokenBatch], loss_factory, forward_only: bool) -> li
     )
 
 
+def dp_rows(n_rows: int, dp_size: int, dp_rank: int) -> torch.Tensor:
+    """The rows of an n_rows batch this data-parallel rank works on: contiguous, near-equal
+    shards (sizes differ by at most one, larger first). CPU indices: host-side bookkeeping."""
+    return torch.arange(n_rows, device="cpu").tensor_split(dp_size)[dp_rank]
+
+
+def _gather_rows(local_BS: torch.Tensor, n_rows: int, dp_size: int) -> torch.Tensor:
+    """Every DP rank's shard of a [rows, S] tensor, reassembled as [n_rows, S] on every rank.
+
+    Shards are padded to the largest size so one all_gather_into_tensor moves them (NCCL and
+    gloo both take it; no pickling)."""
+    if dp_size == 1:
+        return local_BS
+    sizes = [len(r) for r in torch.arange(n_rows, device="cpu").tensor_split(dp_size)]
+    most = max(sizes)
+    pad = local_BS.new_zeros((most, local_BS.shape[1]))
+    pad[: local_BS.shape[0]] = local_BS
+    out = local_BS.new_empty((dp_size * most, local_BS.shape[1]))
+    dist.all_gather_into_tensor(out, pad, group=_dp_group())
+    return torch.cat([out[d * most : d * most + n] for d, n in enumerate(sizes)])
+
+
 @torch.no_grad()
 def compute_logp(
     model, batch: TokenBatch, micro_batch_size: int, vocab_size: int, token_budget: int = 0
 ) -> torch.Tensor:
-    """The model's log-prob of every target token, [B, S] (0 at ignored positions)."""
-    micro = batch.micro_batches(micro_batch_size, token_budget)
-    fn = partial(_logp_fn, vocab_size=vocab_size)
-    outs = _run(model, [m.batch for m in micro], fn, forward_only=True)
-    logp = torch.zeros_like(batch.rollout_logp)
-    for m, o in zip(micro, outs, strict=True):
-        logp[m.rows, : o["logp"].shape[1]] = o["logp"]
-    return logp
+    """The model's log-prob of every target token, [B, S] (0 at ignored positions), on the
+    batch's device. Each data-parallel rank computes its own shard of the rows; the shards
+    are then gathered, so every rank returns the whole [B, S]."""
+    dp_size, dp_rank = dp_size_and_rank()
+    rows = dp_rows(len(batch), dp_size, dp_rank)
+    local = batch.select(rows.to(batch.input_ids.device))
+    logp = torch.zeros_like(local.rollout_logp)
+    if len(local):  # an empty shard (fewer rows than DP ranks) has nothing to compute
+        micro = local.micro_batches(micro_batch_size, token_budget, sequence_multiple(model))
+        fn = partial(_logp_fn, vocab_size=vocab_size)
+        outs = _run(model, [m.batch for m in micro], fn, forward_only=True)
+        for m, o in zip(micro, outs, strict=True):
+            idx = torch.tensor(m.rows, device=logp.device)
+            logp[idx, : o["logp"].shape[1]] = o["logp"]
+    return _gather_rows(logp, len(batch), dp_size)
 
 
 def forward_backward(
@@ -142,34 +208,63 @@ def forward_backward(
     """Accumulate gradients of the mini-batch's aggregated loss; returns its metrics.
 
     batch.agg_weights already normalise over the whole mini-batch, so how it is split into
-    micro-batches (fixed rows or a token budget) does not change the gradient.
+    micro-batches (fixed rows or a token budget) or over data-parallel ranks (each takes its
+    shard of the rows) does not change the gradient. Metrics are merged over all ranks.
     """
-    micro: list[MicroBatch] = batch.micro_batches(micro_batch_size, token_budget)
-    fn = partial(_loss_fn, cfg=cfg, vocab_size=vocab_size, n_micro=len(micro))
+    dp_size, dp_rank = dp_size_and_rank()
+    rows = dp_rows(len(batch), dp_size, dp_rank)
+    local = batch.select(rows.to(batch.input_ids.device))
+    if not len(local):
+        # Fewer rows than DP ranks: this rank still joins DDP's gradient reduction, with one
+        # row that weighs nothing (no tokens in the loss or the metrics).
+        local = batch.select(torch.tensor([0], device=batch.input_ids.device))
+        local.agg_weights = torch.zeros_like(local.agg_weights)
+        local.loss_mask = torch.zeros_like(local.loss_mask)
+    micro: list[MicroBatch] = local.micro_batches(
+        micro_batch_size, token_budget, sequence_multiple(model)
+    )
+    fn = partial(_loss_fn, cfg=cfg, vocab_size=vocab_size, scale=len(micro) * dp_size)
     outs = _run(model, [m.batch for m in micro], fn, forward_only=False)
-    return merge_metrics(outs, [m.batch.loss_mask for m in micro])
+    return merge_metrics(outs, [m.batch.loss_mask for m in micro], model_device(model))
 
 
-def merge_metrics(outs: list[dict], masks: list[torch.Tensor]) -> dict[str, float]:
-    """Token-weighted means of per-micro-batch metrics (each already a mean over its tokens)."""
-    merged: dict[str, float] = {}
+def merge_metrics(
+    outs: list[dict], masks: list[torch.Tensor], device: torch.device | None = None
+) -> dict[str, float]:
+    """Token-weighted means of per-micro-batch metrics (each already a mean over its tokens),
+    over this rank's micro-batches and, with data parallelism, over every DP rank's."""
+    keys = sorted(k for k in outs[0] if k != "logp_gap_sum")
+    sums: dict[str, float] = {}
     for prefix in ("pos", "neg", "all"):
         tokens = [o[f"{prefix}/tokens"] for o in outs]
-        total = sum(tokens)
-        merged[f"{prefix}/tokens"] = total
-        for key in outs[0]:
+        sums[f"{prefix}/tokens"] = sum(tokens)
+        for key in keys:
             if not key.startswith(prefix + "/") or key.endswith("/tokens"):
                 continue
-            vals = [(o[key], n) for o, n in zip(outs, tokens, strict=True) if n > 0]
-            merged[key] = sum(v * n for v, n in vals) / total if total else float("nan")
-    n_tok = sum(float(m.sum()) for m in masks)
-    merged["logp_gap"] = sum(o["logp_gap_sum"] for o in outs) / max(n_tok, 1.0)
+            sums[key] = sum(o[key] * n for o, n in zip(outs, tokens, strict=True) if n > 0)
+    sums["logp_gap_sum"] = sum(o["logp_gap_sum"] for o in outs)
+    sums["response_tokens"] = sum(float(m.sum()) for m in masks)
+    names = sorted(sums)
+    dp_size, _ = dp_size_and_rank()
+    if dp_size > 1:
+        # Every key exists on every rank (same config), so one all-reduce of sums merges them.
+        t = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=_dp_group())
+        sums = dict(zip(names, t.tolist(), strict=True))
+    merged: dict[str, float] = {}
+    for prefix in ("pos", "neg", "all"):
+        total = sums[f"{prefix}/tokens"]
+        merged[f"{prefix}/tokens"] = total
+        for key in keys:
+            if key.startswith(prefix + "/") and not key.endswith("/tokens"):
+                merged[key] = sums[key] / total if total else float("nan")
+    merged["logp_gap"] = sums["logp_gap_sum"] / max(sums["response_tokens"], 1.0)
     return merged
 
 
 def grads_are_finite(model) -> bool:
     """True on every rank iff no rank's gradient holds inf/NaN (one all-reduce)."""
-    bad = torch.zeros(1)
+    bad = torch.zeros(1, device=model_device(model))
     for p in model.parameters():
         g = getattr(p, "main_grad", None)
         if g is None:

@@ -1,0 +1,97 @@
+"""A run's prompts, by `data.kind`: the synthetic arithmetic task, a MATH-style / verl file, or
+search-ads relevance pairs. One entry point for the trainer (`load_task`).
+
+Prompts are tokenized here and filtered against what the engine can really take: a prompt
+must leave room for the response inside the engine's context (max_model_len -
+max_new_tokens), so a prompt that the engine would refuse is dropped and counted at load
+time, not found at its first sampling hours into a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from megatron_agpo.data.loaders import DataConfig, EncodeStats, encode_prompts, load_prompts
+from megatron_agpo.data.records import DataValidationError, PromptExample
+
+KINDS = ("arithmetic", "math_jsonl", "relevance")
+
+
+@dataclass
+class TaskPrompts:
+    """Tokenized training and held-out prompts, and what the filter dropped."""
+
+    train: list[PromptExample]
+    held_out: list[PromptExample]
+    stats: EncodeStats
+    """Over both splits."""
+    prompt_budget: int
+    """The longest prompt kept, in tokens (the tighter of data.max_prompt_tokens and the
+    engine's context minus the response budget)."""
+
+    def stats_dict(self) -> dict[str, Any]:
+        return asdict(self.stats)
+
+
+def prompt_budget(max_prompt_tokens: int, max_model_len: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may use: the data limit, and room for a full response in the engine."""
+    return min(max_prompt_tokens, max_model_len - max_new_tokens)
+
+
+def _examples(data) -> tuple[list[PromptExample], list[PromptExample], DataConfig]:
+    """(train, held-out, encoding settings) before tokenization."""
+    if data.kind == "arithmetic":
+        from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
+
+        a = ArithmeticConfig(
+            levels=tuple(data.levels), seed=data.seed, num_train=data.num_train,
+            num_eval=data.num_eval,
+        )  # fmt: skip
+        enc = DataConfig(instruction_suffix="", max_prompt_tokens=data.max_prompt_tokens)
+        return generate_arithmetic(a, "train"), generate_arithmetic(a, "eval"), enc
+    if data.kind == "relevance":
+        from megatron_agpo.data.relevance import relevance_examples
+
+        train, held = relevance_examples(data)
+        return train, held, DataConfig(max_prompt_tokens=data.max_prompt_tokens)
+    enc = DataConfig(path=data.path, format=data.format, max_prompt_tokens=data.max_prompt_tokens)
+    rows = load_prompts(enc)
+    if len(rows) <= data.num_eval:
+        raise DataValidationError(
+            f"{data.path}: {len(rows)} rows, but data.num_eval={data.num_eval} are held out for "
+            "evaluation: no training rows would be left; lower data.num_eval or add rows"
+        )
+    return rows[data.num_eval :], rows[: data.num_eval], enc
+
+
+def load_task(data, tokenizer, max_model_len: int, max_new_tokens: int) -> TaskPrompts:
+    """`data` is the run's DataSection; the engine's context and response budget bound the
+    prompts (see the module docstring)."""
+    if data.kind not in KINDS:
+        raise ValueError(f"data.kind={data.kind!r}: one of {', '.join(KINDS)}")
+    train, held, enc = _examples(data)
+    budget = prompt_budget(data.max_prompt_tokens, max_model_len, max_new_tokens)
+    if budget < 1:
+        raise ValueError(
+            f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+            f"rollout.engine.max_model_len={max_model_len}"
+        )
+    enc = DataConfig(**{**asdict(enc), "max_prompt_tokens": budget})
+    train, s_train = encode_prompts(train, tokenizer, enc)
+    held, s_held = encode_prompts(held, tokenizer, enc)
+    stats = EncodeStats(
+        total=s_train.total + s_held.total,
+        kept=s_train.kept + s_held.kept,
+        too_long=s_train.too_long + s_held.too_long,
+        too_long_indices=(s_train.too_long_indices + s_held.too_long_indices)[:20],
+        longest_kept=max(s_train.longest_kept, s_held.longest_kept),
+    )
+    if not train:
+        raise DataValidationError(
+            f"data.kind={data.kind}: no training prompt fits in {budget} tokens "
+            f"(rollout.engine.max_model_len={max_model_len} - rollout.max_new_tokens="
+            f"{max_new_tokens}, data.max_prompt_tokens={data.max_prompt_tokens}); "
+            f"{stats.too_long} of {stats.total} prompts were too long"
+        )
+    return TaskPrompts(train=train, held_out=held, stats=stats, prompt_budget=budget)

@@ -1,0 +1,144 @@
+"""Data and sequence parallelism in the trainer's step, and the device rule.
+
+- DP=2 (and TP=2 x DP=2): each data-parallel rank runs forward/backward on its own half of the
+  rows (counted at the embedding), and the summed gradient equals the float64 transformers
+  reference on the whole batch, i.e. DP=1's gradient.
+- TP=2 with sequence parallelism: log-probs and gradients equal the same reference (and so
+  TP=2 without it).
+- Device rule: with `torch.set_default_device("meta")` every tensor created without an
+  explicit device lands on `meta`, and the first op mixing it with the CPU model's tensors
+  raises; the step must run unharmed and give the same numbers.
+"""
+
+import pytest
+import torch
+
+from megatron_agpo.algorithms import PolicyLossConfig, aggregation_weights
+from tests.dist_utils import run_distributed
+from tests.test_trainer_step import make_batch, reference_grads
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from megatron_agpo.models.pretrained import tiny_hf_model
+
+    return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
+
+
+def _count_rows(model) -> list[int]:
+    """Rows each forward of `model` sees (a pre-hook on the embedding)."""
+    seen: list[int] = []
+    model.module.embedding.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return seen
+
+
+def _body(rank, world, hf_dir, tp, sp, token_budget):
+    from megatron.core import parallel_state as ps
+
+    from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
+    from megatron_agpo.parallel import ParallelConfig, init_parallel, wrap_for_training
+    from megatron_agpo.trainer.step import compute_logp, forward_backward
+
+    # A plain all-reduce of the gradients, so every rank holds the whole gradient to compare
+    # (the distributed optimizer reduce-scatters: each rank would hold only its shard).
+    pc = ParallelConfig(tensor_parallel=tp, sequence_parallel=sp, use_distributed_optimizer=False)
+    init_parallel(pc)
+    dp = ps.get_data_parallel_world_size()
+    assert dp == world // tp
+    model, mcfg = build_model_from_hf(hf_dir, sequence_parallel=sp)
+    ddp, _ = wrap_for_training(model, pc)
+    seen = _count_rows(ddp)
+    cfg = PolicyLossConfig(agg_mode="seq-mean-token-mean")
+    v = mcfg.vocab_size
+    # 12 rows; with sequence parallelism the padded length must split over the TP ranks.
+    batch = make_batch(v, pad_multiple=tp if sp else 1)
+    logp = compute_logp(ddp, batch, 4, v, token_budget)
+    assert sum(seen) == len(batch) // dp, (seen, len(batch), dp)  # this rank's rows only
+    seen.clear()
+    batch.old_logp = logp + 0.2 * torch.sin(torch.arange(logp.numel())).view_as(logp)
+    batch.old_logp = batch.old_logp * batch.loss_mask
+    batch.agg_weights = aggregation_weights(batch.loss_mask, cfg.agg_mode)
+    ddp.zero_grad_buffer()
+    metrics = forward_backward(ddp, batch, cfg, 4, v, token_budget)
+    assert sum(seen) == len(batch) // dp, (seen, len(batch), dp)
+    # Metrics are merged over every DP rank: all the batch's tokens are counted.
+    assert metrics["all/tokens"] == batch.loss_mask.sum().item()
+    grads = {n: p.main_grad for n, p in ddp.module.named_parameters()}
+    ours = dict(megatron_to_hf_tensors(grads, mcfg))
+    ref_loss, ref = reference_grads(hf_dir, batch, cfg)
+    for name in ours:
+        torch.testing.assert_close(ours[name].double(), ref[name], rtol=2e-4, atol=2e-6, msg=name)
+    # The log-probs of the whole batch are on every rank and equal transformers' (float64).
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float64)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(input_ids=batch.input_ids).logits, -1)
+    tgt = batch.target.clamp(min=0)
+    ref_lp = lp.gather(-1, tgt[..., None]).squeeze(-1) * batch.loss_mask
+    torch.testing.assert_close(logp.double(), ref_lp, rtol=0, atol=2e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "world,tp,sp,token_budget",
+    [
+        (2, 1, False, 0),  # DP=2
+        (2, 1, False, 24),  # DP=2 with the token-budget micro-batches
+        (2, 2, True, 0),  # TP=2 with sequence parallelism
+        pytest.param(4, 2, False, 0, marks=pytest.mark.slow),  # TP=2 x DP=2
+    ],
+)
+def test_parallel_step_gradient_equals_reference(tiny_hf, world, tp, sp, token_budget):
+    run_distributed(_body, world, tiny_hf, tp, sp, token_budget)
+
+
+def _meta_body(rank, world, hf_dir):
+    from megatron_agpo.algorithms import advantages, overlong_filter
+    from megatron_agpo.models import build_model_from_hf
+    from megatron_agpo.ops import IGNORE_INDEX
+    from megatron_agpo.parallel import ParallelConfig, init_parallel, wrap_for_training
+    from megatron_agpo.trainer.step import compute_logp, forward_backward, grads_are_finite
+
+    pc = ParallelConfig(tensor_parallel=1)
+    init_parallel(pc)
+    model, mcfg = build_model_from_hf(hf_dir)
+    ddp, _ = wrap_for_training(model, pc)
+    v, cfg = mcfg.vocab_size, PolicyLossConfig()
+    cpu = torch.device("cpu")
+
+    def step(batch):
+        rewards = torch.tensor([1.0, 0, 0, 1] * 3, dtype=torch.float64, device=cpu)
+        batch.advantages = advantages(rewards, 4, "agpo").float()
+        cut = torch.zeros(len(batch), dtype=torch.bool, device=cpu)
+        cut[1] = True
+        batch.loss_mask, batch.target = overlong_filter(
+            batch.loss_mask, batch.target, cut, IGNORE_INDEX
+        )
+        batch.old_logp = compute_logp(ddp, batch, 5, v, token_budget=24)
+        batch.agg_weights = aggregation_weights(batch.loss_mask, cfg.agg_mode)
+        ddp.zero_grad_buffer()
+        m = forward_backward(ddp, batch, cfg, 5, v, token_budget=24)
+        finite = grads_are_finite(ddp)
+        return batch.old_logp.clone(), m, finite, [p.main_grad.clone() for p in ddp.parameters()]
+
+    want = step(make_batch(v).to(cpu))
+    batch = make_batch(v).to(cpu)  # built before the default device changes
+    torch.set_default_device("meta")
+    try:
+        got = step(batch)
+    finally:
+        torch.set_default_device(None)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert got[1] == want[1] and got[2] and want[2]
+    for a, b in zip(got[3], want[3], strict=True):
+        assert a.device == cpu
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.dist
+def test_step_creates_no_tensor_off_the_model_device(tiny_hf):
+    """Fails when any hot-path tensor is created with an implicit device (it lands on meta)."""
+    run_distributed(_meta_body, 1, tiny_hf)
