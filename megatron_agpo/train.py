@@ -513,7 +513,9 @@ def run(cfg, overrides: list[str]) -> int:
         ]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         env[_CHECKED_ENV] = "1"
-        return _launch(cmd, env)
+        from megatron_agpo.launcher import run_ranks  # signals to the ranks; no orphans
+
+        return run_ranks(cmd, env)
     from megatron_agpo.trainer.loop import Trainer
 
     trainer = Trainer(cfg)

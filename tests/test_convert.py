@@ -50,7 +50,7 @@ def test_roundtrip_fp32_llama_tp1(tmp_path):
     src = tiny_hf_model(tmp_path / "hf", "LlamaForCausalLM", dtype=torch.float32)
     _run_tool("tools/convert_hf_to_megatron.py", "--hf", str(src), "--out", str(tmp_path / "ck"))
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    assert manifest["source_config"]["architectures"] == ["LlamaForCausalLM"]
+    assert manifest["hf_config"]["architectures"] == ["LlamaForCausalLM"]
     assert manifest["model_config"]["params_dtype"] == "float32"
     _export_and_check(src, tmp_path / "ck", tmp_path / "out")
 
@@ -63,7 +63,7 @@ def test_roundtrip_bf16_qwen2_saved_at_tp2_exported_at_tp1(tmp_path):
     _run_tool("tools/convert_hf_to_megatron.py", "--hf", str(src), "--out", str(tmp_path / "ck"),
               "--tp", "2")  # fmt: skip
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    assert manifest["saved_at"]["tensor_parallel"] == 2
+    assert manifest["layout"]["tensor_parallel"] == 2
     _export_and_check(src, tmp_path / "ck", tmp_path / "out")
 
 

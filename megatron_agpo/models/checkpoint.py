@@ -1,15 +1,35 @@
-"""megatron-core distributed checkpoints of policy models, and HF <-> Megatron conversion.
+"""The project's one checkpoint format: layout, manifest, integrity checks, model shards, and
+HF <-> Megatron conversion. `megatron_agpo.trainer.checkpoint` adds the training state
+(optimizer, RNG, data position) on top of this layout; every tool reads what either writes.
 
-Layout of a checkpoint folder:
-    model/            dist_checkpointing (torch_dist) shards; loadable at any TP/PP
-    manifest.json     ModelConfig, the source config.json, the TP/PP it was written at
-    tokenizer files   copied from the HF folder (tokenizer.json, tokenizer_config.json, ...)
+Layout of a checkpoint folder (a run's `runs/X/checkpoints/step_NNNNNNN`, or the output of
+`tools/convert_hf_to_megatron.py`):
+
+    model/              megatron dist checkpoint (torch_dist) of the model; loads at any TP/PP
+    optimizer/          run checkpoints only: the distributed optimizer in model space
+    rng/rank_NNNNN.pt   run checkpoints only: each rank's RNG states
+    trainer_state.json  run checkpoints only: step, weight version, data position, lr schedule
+    tokenizer files     copied from the policy's HF folder (tokenizer.json, tokenizer.model, ...)
+    manifest.json       format, ModelConfig, the HF config.json, the parallel layout it was
+                        written at, and the size and SHA-256 of every other file
+    COMPLETE            written last; a folder without it is not a checkpoint
+
+A checkpoint is written into a hidden temporary folder, every file and the folder are
+fsync'ed, and it is then renamed into place (an atomic swap when one exists already), so a
+reader never sees a partial one. Before loading, every file's SHA-256 is checked against the
+manifest, and torch's distributed-checkpoint metadata (a pickle) is first read with a
+restricted unpickler that admits only its own record types (see docs/CHECKPOINTS.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
 import socket
 from pathlib import Path
@@ -21,8 +41,13 @@ import torch.distributed as dist
 from megatron_agpo.models.config import ModelConfig
 from megatron_agpo.models.weights import HFWeights, megatron_to_hf_tensors
 
+FORMAT = "megatron_agpo/checkpoint-v2"
 MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
 MODEL_SUBDIR = "model"
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -38,23 +63,394 @@ TOKENIZER_FILES = (
 MAX_SHARD_BYTES = 2 * 1024**3
 # Show a progress bar when a conversion moves more than this.
 PROGRESS_MIN_BYTES = 256 * 1024**2
+_HASH_CHUNK = 8 * 1024**2
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupted, from another model or
+    an incompatible layout. The message names the file and what to do."""
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_error(err: str | None) -> None:
+    """Rank 0's verdict on every rank: all raise the same error, or none does."""
+    box = [err]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)  # between our own ranks only
+    if box[0]:
+        raise CheckpointError(box[0])
+
+
+# ----------------------------------------------------------------------------- where
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step:07d}"
+
+
+def _step_of(p: Path) -> int:
+    return int(p.name[len(PREFIX) :])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root (a run's checkpoints/ folder), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    done = [
+        p
+        for p in root.glob(f"{PREFIX}*")
+        if p.name[len(PREFIX) :].isdigit() and (p / COMPLETE).is_file()
+    ]
+    return sorted(done, key=_step_of)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under root, or None."""
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from what a user passes: the folder itself
+    (runs/X/checkpoints/step_N), a run folder (runs/X) or its checkpoints/ folder (the latest
+    complete one), or a file/folder inside a checkpoint (its checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder")
+    if (p / MANIFEST).is_file() or (p / COMPLETE).is_file():
+        if not (p / COMPLETE).is_file():
+            raise CheckpointError(
+                f"{p} is not a complete checkpoint (no {COMPLETE} marker: its save was "
+                "interrupted); pass the run folder to use the latest complete one"
+            )
+        return p
+    for root in (p / "checkpoints", p):
+        found = latest(root)
+        if found is not None:
+            return found
+    for parent in p.parents:  # e.g. the old docs' step_N/dist
+        if (parent / COMPLETE).is_file():
+            return parent
+    if (p / "latest_checkpointed_iteration.txt").is_file():
+        raise CheckpointError(
+            f"{p} is a Megatron-LM training checkpoint (latest_checkpointed_iteration.txt); "
+            "this version reads only checkpoints written by megatron_agpo"
+        )
+    if (p / "dist").is_dir() or p.name == "dist":
+        raise CheckpointError(
+            f"{p} is a checkpoint of an older megatron_agpo version (dist/ without "
+            f"{MANIFEST}); re-run training with this version to write one that tools can read"
+        )
+    raise CheckpointError(
+        f"{p} holds no complete checkpoint (looked for {COMPLETE} in it, in "
+        f"{p / 'checkpoints'}/{PREFIX}*, and in {p}/{PREFIX}*)"
+    )
+
+
+# ----------------------------------------------------------------------------- manifest
+def sha256_file(path: Path, fsync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _payload_files(ckpt_dir: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in ckpt_dir.rglob("*")
+        if p.is_file() and p.relative_to(ckpt_dir).as_posix() not in (MANIFEST, COMPLETE)
+    )
+
+
+def parallel_layout() -> dict[str, int]:
+    """The TP/PP/DP layout of the current process groups (1s when none)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1, "world_size": 1}
+    return {
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "data_parallel": ps.get_data_parallel_world_size(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+
+
+def layout_str(layout: dict[str, int]) -> str:
+    return (
+        f"TP={layout.get('tensor_parallel')} PP={layout.get('pipeline_parallel')} "
+        f"DP={layout.get('data_parallel')}"
+    )
+
+
+def finalize(ckpt_dir: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, after every rank wrote its files: hash and fsync every file, write the manifest
+    and the COMPLETE marker, fsync them and the folders."""
+    ckpt_dir = Path(ckpt_dir)
+    files = {}
+    for f in _payload_files(ckpt_dir):
+        files[f.relative_to(ckpt_dir).as_posix()] = {
+            "bytes": f.stat().st_size,
+            "sha256": sha256_file(f, fsync=True),
+        }
+    manifest = {"format": FORMAT, **fields, "files": files}
+    for name, text in ((MANIFEST, json.dumps(manifest, indent=1, default=str)), (COMPLETE, "")):
+        with open(ckpt_dir / name, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    for d in sorted({p.parent for p in ckpt_dir.rglob("*")} | {ckpt_dir}, reverse=True):
+        _fsync_dir(d)
+    return manifest
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: not a megatron_agpo checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{path}: format {got!r}, this version reads {FORMAT!r}")
+    return manifest
+
+
+def verify(ckpt_dir: str | Path, prefixes: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check every file listed in the manifest (or those under `prefixes`) for presence, size
+    and SHA-256. Returns the manifest; raises CheckpointError naming the first bad file."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / COMPLETE).is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a complete checkpoint (no {COMPLETE} marker)")
+    manifest = read_manifest(ckpt_dir)
+    for rel, want in manifest["files"].items():
+        if prefixes is not None and not rel.startswith(prefixes) and "/" in rel:
+            continue
+        f = ckpt_dir / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in {ckpt_dir / MANIFEST})")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(
+                f"{f} is {size} bytes, the manifest says {want['bytes']}: the file was "
+                "truncated or changed after the save; resume from another checkpoint "
+                "(checkpoint.resume=PATH, or checkpoint.resume_fallback=true)"
+            )
+        if sha256_file(f) != want["sha256"]:
+            raise CheckpointError(
+                f"{f} does not match its SHA-256 in {ckpt_dir / MANIFEST}: the file is "
+                "corrupted (bit flips, a partial copy) or was changed after the save; resume "
+                "from another checkpoint (checkpoint.resume=PATH, or "
+                "checkpoint.resume_fallback=true)"
+            )
+    return manifest
+
+
+def verify_collective(ckpt_dir: Path, prefixes: tuple[str, ...] | None = None) -> dict:
+    """Collective verify(): rank 0 reads and hashes, every rank gets the verdict."""
+    err = None
+    if _rank() == 0:
+        try:
+            verify(ckpt_dir, prefixes)
+        except CheckpointError as e:
+            err = str(e)
+    _broadcast_error(err)
+    return read_manifest(ckpt_dir)
+
+
+# ----------------------------------------------------------------------------- safe metadata
+# What torch's distributed-checkpoint `.metadata` pickle may reference: its own record types,
+# torch.Size and dtypes. Anything else (os.system, builtins.eval, ...) is refused unexecuted.
+_DCP_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan", "ReadItem",
+        "LoadItemType",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _DcpUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _DCP_ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not a checkpoint record type")
+
+
+def read_dcp_metadata(path: Path):
+    """torch's distributed-checkpoint metadata, unpickled with only its own record types
+    admitted: a crafted file is refused before any of its code runs."""
+    try:
+        return _DcpUnpickler(io.BytesIO(Path(path).read_bytes())).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse is the file's fault
+        raise CheckpointError(
+            f"{path} was refused: {e}. This file is read with a restricted unpickler; a "
+            "checkpoint whose metadata references other code is not loaded"
+        ) from None
+
+
+def check_dcp_dir(d: Path) -> None:
+    """Refuse a dist-checkpoint folder whose metadata is not plain records (megatron then
+    reads the same bytes with the full unpickler)."""
+    meta = read_dcp_metadata(Path(d) / ".metadata")
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(meta, Metadata):
+        raise CheckpointError(f"{Path(d) / '.metadata'} does not hold checkpoint metadata")
+
+
+def dist_load(sharded_state: dict, d: Path, what: str) -> dict:
+    """megatron dist_checkpointing.load with the metadata vetted first and every key checked
+    both ways (RAISE_ALL), errors naming the folder."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    check_dcp_dir(d)
+    try:
+        return dist_checkpointing.load(sharded_state, str(d), strict=StrictHandling.RAISE_ALL)
+    except Exception as e:  # noqa: BLE001 - megatron raises several types; name the folder
+        msg = " ".join(str(e).split())
+        if len(msg) > 1500:
+            msg = msg[:1500] + " ..."
+        raise CheckpointError(f"loading the {what} from {d} failed: {msg}") from e
+
+
+def load_state_strict(module, state: dict, where: Path) -> None:
+    """module.load_state_dict(strict) with the missing and unexpected keys in the error."""
+    res = module.load_state_dict(state, strict=False)
+    missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in res.unexpected_keys if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not fit this model: missing keys {missing or 'none'}; unexpected "
+            f"keys {unexpected or 'none'}"
+        )
+
+
+# ----------------------------------------------------------------------------- publish
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(ctypes.get_errno(), f"renameat2({a}, {b})")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rank 0: make the complete folder tmp visible as final. A final that exists already is
+    swapped atomically (or, where renameat2 is unsupported, moved aside first and restored by
+    clean_partial if we die in between), so there is never a moment without it."""
+    if final.exists():
+        if _exchange(tmp, final):
+            _fsync_dir(final.parent)
+            shutil.rmtree(tmp)  # now the old one
+            return
+        old = final.with_name(OLD_PREFIX + final.name)
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(old)
+        return
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
+def clean_partial(root: Path) -> list[Path]:
+    """Collective. Remove temporary folders of interrupted saves; put back a checkpoint moved
+    aside by an interrupted re-save. Returns what was removed."""
+    removed = []
+    root = Path(root)
+    if _rank() == 0 and root.exists():
+        for p in root.glob(OLD_PREFIX + "*"):
+            final = root / p.name[len(OLD_PREFIX) :]
+            if not (final / COMPLETE).is_file() and (p / COMPLETE).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                p.rename(final)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        for p in root.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    _barrier()
+    return removed
+
+
+def prepare_tmp(final: Path) -> Path:
+    """Collective: a fresh empty temporary folder beside final."""
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+# ----------------------------------------------------------------------------- model part
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
 
 
-def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / MANIFEST).read_text())
+def model_fields(cfg: ModelConfig, hf_dir: str | Path | None, tokenizer: list[str]) -> dict:
+    """The manifest fields that describe the model (every checkpoint has them)."""
+    hf_config = None
+    if hf_dir is not None and (Path(hf_dir) / "config.json").is_file():
+        hf_config = json.loads((Path(hf_dir) / "config.json").read_text())
+    return {
+        "model_config": cfg.to_dict(),
+        "hf_config": hf_config,
+        "tokenizer_files": tokenizer,
+        "layout": parallel_layout(),
+    }
 
 
 def config_from_checkpoint(ckpt_dir: str | Path) -> ModelConfig:
@@ -67,46 +463,58 @@ def _chunks(model):
     return _unwrap(model)
 
 
-def save_checkpoint(
-    model, ckpt_dir: str | Path, cfg: ModelConfig, extra: dict[str, Any] | None = None
-) -> None:
-    """Collective: every rank saves its shards into ckpt_dir/model; rank 0 writes the
-    manifest. ckpt_dir/model must not exist yet or be empty."""
-    from megatron.core import dist_checkpointing, parallel_state
-
-    ckpt_dir = Path(ckpt_dir)
-    model_dir = ckpt_dir / MODEL_SUBDIR
-    if _rank() == 0:
-        model_dir.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    (chunk,) = _chunks(model)  # one model chunk per rank (no virtual pipeline stages)
-    dist_checkpointing.save(chunk.sharded_state_dict(), str(model_dir))
-    if _rank() == 0:
-        manifest = {
-            "format": "megatron_agpo/dist_checkpointing-v1",
-            "model_config": cfg.to_dict(),
-            "saved_at": {
-                "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
-                "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
-            },
-            **(extra or {}),
-        }
-        (ckpt_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(model, ckpt_dir: str | Path) -> None:
-    """Collective: load ckpt_dir into this rank's shard, whatever TP/PP it was saved at."""
+def save_model_shards(model, model_dir: Path) -> None:
+    """Collective: every rank writes its shards of the model into model_dir."""
     from megatron.core import dist_checkpointing
 
+    if _rank() == 0:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    (chunk,) = _chunks(model)  # one model chunk per rank (no virtual pipeline stages)
+    dist_checkpointing.save(chunk.sharded_state_dict(), str(model_dir))
+
+
+def load_model_shards(model, model_dir: Path) -> None:
+    """Collective: load model_dir into this rank's shard, whatever TP/PP it was saved at;
+    every parameter must be there and nothing else."""
     (chunk,) = _chunks(model)
-    state = dist_checkpointing.load(chunk.sharded_state_dict(), str(Path(ckpt_dir) / MODEL_SUBDIR))
-    chunk.load_state_dict(state, strict=False)
-    missing = [n for n, _ in chunk.named_parameters() if n not in state]
-    if missing:
-        raise KeyError(f"checkpoint {ckpt_dir} lacks parameters: {missing[:5]}")
+    state = dist_load(chunk.sharded_state_dict(), model_dir, "model")
+    with torch.no_grad():
+        load_state_strict(chunk, state, model_dir)
+
+
+def save_checkpoint(
+    model,
+    ckpt_dir: str | Path,
+    cfg: ModelConfig,
+    hf_dir: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Collective: a model-only checkpoint at ckpt_dir (published atomically), with the
+    tokenizer files of hf_dir. ckpt_dir must not hold a checkpoint yet."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / COMPLETE).exists() or (ckpt_dir / MODEL_SUBDIR).exists():
+        raise FileExistsError(f"{ckpt_dir} holds a checkpoint already")
+    tmp = prepare_tmp(ckpt_dir)
+    save_model_shards(model, tmp / MODEL_SUBDIR)
+    _barrier()
+    if _rank() == 0:
+        tok = copy_tokenizer(Path(hf_dir), tmp) if hf_dir else []
+        finalize(tmp, {"kind": "model", **model_fields(cfg, hf_dir, tok), **(extra or {})})
+        if ckpt_dir.exists():  # an empty folder the caller made
+            ckpt_dir.rmdir()
+        publish(tmp, ckpt_dir)
+    _barrier()
+    return ckpt_dir
+
+
+def load_checkpoint(model, ckpt_dir: str | Path) -> dict[str, Any]:
+    """Collective: verify (model files) and load any checkpoint's model into this rank's
+    shard. Returns the manifest."""
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
+    manifest = verify_collective(ckpt_dir, prefixes=(MODEL_SUBDIR + "/",))
+    load_model_shards(model, ckpt_dir / MODEL_SUBDIR)
+    return manifest
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -154,19 +562,17 @@ def _convert_hf_rank(hf_dir: str, out_dir: str, tp: int, pp: int) -> None:
     cfg.validate(tensor_parallel=tp, pipeline_parallel=pp)
     model = build_model(cfg)
     load_hf_weights(model, hf, cfg)
-    src = json.loads((Path(hf_dir) / "config.json").read_text())
-    save_checkpoint(model, out_dir, cfg, extra={"source_config": src, "source": str(hf_dir)})
+    save_checkpoint(model, out_dir, cfg, hf_dir=hf_dir, extra={"source": str(hf_dir)})
 
 
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1):
-    """HF folder -> megatron dist checkpoint written by tp*pp ranks (spawned here on CPU when
+    """HF folder -> megatron_agpo checkpoint written by tp*pp ranks (spawned here on CPU when
     no process group exists; collective when one does). Returns the ModelConfig."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = ModelConfig.from_hf(hf_dir)
     cfg.validate(tensor_parallel=tp, pipeline_parallel=pp)  # fail before spawning anything
-    if (out_dir / MODEL_SUBDIR).exists() and any((out_dir / MODEL_SUBDIR).iterdir()):
-        raise FileExistsError(f"{out_dir / MODEL_SUBDIR} is not empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / COMPLETE).exists() or (out_dir.exists() and any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} is not empty")
     kwargs = dict(hf_dir=str(hf_dir), out_dir=str(out_dir), tp=tp, pp=pp)
     if dist.is_initialized():
         _convert_hf_rank(**kwargs)
@@ -174,8 +580,6 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1,
         _worker(0, 1, _free_port(), "_convert_hf_rank", kwargs)
     else:
         _run_in_world("_convert_hf_rank", tp * pp, **kwargs)
-    if _rank() == 0:
-        copy_tokenizer(hf_dir, out_dir)
     return config_from_checkpoint(out_dir)
 
 
@@ -231,10 +635,12 @@ def _export_rank0(ckpt_dir: str, out_dir: str, progress: bool | None) -> None:
 
 
 def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, progress=None) -> Path:
-    """Megatron dist checkpoint -> HF folder (safetensors, config.json, tokenizer files).
-    Loads the model at TP=1, PP=1 in one process (a fresh one when no process group exists)
-    and streams it out tensor by tensor."""
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    """A checkpoint (a step folder, or a run folder meaning its latest complete checkpoint)
+    -> HF folder (safetensors, config.json, tokenizer files). Loads the model at TP=1, PP=1 in
+    one process (a fresh one when no process group exists) and streams it out tensor by
+    tensor. Returns the checkpoint folder that was exported."""
+    ckpt_dir, out_dir = resolve_checkpoint(ckpt_dir), Path(out_dir)
+    read_manifest(ckpt_dir)  # a clear error before any process starts
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(ckpt_dir=str(ckpt_dir), out_dir=str(out_dir), progress=progress)
     if dist.is_initialized():
@@ -244,4 +650,4 @@ def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, progress=N
     else:
         _worker(0, 1, _free_port(), "_export_rank0", kwargs)
     copy_tokenizer(ckpt_dir, out_dir)
-    return out_dir
+    return ckpt_dir

@@ -1,14 +1,25 @@
-"""Run checkpoints: model and optimizer (megatron dist_checkpointing), RNG, data position, step.
+"""Run checkpoints: the model layer's format (megatron_agpo.models.checkpoint) plus what
+training needs to continue exactly: the distributed optimizer, each rank's RNG, the data
+position, the lr schedule and the step.
 
-A checkpoint is written into a temporary folder and renamed into place only once every rank
-has finished, so `latest()` (a scan for complete folders) never returns a partial one, and a
-writer killed mid-save leaves the previous checkpoint usable. Partial folders are removed at
-the next start.
+    step_NNNNNNN/model/              the model (any TP/PP)
+    step_NNNNNNN/optimizer/          Adam moments and fp32 main params in model space (megatron's
+                                     `fully_reshardable` format: reshards to another TP/PP/DP)
+    step_NNNNNNN/rng/rank_NNNNN.pt   torch / python / model-parallel RNG of each rank
+    step_NNNNNNN/trainer_state.json  step, weight version, data position, scheduler, Adam step
+    + tokenizer files, manifest.json (HF config, layout, SHA-256 of every file), COMPLETE
+
+Saving: every rank writes into a hidden temporary folder; rank 0 hashes and fsyncs every
+file, writes the manifest and COMPLETE, and renames the folder into place; only then are old
+checkpoints pruned (keep_last). Loading: rank 0 checks every file against the manifest
+first, then the layout is compared (a different TP/PP/DP is resharded by megatron's dist
+checkpointing), then model and optimizer load with every key checked both ways.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -16,8 +27,61 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-COMPLETE = "COMPLETE"
-PREFIX = "step_"
+from megatron_agpo.models.checkpoint import (
+    COMPLETE,
+    MODEL_SUBDIR,
+    PREFIX,
+    CheckpointError,
+    clean_partial,
+    complete_checkpoints,
+    copy_tokenizer,
+    dist_load,
+    finalize,
+    latest,
+    layout_str,
+    load_state_strict,
+    model_fields,
+    parallel_layout,
+    prepare_tmp,
+    publish,
+    save_model_shards,
+    step_dir,
+    verify,
+    verify_collective,
+)
+from megatron_agpo.trainer.preemption import (
+    EXIT_PREEMPTED,
+    Preempted,
+    Preemption,
+    die_with_parent,
+    job_end_time,
+)
+
+OPTIMIZER_SUBDIR = "optimizer"
+RNG_SUBDIR = "rng"
+TRAINER_STATE = "trainer_state.json"
+# megatron's model-space optimizer format: each parameter's Adam state in the parameter's own
+# shape, so it reshards like the model does.
+OPTIMIZER_FORMAT = "fully_reshardable"
+
+__all__ = [
+    "COMPLETE",
+    "EXIT_PREEMPTED",
+    "Preempted",
+    "install_preemption",
+    "repair_metrics",
+    "resume",
+    "PREFIX",
+    "CheckpointError",
+    "clean_partial",
+    "complete_checkpoints",
+    "latest",
+    "load",
+    "prune",
+    "save",
+    "step_dir",
+    "verify",
+]
 
 
 def _rank() -> int:
@@ -29,27 +93,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"{PREFIX}{step:07d}"
-
-
-def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under root, or None."""
-    if not root.exists():
-        return None
-    done = [p for p in root.glob(f"{PREFIX}*") if (p / COMPLETE).exists()]
-    return max(done, key=lambda p: int(p.name[len(PREFIX) :]), default=None)
-
-
-def clean_partial(root: Path) -> list[Path]:
-    """Remove temporary folders left by interrupted saves (rank 0 only). Returns them."""
-    removed = []
-    if _rank() == 0 and root.exists():
-        for p in root.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    _barrier()
-    return removed
+def _rng_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / RNG_SUBDIR / f"rank_{rank:05d}.pt"
 
 
 def _rng_state() -> dict:
@@ -62,23 +107,29 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, tracker: bool) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if tracker:
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _inner_optimizers(optimizer):
-    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+def _inner(optimizer) -> list:
+    """megatron's per-buffer DistributedOptimizers inside a ChainedOptimizer."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _inner_torch(optimizer) -> list:
+    return [o.optimizer for o in _inner(optimizer)]
 
 
 def _adam_step(optimizer) -> float:
     """torch Adam's step count (the same for every parameter); 0 before the first step."""
     steps = {
         float(st["step"])
-        for o in _inner_optimizers(optimizer)
+        for o in _inner_torch(optimizer)
         for st in o.state.values()
         if "step" in st
     }
@@ -88,95 +139,276 @@ def _adam_step(optimizer) -> float:
 
 
 def _set_adam_step(optimizer, step: float) -> None:
-    # megatron 0.16.1's dp_reshardable load does not restore torch Adam's `step` (and where it
-    # does, it shares one tensor between parameters, which torch then increments once per
-    # parameter): set it here, one tensor per parameter.
-    for o in _inner_optimizers(optimizer):
+    # megatron 0.16.1 (torch Adam, no Apex/TE) gives every parameter one shared `step` tensor
+    # on load, which torch then increments once per parameter: one tensor each.
+    for o in _inner_torch(optimizer):
+        if not isinstance(o, torch.optim.Adam | torch.optim.AdamW):
+            continue  # Apex/TE FusedAdam keep the step in their param groups
         for st in o.state.values():
             st["step"] = torch.tensor(float(step))
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_sd = getattr(model, "module", model).sharded_state_dict()
-    return {
-        "model": model_sd,
-        # dp_reshardable: each rank writes its own optimizer shard, no gather; resumes at the
-        # same TP/PP (the model part reshards freely).
-        "optimizer": optimizer.sharded_state_dict(
-            model_sd,
-            is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "dp_reshardable"},
-        ),
-    }
-
-
-def save(root: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
-    """Collective. Writes root/step_NNNNNNN atomically and prunes old checkpoints."""
-    from megatron.core import dist_checkpointing
-
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "dist").mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(tmp / "dist"))
-    torch.save({**_rng_state(), "adam_step": _adam_step(optimizer)}, tmp / f"rng_rank{_rank()}.pt")
-    if _rank() == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    _barrier()
-    if _rank() == 0:
-        (tmp / COMPLETE).write_text(str(step))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        complete = sorted(
-            (p for p in root.glob(f"{PREFIX}*") if (p / COMPLETE).exists()),
-            key=lambda p: int(p.name[len(PREFIX) :]),
-        )
-        for old in complete[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
 def _init_optimizer_state(optimizer) -> None:
-    """Give every parameter an (empty) Adam state before loading into it.
-
-    A fresh optimizer has no state until its first step, and megatron's distributed optimizer
-    builds its sharded state dict from that state (with torch's Adam, the fallback without
-    Apex/TE, it also reads `step`).
-    """
-    for inner in _inner_optimizers(optimizer):
+    """Give every parameter an (empty) Adam state before loading into it: megatron's
+    distributed optimizer builds its sharded state dict from that state (and reads `step`)."""
+    for inner in _inner_torch(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 st = inner.state[p]
                 if not st:
                     st["exp_avg"] = torch.zeros_like(p.data)
                     st["exp_avg_sq"] = torch.zeros_like(p.data)
-                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+                        st["step"] = torch.zeros((), dtype=torch.float32)
 
 
-def load(path: Path, model, optimizer) -> dict:
-    """Collective. Restores model, optimizer and this rank's RNG; returns the trainer state."""
+def _cpu_gloo_groups(optimizer) -> None:
+    # The model-space format gathers a buffer's shards over the DP group; without CUDA, the
+    # project's process groups are gloo already and megatron creates no separate gloo groups
+    # (parallel.py), so the DP group serves as its "gloo" group.
+    for o in _inner(optimizer):
+        if getattr(o, "data_parallel_group_gloo", None) is None and hasattr(
+            o, "data_parallel_group"
+        ):
+            o.data_parallel_group_gloo = o.data_parallel_group
+
+
+def _optimizer_sharded_state(model_sd: dict, optimizer, is_loading: bool) -> dict:
+    _cpu_gloo_groups(optimizer)
+    return optimizer.sharded_state_dict(
+        model_sd,
+        is_loading=is_loading,
+        metadata={
+            "distrib_optim_sharding_type": OPTIMIZER_FORMAT,
+            # Gather over the gloo group onto DP rank 0: no `.cuda()` copies (CPU runs) and
+            # one full copy of the state at a time.
+            "distrib_optim_fully_reshardable_mem_efficient": True,
+        },
+    )
+
+
+def _model(model):
+    return getattr(model, "module", model)
+
+
+# ----------------------------------------------------------------------------- save
+def save(
+    root: Path,
+    step: int,
+    model,
+    optimizer,
+    trainer_state: dict,
+    keep_last: int,
+    mcfg=None,
+    hf_dir: Path | None = None,
+) -> Path:
+    """Collective. Writes root/step_NNNNNNN (atomically; replacing one of the same step
+    without a moment where none is complete), then prunes to keep_last complete ones."""
     from megatron.core import dist_checkpointing
 
-    if not (path / COMPLETE).exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    _init_optimizer_state(optimizer)
-    state = dist_checkpointing.load(
-        _sharded_state(model, optimizer, is_loading=True), str(path / "dist")
-    )
-    with torch.no_grad():  # the optimizer copies into views of leaf parameters
-        getattr(model, "module", model).load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-    rng_file = path / f"rng_rank{_rank()}.pt"
-    if not rng_file.exists():
-        raise FileNotFoundError(
-            f"{rng_file} missing: the checkpoint was written by fewer ranks than this run has"
+    final = step_dir(root, step)
+    if _rank() == 0:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = prepare_tmp(final)
+    model_sd = _model(model).sharded_state_dict()
+    save_model_shards(model, tmp / MODEL_SUBDIR)
+    if _rank() == 0:
+        (tmp / OPTIMIZER_SUBDIR).mkdir()
+        (tmp / RNG_SUBDIR).mkdir()
+    _barrier()
+    opt_sd = _optimizer_sharded_state(model_sd, optimizer, is_loading=False)
+    dist_checkpointing.save(opt_sd, str(tmp / OPTIMIZER_SUBDIR))
+    torch.save(_rng_state(), _rng_file(tmp, _rank()))
+    adam_step = _adam_step(optimizer)
+    _barrier()
+    if _rank() == 0:
+        state = {**trainer_state, "adam_step": adam_step}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+        fields = {"kind": "run", "step": step, "optimizer_format": OPTIMIZER_FORMAT}
+        if hf_dir is not None:
+            fields["source"] = str(hf_dir)  # the HF folder training started from
+        if mcfg is not None:
+            tok = copy_tokenizer(Path(hf_dir), tmp) if hf_dir else []
+            fields.update(model_fields(mcfg, hf_dir, tok))
+        else:
+            fields["layout"] = parallel_layout()
+        finalize(tmp, fields)
+        publish(tmp, final)
+        prune(Path(root), keep_last)
+    _barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest keep_last complete checkpoints (0: keep all)."""
+    done = complete_checkpoints(root)
+    old = done[:-keep_last] if keep_last > 0 else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+# ----------------------------------------------------------------------------- load
+def check_layout(path: Path, manifest: dict, mcfg=None) -> bool:
+    """Whether the checkpoint's layout differs from this run's; raises when the checkpoint
+    cannot be loaded here (another model, or a layout the model cannot be split into)."""
+    saved, now = manifest.get("layout", {}), parallel_layout()
+    keys = ("tensor_parallel", "pipeline_parallel", "data_parallel")
+    changed = any(saved.get(k) != now[k] for k in keys)
+    if mcfg is not None and manifest.get("model_config") is not None:
+        from megatron_agpo.models.config import ModelConfig
+
+        theirs = ModelConfig.from_dict(manifest["model_config"])
+        diff = {
+            k: (v, getattr(mcfg, k))
+            for k, v in theirs.to_dict().items()
+            if k in ("num_layers", "hidden_size", "vocab_size", "num_attention_heads",
+                     "num_query_groups", "ffn_hidden_size", "architecture")
+            and v != getattr(mcfg, k)
+        }  # fmt: skip
+        if diff:
+            fields = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"{path} is a checkpoint of another model ({fields})")
+        if changed:
+            try:
+                theirs.validate(now["tensor_parallel"], now["pipeline_parallel"])
+            except ValueError as e:
+                raise CheckpointError(
+                    f"{path} was written at {layout_str(saved)} and cannot be resharded to "
+                    f"this run's {layout_str(now)}: {e}"
+                ) from None
+    if changed and manifest.get("optimizer_format") != OPTIMIZER_FORMAT:
+        raise CheckpointError(
+            f"{path} was written at {layout_str(saved)} with optimizer format "
+            f"{manifest.get('optimizer_format')!r}, which reshards to no other layout; this "
+            f"run is {layout_str(now)}"
         )
-    rng = torch.load(rng_file, weights_only=True)
-    _set_rng_state(rng)
-    _set_adam_step(optimizer, rng["adam_step"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return changed
+
+
+def load(path: Path, model, optimizer, mcfg=None, log=print) -> dict:
+    """Collective. Verifies every file, then restores model, optimizer and (same layout) this
+    rank's RNG; returns the trainer state. Raises CheckpointError naming the file or the
+    layouts before anything is loaded when the checkpoint is bad or does not fit."""
+    path = Path(path)
+    manifest = verify_collective(path)
+    changed = check_layout(path, manifest, mcfg)
+    if changed and _rank() == 0:
+        log(
+            f"resharding {path}: written at {layout_str(manifest['layout'])}, loading at "
+            f"{layout_str(parallel_layout())}"
+        )
+    _init_optimizer_state(optimizer)
+    module = _model(model)
+    model_sd = module.sharded_state_dict()
+    opt_sd = _optimizer_sharded_state(model_sd, optimizer, is_loading=True)
+    state = dist_load(model_sd, path / MODEL_SUBDIR, "model")
+    with torch.no_grad():
+        load_state_strict(module, state, path / MODEL_SUBDIR)
+    opt_state = dist_load(opt_sd, path / OPTIMIZER_SUBDIR, "optimizer")
+    # megatron 0.16.1 without Apex/TE: load_state_dict puts a `step` into every parameter's
+    # state and then copies the loaded tensors over all state keys, where the model-space
+    # format has no `step` (it skips it): hand it one, then set the real step below.
+    from megatron.core.optimizer import distrib_optimizer
+
+    patched = []
+    for o in _inner(optimizer) if not distrib_optimizer.HAVE_APEX_OR_TE else []:
+        orig = o._set_main_param_and_optimizer_states
+        o._set_main_param_and_optimizer_states = lambda p, t, f=orig: f(
+            p, {**t, "step": torch.zeros(())}
+        )
+        patched.append(o)
+    try:
+        with torch.no_grad():  # the optimizer copies into views of leaf parameters
+            optimizer.load_state_dict(opt_state)
+    finally:
+        for o in patched:
+            del o._set_main_param_and_optimizer_states
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    _set_adam_step(optimizer, trainer_state.get("adam_step", 0.0))
+    rng_file = _rng_file(path, _rank())
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        # The model-parallel tracker's states belong to a TP/PP position: only restored at
+        # the same layout (they seed dropout, which these models do not use).
+        _set_rng_state(rng, tracker=not changed)
+    elif not changed:
+        raise CheckpointError(f"{rng_file} is missing from a checkpoint of this run's layout")
+    return trainer_state
+
+
+# ----------------------------------------------------------------------------- preemption
+def install_preemption(section) -> Preemption:
+    """The run's preemption handlers (SIGTERM/SIGUSR1, the job-end guard) from its
+    CheckpointSection; under torchrun the rank also dies with torchrun (no orphans)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
+    p = Preemption(
+        end_time=job_end_time(section.end_time), margin_s=float(section.save_before_end_s)
+    )
+    p.install()
+    return p
+
+
+# ----------------------------------------------------------------------------- resume
+def resume(
+    root: Path, how: str, fallback: bool, model, optimizer, mcfg=None, log=print
+) -> tuple[Path, dict] | None:
+    """Collective. checkpoint.resume: `auto` (the newest complete checkpoint under root, if
+    any), `none`, or a path (a step folder or a run folder). With fallback (auto only), a
+    checkpoint that fails its checks is reported loudly and the next older one is tried.
+    Returns (path, trainer state), or None when starting afresh."""
+    from megatron_agpo.models.checkpoint import resolve_checkpoint
+
+    clean_partial(root)
+    if how == "none":
+        return None
+    if how == "auto":
+        candidates = list(reversed(complete_checkpoints(root)))
+    else:
+        candidates = [resolve_checkpoint(how)]
+    for i, path in enumerate(candidates):
+        try:
+            return path, load(path, model, optimizer, mcfg, log)
+        except CheckpointError as e:
+            older = candidates[i + 1] if i + 1 < len(candidates) else None
+            if how != "auto" or not fallback or older is None:
+                raise
+            if _rank() == 0:
+                log(
+                    f"WARNING: checkpoint {path} is unusable: {e}\n"
+                    f"WARNING: checkpoint.resume_fallback=true: falling back to {older}; the "
+                    f"steps after {older.name} will be trained again"
+                )
+    return None
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def repair_metrics(path: Path) -> int:
+    """Cut a torn last line (a run killed mid-write) from a JSONL file; a bad line elsewhere
+    is an error naming it. Returns the number of lines cut (0 or 1)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().split(b"\n")
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    bad = [i for i in filled if not _is_json(lines[i])]
+    if not bad:
+        return 0
+    if bad != [filled[-1]]:
+        raise CheckpointError(
+            f"{path} line {bad[0] + 1} is not JSON and is not the last line: the file was "
+            "edited or corrupted; fix or remove that line"
+        )
+    kept = b"\n".join(lines[: bad[0]]).rstrip(b"\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(kept + b"\n" if kept else b"")
+    os.replace(tmp, path)
+    return 1

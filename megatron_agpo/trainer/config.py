@@ -89,22 +89,11 @@ class ModelSection:
     first_last_layers_bf16: bool = False
     """Keep the first and last transformer layer out of FP8 (not with fp8_recipe=delayed)."""
 
-    def precision_problems(
-        self, use_distributed_optimizer: bool = True, rollout_quantization: str = ""
-    ) -> list[str]:
-        """Problems of the FP8 fields (and of FP8 rollouts), one line each naming the key:
-        values, combinations, and whether this machine has Transformer Engine on a capable
-        GPU."""
-        import torch
-
+    def precision_problems(self, use_distributed_optimizer: bool = True) -> list[str]:
+        """Problems of the FP8 fields, one line each naming the key: values, combinations,
+        and whether this machine has Transformer Engine on a capable GPU."""
         from megatron_agpo.models.precision import check_fp8_available, check_fp8_settings
 
-        out = []
-        if rollout_quantization == "fp8" and not torch.cuda.is_available():
-            out.append(
-                "rollout.engine.quantization=fp8 needs vLLM on a CUDA GPU, and CUDA is not "
-                "available here; leave rollout.engine.quantization empty on CPU"
-            )
         try:
             check_fp8_settings(
                 self.fp8,
@@ -119,8 +108,8 @@ class ModelSection:
                 )
             check_fp8_available(self.fp8, self.fp8_recipe, key="model.fp8")
         except ValueError as e:
-            out.append(str(e))
-        return out
+            return [str(e)]
+        return []
 
     def megatron_overrides(self) -> dict:
         """ModelConfig fields this section sets beyond the HF config (precision recipes)."""
@@ -240,9 +229,18 @@ class CheckpointSection:
     resume: str = "auto"
     """auto (the latest complete checkpoint in the run dir, if any), none, or a path."""
     keep_last: int = 2
-    """Complete checkpoints kept; older ones are deleted."""
+    """Complete checkpoints kept (0: all); older ones are deleted only after a new one is
+    complete."""
     save_final: bool = True
     """Save at the end of the run (when the last step was not saved already)."""
+    resume_fallback: bool = False
+    """With resume=auto: when the latest checkpoint fails its integrity check, resume from
+    the newest older one that passes (logged as a warning) instead of stopping."""
+    save_before_end_s: float = 120.0
+    """Seconds before the job's end (SLURM_JOB_END_TIME, or end_time) at which the run saves
+    and exits with 75, on top of the last step's duration; no effect without an end time."""
+    end_time: float | None = None
+    """The job's end in epoch seconds, when no SLURM_JOB_END_TIME says it (None: none)."""
 
 
 @dataclass
@@ -445,9 +443,7 @@ class TrainConfig:
             out.append("parallel.sequence_parallel=True needs parallel.tensor_parallel > 1")
         if not self.model.hf_path and p.tensor_parallel >= 1 and p.pipeline_parallel >= 1:
             out.extend(self._tiny_model_problems())
-        out.extend(
-            self.model.precision_problems(p.use_distributed_optimizer, r.engine.quantization)
-        )
+        out.extend(self.model.precision_problems(p.use_distributed_optimizer))
         return out
 
     def _tiny_model_problems(self) -> list[str]:

@@ -1,0 +1,115 @@
+"""`agpo-train`'s side of process management: start torchrun as a child, pass preemption
+signals to the ranks, and leave nothing behind when it dies.
+
+- torchrun runs in its own process group and gets SIGKILL when the launcher dies
+  (PR_SET_PDEATHSIG); the ranks get SIGKILL when torchrun dies (they set it themselves,
+  megatron_agpo.trainer.preemption.die_with_parent), and the vLLM replicas when their rank
+  dies: a `kill -9` of the launcher stops the whole tree.
+- SIGTERM / SIGUSR1 to the launcher go to the ranks (torchrun's children), which finish the
+  step, save and exit with 75. torchrun itself ignores them: its own handler would SIGTERM the
+  ranks and SIGKILL them 30 s later, in the middle of a long save.
+- SIGINT (Ctrl-C) goes to torchrun, which stops the ranks its own way.
+- The exit code is torchrun's, except that a preempted run (rank 0 wrote the status file
+  named by AGPO_EXIT_STATUS_FILE) exits with 75 so that a scheduler requeues it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_STATUS_ENV = "AGPO_EXIT_STATUS_FILE"
+_PR_SET_PDEATHSIG = 1
+FORWARDED_TO_RANKS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _child_setup() -> None:
+    """preexec_fn of torchrun: die with the launcher; ignore the signals meant for the ranks
+    (the ranks install their own handlers, which replace the inherited SIG_IGN)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    for sig in FORWARDED_TO_RANKS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of pid (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(d.name))
+    return out
+
+
+def read_exit_status(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_ranks(cmd: list[str], env: dict[str, str]) -> int:
+    """Run torchrun (cmd) to completion with signal forwarding; returns the exit code."""
+    fd, status_path = tempfile.mkstemp(prefix="agpo-exit-", suffix=".json")
+    os.close(fd)
+    os.unlink(status_path)
+    env = {
+        **env,
+        EXIT_STATUS_ENV: status_path,
+        # torchrun must not turn SIGTERM into "kill the ranks in 30 s"; the ranks handle it.
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT",
+    }
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
+
+    def forward(signum, _frame):
+        if signum in FORWARDED_TO_RANKS:
+            for pid in children_of(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    handled = (*FORWARDED_TO_RANKS, signal.SIGINT)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        while True:
+            try:
+                rc = proc.wait()
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries; belt and braces
+                continue
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+        if proc.poll() is None:  # the launcher itself is failing: take the tree down
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    status = read_exit_status(Path(status_path))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(status_path)
+    if status is not None and rc != 0:
+        return int(status.get("exit", rc))
+    return rc
+
+
+def write_exit_status(code: int, **info) -> None:
+    """Rank 0 of a run under run_ranks: tell the launcher why the ranks are exiting."""
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path:
+        Path(path).write_text(json.dumps({"exit": code, "time": time.time(), **info}))
