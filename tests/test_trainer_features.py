@@ -179,3 +179,50 @@ def test_collect_without_dynamic_sampling_is_one_round():
     t = _stub_trainer([], [[1.0] * 12])
     out, stats = t.collect(Timer())
     assert len(out.rewards) == 12 and stats["groups/kept"] == 3
+
+
+def _scored(rows, truncated):
+    n = len(rows)
+    return ScoredRollouts(
+        prompt_ids=[(5, 6, 7)] * n,
+        response_ids=rows,
+        rollout_logp=[tuple(-1.0 for _ in r) for r in rows],
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+        rewards=torch.zeros(n, dtype=torch.float64),
+        weight_version=0,
+        group_size=n,
+        advantages=torch.tensor([1.0, -1.0, 0.5, -1.0][:n], dtype=torch.float64),
+    )
+
+
+def _token_mean_loss(batch, logits):
+    """sum(w * -A * log p(target)) with token-mean weights: written out by hand (float64)."""
+    logp = torch.log_softmax(logits, -1).gather(-1, batch.target.clamp(min=0)[..., None])[..., 0]
+    w = batch.loss_mask / batch.loss_mask.sum()
+    return (w * -batch.advantages[:, None].double() * logp).sum()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_overlong_filter_takes_truncated_rows_out_of_the_loss(on):
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config([f"trainer.overlong_filter={str(on).lower()}"])
+    t.tokenizer, t.device, t.seq_multiple = types.SimpleNamespace(pad_token_id=0), "cpu", 1
+    rows = [(8, 9, 10), (11, 12, 13, 14), (15, 16), (17, 18, 19)]
+    truncated = [False, True, False, True]
+    batch = t.token_batch(_scored(rows, truncated))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*batch.input_ids.shape, 24, generator=g, dtype=torch.float64)
+    logits.requires_grad_(True)
+    loss = _token_mean_loss(batch, logits)
+    loss.backward()
+    row_grad = logits.grad.abs().sum(dim=(1, 2))
+    if on:
+        # The truncated rows get no gradient, and the loss is the kept rows' loss alone.
+        assert row_grad[1] == 0 and row_grad[3] == 0 and (row_grad[[0, 2]] > 0).all()
+        kept = t.token_batch(_scored([rows[0], rows[2]], [False, False]))
+        kept.advantages = torch.tensor([1.0, 0.5])
+        s = kept.input_ids.shape[1]
+        ref = _token_mean_loss(kept, logits.detach()[[0, 2], :s])
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    else:
+        assert (row_grad > 0).all()
