@@ -89,11 +89,22 @@ class ModelSection:
     first_last_layers_bf16: bool = False
     """Keep the first and last transformer layer out of FP8 (not with fp8_recipe=delayed)."""
 
-    def precision_problems(self, use_distributed_optimizer: bool = True) -> list[str]:
-        """Problems of the FP8 fields, one line each naming the key: values, combinations,
-        and whether this machine has Transformer Engine on a capable GPU."""
+    def precision_problems(
+        self, use_distributed_optimizer: bool = True, rollout_quantization: str = ""
+    ) -> list[str]:
+        """Problems of the FP8 fields (and of FP8 rollouts), one line each naming the key:
+        values, combinations, and whether this machine has Transformer Engine on a capable
+        GPU."""
+        import torch
+
         from megatron_agpo.models.precision import check_fp8_available, check_fp8_settings
 
+        out = []
+        if rollout_quantization == "fp8" and not torch.cuda.is_available():
+            out.append(
+                "rollout.engine.quantization=fp8 needs vLLM on a CUDA GPU, and CUDA is not "
+                "available here; leave rollout.engine.quantization empty on CPU"
+            )
         try:
             check_fp8_settings(
                 self.fp8,
@@ -108,8 +119,8 @@ class ModelSection:
                 )
             check_fp8_available(self.fp8, self.fp8_recipe, key="model.fp8")
         except ValueError as e:
-            return [str(e)]
-        return []
+            out.append(str(e))
+        return out
 
     def megatron_overrides(self) -> dict:
         """ModelConfig fields this section sets beyond the HF config (precision recipes)."""
@@ -443,7 +454,9 @@ class TrainConfig:
             out.append("parallel.sequence_parallel=True needs parallel.tensor_parallel > 1")
         if not self.model.hf_path and p.tensor_parallel >= 1 and p.pipeline_parallel >= 1:
             out.extend(self._tiny_model_problems())
-        out.extend(self.model.precision_problems(p.use_distributed_optimizer))
+        out.extend(
+            self.model.precision_problems(p.use_distributed_optimizer, r.engine.quantization)
+        )
         return out
 
     def _tiny_model_problems(self) -> list[str]:

@@ -1,10 +1,13 @@
-"""The AGPO trainer: build once, then rollout -> reward -> advantages -> update -> sync -> eval
--> save, one screen per step.
+"""The AGPO trainer: build once, then each step runs the ten stages of docs/TRAINING.md.
 
-Every rank runs the same loop. Rank 0 alone talks to the rollout engine and the reward
-workers, and broadcasts what they returned, so all ranks build identical batches. The policy
-is megatron-core (TP x PP x DP), the loss the fused vocab-parallel AGPO loss, the engine real
-vLLM (replica processes, or in-process).
+    rollout -> reward -> broadcast -> advantages (-> dynamic sampling) -> token batch
+    -> old/reference log-probs -> update -> (skip on inf/NaN) -> weight sync -> eval / save
+
+Every rank runs the same loop. Rank 0 alone talks to the rollout engine and the reward, and
+broadcasts the scored rollouts (`ScoredRollouts`, as tensors), so every rank builds the same
+batch; each data-parallel rank then trains on its own shard of the rows. The policy is
+megatron-core (TP x PP x DP, optional sequence parallelism), the loss the fused vocab-parallel
+AGPO loss, the engine real vLLM (replica processes or in-process) behind one protocol.
 """
 
 from __future__ import annotations
@@ -20,25 +23,29 @@ import torch
 import torch.distributed as dist
 
 from megatron_agpo.algorithms import advantages as compute_advantages
-from megatron_agpo.algorithms import aggregation_weights, group_rows, informative_groups
+from megatron_agpo.algorithms import (
+    aggregation_weights,
+    group_rows,
+    informative_groups,
+    overlong_filter,
+)
 from megatron_agpo.ops import IGNORE_INDEX
 from megatron_agpo.trainer import checkpoint as ckpt
 from megatron_agpo.trainer.batch import TokenBatch, build_token_batch
 from megatron_agpo.trainer.config import TrainConfig
 from megatron_agpo.trainer.metrics import MetricsWriter, plot_run
-from megatron_agpo.trainer.step import compute_logp, forward_backward, grads_are_finite
+from megatron_agpo.trainer.records import ScoredRollouts, broadcast_scored
+from megatron_agpo.trainer.step import (
+    compute_logp,
+    forward_backward,
+    grads_are_finite,
+    model_device,
+    sequence_multiple,
+)
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _broadcast(obj):
-    """rank 0's obj on every rank."""
-    box = [obj]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def sampling_seed(run_seed: int, step: int, index: int, round_: int = 0) -> int:
@@ -50,19 +57,18 @@ def sampling_seed(run_seed: int, step: int, index: int, round_: int = 0) -> int:
 
 
 class Timer:
+    """Seconds per stage of one step (`with t("rollout"): ...`), summed over repeats."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
         t0 = time.perf_counter()
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-    def move(self, src: str, dst: str, seconds: float) -> None:
-        """Book `seconds` of what was timed as src under dst instead."""
-        self.seconds[src] -= seconds
-        self.seconds[dst] = self.seconds.get(dst, 0.0) + seconds
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def ensure_policy_dir(cfg: TrainConfig, log=print) -> Path:
@@ -106,6 +112,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         from transformers import AutoTokenizer
 
+        from megatron_agpo.data.iterator import PromptIterator
+        from megatron_agpo.data.tasks import load_task
         from megatron_agpo.models import build_model_from_hf
         from megatron_agpo.parallel import init_parallel, wrap_for_training
 
@@ -120,19 +128,28 @@ class Trainer:
         dist.barrier()
         self.policy_dir = ensure_policy_dir(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_dir)
-        model, self.mcfg = build_model_from_hf(self.policy_dir, params_dtype=cfg.model.params_dtype)
+        build = dict(
+            params_dtype=cfg.model.params_dtype,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            **cfg.model.megatron_overrides(),
+        )
+        model, self.mcfg = build_model_from_hf(self.policy_dir, **build)
         self.vocab_size = self.mcfg.vocab_size
         self.model, self.optimizer = wrap_for_training(model, cfg.parallel, cfg.optimizer)
+        self.device = model_device(self.model)
+        self.seq_multiple = sequence_multiple(self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.ref_model = None
         if cfg.algorithm.loss.kl_coef != 0.0:
             # The KL anchor: frozen, no optimizer, same parallel layout as the policy.
             ref_dir = cfg.model.reference_hf_path or self.policy_dir
-            self.ref_model, _ = build_model_from_hf(ref_dir, params_dtype=cfg.model.params_dtype)
+            self.ref_model, _ = build_model_from_hf(ref_dir, **build)
             self.ref_model.eval()
-        self.train_prompts, self.eval_prompts = self._load_prompts()
-        from megatron_agpo.data.iterator import PromptIterator
-
+        task = load_task(
+            cfg.data, self.tokenizer, cfg.rollout.engine.max_model_len, cfg.rollout.max_new_tokens
+        )
+        self.train_prompts, self.eval_prompts = task.train, task.held_out
+        self.prompt_stats = task.stats_dict()
         self.data = PromptIterator(
             self.train_prompts, batch_size=cfg.data.prompts_per_step, seed=cfg.data.seed
         )
@@ -147,27 +164,9 @@ class Trainer:
             self.sync_weights(self.version)
 
     # ----------------------------------------------------------------- build helpers
-    def _load_prompts(self):
-        from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
-        from megatron_agpo.data.loaders import DataConfig, encode_prompts, load_prompts
-
-        d = self.cfg.data
-        if d.kind == "arithmetic":
-            a = ArithmeticConfig(
-                levels=tuple(d.levels), seed=d.seed, num_train=d.num_train, num_eval=d.num_eval
-            )
-            train, held = generate_arithmetic(a, "train"), generate_arithmetic(a, "eval")
-            enc = DataConfig(instruction_suffix="", max_prompt_tokens=d.max_prompt_tokens)
-        else:
-            enc = DataConfig(path=d.path, format=d.format, max_prompt_tokens=d.max_prompt_tokens)
-            rows = load_prompts(enc)
-            held, train = rows[: d.num_eval], rows[d.num_eval :]
-        train, stats = encode_prompts(train, self.tokenizer, enc)
-        held, _ = encode_prompts(held, self.tokenizer, enc)
-        self.prompt_stats = asdict(stats)
-        return train, held
-
     def _start_services(self) -> None:
+        """Rank 0: the rollout engine (replicas or colocated: one protocol), the reward and the
+        metrics writer."""
         from megatron_agpo.rewards import build_reward
 
         e = self.cfg.rollout.engine
@@ -231,8 +230,28 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- the step
-    def rollout(self, prompts, n: int, step_seed: int, round_: int = 0) -> dict | None:
-        """Rank 0: sample n responses per prompt and score them; None elsewhere."""
+    def train_step(self) -> dict:
+        """One RL step, the stages of docs/TRAINING.md in order."""
+        cfg, t = self.cfg, Timer()
+        scored, sampling = self.collect(t)  # 1-4: rollout, reward, broadcast, advantages
+        batch = self.token_batch(scored)  # the overlong filter; on the model's device
+        with t("logprob"):
+            self.fill_logprobs(batch)  # 5: old (and reference) log-probs
+        with t("update"):
+            metrics, updated = self.update(batch)  # 6-7: optimizer steps, inf/NaN skips
+        if self.skipped_in_row >= cfg.trainer.max_skipped_steps:
+            raise FloatingPointError(
+                f"{self.skipped_in_row} consecutive updates skipped for non-finite gradients"
+            )
+        self.step += 1
+        with t("sync"):
+            if updated:
+                self.sync_weights(self.version + 1)  # 8: the engine gets the new weights
+        return {**self._step_metrics(scored, batch, metrics, t, updated), **sampling}
+
+    def generate(self, prompts, n: int, step_seed: int, round_: int = 0):
+        """Rank 0: n sampled responses per prompt (a `RolloutBatch`, group order); None
+        elsewhere. Seeds are fixed by (run, step, round, prompt)."""
         if self.rank != 0:
             return None
         from megatron_agpo.rollout.types import RolloutRequest
@@ -249,23 +268,30 @@ class Trainer:
             )
             for i, ex in enumerate(prompts)
         ]
-        if self.cfg.rollout.mode == "colocated":
-            self.engine.wake_up()  # no-op unless asleep (CUDA sleep mode)
-        samples = self.engine.generate(reqs, expected_version=self.version).samples
-        truths = [prompts[s.prompt_id].ground_truth for s in samples]
-        t0 = time.perf_counter()
-        rewards = self.reward.score_batch([s.text for s in samples], truths)
-        return {
-            "reward_s": time.perf_counter() - t0,
-            "prompts": [list(s.prompt_token_ids) for s in samples],
-            "responses": [list(s.response_token_ids) for s in samples],
-            "logprobs": [list(s.logprobs) for s in samples],
-            "truncated": [s.truncated for s in samples],
-            "rewards": rewards,
-        }
+        self.engine.wake_up()  # no-op unless the engine sleeps between rollouts (CUDA)
+        return self.engine.generate(reqs, expected_version=self.version)
 
-    def collect(self, t: Timer) -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
-        """Rollouts for one step: rewards and advantages of data.prompts_per_step groups.
+    def score(self, prompts, batch, n: int) -> ScoredRollouts | None:
+        """Rank 0: the reward of every sample; None elsewhere."""
+        if self.rank != 0:
+            return None
+        samples = batch.samples
+        truths = [prompts[s.prompt_id].ground_truth for s in samples]
+        texts = [s.text for s in samples]
+        rewards = self.reward.score_batch(texts, truths)
+        return ScoredRollouts(
+            prompt_ids=[tuple(s.prompt_token_ids) for s in samples],
+            response_ids=[tuple(s.response_token_ids) for s in samples],
+            rollout_logp=[tuple(s.logprobs) for s in samples],
+            truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool, device="cpu"),
+            rewards=torch.tensor(rewards, dtype=torch.float64, device="cpu"),
+            weight_version=batch.weight_version,
+            group_size=n,
+            texts=texts,
+        )
+
+    def collect(self, t: Timer) -> tuple[ScoredRollouts, dict]:
+        """data.prompts_per_step scored groups with their advantages, and sampling counters.
 
         With dynamic sampling, groups without signal are dropped and more prompts sampled, up to
         trainer.max_sampling_rounds batches; advantages are per group, so concatenating the
@@ -273,90 +299,89 @@ class Trainer:
         """
         cfg, n = self.cfg, self.cfg.rollout.n
         rule, want = cfg.trainer.dynamic_sampling, cfg.data.prompts_per_step
-        keys = ("prompts", "responses", "logprobs", "truncated", "rewards")
-        got = {k: [] for k in keys}
-        rewards, adv = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-        stats, sampled_sum = {"groups/sampled": 0, "sampling/rounds": 0}, 0.0
+        kept: list[ScoredRollouts] = []
+        stats, sampled_sum, groups = {"groups/sampled": 0, "sampling/rounds": 0}, 0.0, 0
         rounds = 1 if rule == "off" else cfg.trainer.max_sampling_rounds
         for rnd in range(rounds):
             prompts = self.data.next_batch()
             with t("rollout"):
-                out = _broadcast(self.rollout(prompts, n, self.step, rnd))
-            t.move("rollout", "reward", out["reward_s"])  # scoring ran inside the rollout call
-            r = torch.tensor(out["rewards"], dtype=torch.float64)
-            a = compute_advantages(r, n, cfg.algorithm.advantage_config())
-            rows = torch.arange(len(r))
+                samples = self.generate(prompts, n, self.step, rnd)
+            with t("reward"):
+                scored = self.score(prompts, samples, n)
+            scored = broadcast_scored(scored, self.device)
+            scored.advantages = compute_advantages(
+                scored.rewards, n, cfg.algorithm.advantage_config()
+            )
+            rows = torch.arange(len(scored), device="cpu")
             if rule != "off":
-                rows = group_rows(informative_groups(r, a, n, rule), n)
-            rows = rows[: (want - len(rewards) // n) * n]  # never more than the step needs
-            for k in keys:
-                got[k] += [out[k][i] for i in rows.tolist()]
-            rewards, adv = torch.cat([rewards, r[rows]]), torch.cat([adv, a[rows]])
-            stats["groups/sampled"] += len(r) // n
-            sampled_sum += float(r.sum())
+                keep = informative_groups(scored.rewards, scored.advantages, n, rule)
+                rows = group_rows(keep, n)
+            rows = rows[: (want - groups) * n]  # never more than the step needs
+            kept.append(scored.select(rows))
+            groups += len(rows) // n
+            stats["groups/sampled"] += scored.num_groups
+            sampled_sum += float(scored.rewards.sum())
             stats["sampling/rounds"] += 1
-            if len(rewards) // n >= want:
+            if groups >= want:
                 break
-        stats["groups/kept"] = len(rewards) // n
+        stats["groups/kept"] = groups
         # Before the group filter (reward/mean is over the kept groups only).
         stats["reward/mean_sampled"] = sampled_sum / (stats["groups/sampled"] * n)
-        if self.rank == 0 and cfg.rollout.mode == "colocated":
-            # On CUDA: free the KV cache and offload the weights while the trainer works; the
-            # next sync (or rollout) wakes the engine. A no-op on CPU.
+        if self.rank == 0:
+            # Colocated on CUDA: free the KV cache and offload the weights while the trainer
+            # works; the next sync (or rollout) wakes the engine. A no-op elsewhere.
             self.engine.sleep()
-        if not len(rewards):
+        if not groups:
             raise RuntimeError(
                 f"dynamic sampling ({rule}) kept no group in {rounds} rounds of {want} prompts: "
                 "every group had identical rewards / zero advantages; raise "
                 "trainer.max_sampling_rounds or use an easier/harder prompt set"
             )
-        return got, rewards, adv, stats
+        return ScoredRollouts.concat(kept), stats
 
-    def train_step(self) -> dict:
-        cfg, t = self.cfg, Timer()
-        out, rewards, adv, stats = self.collect(t)
+    def token_batch(self, scored: ScoredRollouts) -> TokenBatch:
+        """The scored rollouts as token tensors on the model's device, with DAPO's overlong
+        filter applied when on (truncated rows leave the loss)."""
         batch = build_token_batch(
-            out["prompts"], out["responses"], out["logprobs"], adv, self.tokenizer.pad_token_id
+            scored.prompt_ids,
+            scored.response_ids,
+            scored.rollout_logp,
+            scored.advantages,
+            self.tokenizer.pad_token_id,
+            pad_multiple=self.seq_multiple,
         )
-        if cfg.trainer.overlong_filter:
-            cut = torch.tensor(out["truncated"], dtype=torch.bool)
-            batch.target[cut] = IGNORE_INDEX
-            batch.loss_mask[cut] = 0.0
-        mbs, budget = cfg.trainer.micro_batch_size, cfg.trainer.token_budget
-        with t("logprob"):
-            batch.old_logp = (
-                compute_logp(self.model, batch, mbs, self.vocab_size, budget)
-                if cfg.trainer.old_logp == "recompute"
-                else batch.rollout_logp
+        if self.cfg.trainer.overlong_filter:
+            batch.loss_mask, batch.target = overlong_filter(
+                batch.loss_mask, batch.target, scored.truncated, IGNORE_INDEX
             )
-            if self.ref_model is not None:
-                batch.ref_logp = compute_logp(self.ref_model, batch, mbs, self.vocab_size, budget)
-        with t("update"):
-            metrics, updated = self.update(batch)
-        if self.skipped_in_row >= cfg.trainer.max_skipped_steps:
-            raise FloatingPointError(
-                f"{self.skipped_in_row} consecutive updates skipped for non-finite gradients"
-            )
-        self.step += 1
-        with t("sync"):
-            if updated:
-                self.sync_weights(self.version + 1)
-        row = self._step_metrics(out, batch, rewards, adv, metrics, t, updated)
-        row.update(stats)
-        if cfg.trainer.overlong_filter:
-            row["response/overlong_filtered"] = row["response/truncated"]
-        return row
+        return batch.to(self.device)
+
+    def fill_logprobs(self, batch: TokenBatch) -> None:
+        """Old log-probs (recomputed by the trainer, or the engine's) and, with a KL term, the
+        reference model's; each data-parallel rank computes its shard of the rows."""
+        tr = self.cfg.trainer
+        mbs, budget = tr.micro_batch_size, tr.token_budget
+        batch.old_logp = (
+            compute_logp(self.model, batch, mbs, self.vocab_size, budget)
+            if tr.old_logp == "recompute"
+            else batch.rollout_logp
+        )
+        if self.ref_model is not None:
+            batch.ref_logp = compute_logp(self.ref_model, batch, mbs, self.vocab_size, budget)
 
     def update(self, batch: TokenBatch) -> tuple[dict, bool]:
         """trainer.ppo_epochs passes of trainer.mini_batches optimizer steps over the batch;
-        returns the last update's metrics and whether any update was applied."""
+        returns the last update's metrics and whether any update was applied.
+
+        Aggregation weights are computed over the whole mini-batch before forward_backward
+        shards its rows over the data-parallel ranks, so the gradient equals DP=1's."""
         cfg, loss_cfg = self.cfg.trainer, self.cfg.algorithm.loss
         metrics, updated = {}, False
         for _ in range(cfg.ppo_epochs):
-            for rows in torch.arange(len(batch)).tensor_split(cfg.mini_batches):
+            for rows in torch.arange(len(batch), device="cpu").tensor_split(cfg.mini_batches):
                 if not len(rows):  # a short dynamic-sampling batch
                     continue
-                mini = batch.select(rows)
+                mini = batch.select(rows.to(self.device))
                 mini.agg_weights = aggregation_weights(
                     mini.loss_mask, loss_cfg.agg_mode, loss_cfg.norm_constant
                 )
@@ -390,29 +415,34 @@ class Trainer:
                 pass
         self.version = version
 
-    def _step_metrics(self, out, batch: TokenBatch, rewards, adv, m, t: Timer, updated) -> dict:
-        n = self.cfg.rollout.n
+    def _step_metrics(
+        self, scored: ScoredRollouts, batch: TokenBatch, m: dict, t: Timer, updated: bool
+    ) -> dict:
+        n = scored.group_size
         tau = self.cfg.algorithm.advantage_config().tau
-        lengths = torch.tensor([len(r) for r in out["responses"]], dtype=torch.float64)
-        groups = adv.view(-1, n)
+        lengths = scored.response_lengths
+        groups = scored.advantages.view(-1, n)
+        truncated = float(scored.truncated.double().mean())
         row = {
             "step": self.step,
             "weight_version": self.version,
-            "reward/mean": float(rewards.mean()),
-            "reward/pass_rate": float((rewards > tau).double().mean()),
+            "reward/mean": float(scored.rewards.mean()),
+            "reward/pass_rate": float((scored.rewards > tau).double().mean()),
             "reward/timeouts": self.reward.stats().timeouts if self.reward else 0,
             "response/len_mean": float(lengths.mean()),
             "response/len_max": float(lengths.max()),
-            "response/truncated": float(torch.tensor(out["truncated"]).double().mean()),
+            "response/truncated": truncated,
             "groups/zero_advantage": float((groups == 0).all(dim=1).double().mean()),
             "loss": m.get("all/loss", float("nan")),
             "updated": int(updated),
-            **{k: v for k, v in m.items()},
+            **m,
             **{f"time/{k}": v for k, v in t.seconds.items()},
         }
         total = sum(t.seconds.values())
         # Tokens the step processed (prompt + response, padding excluded) per second of it.
         row["tokens_per_s"] = float(batch.seq_lens.sum()) / total
+        if self.cfg.trainer.overlong_filter:
+            row["response/overlong_filtered"] = truncated
         return row
 
     # ----------------------------------------------------------------- eval
@@ -421,8 +451,9 @@ class Trainer:
         from megatron_agpo.eval import pass_at_k_curve
 
         n = self.cfg.trainer.eval_n
-        out = _broadcast(self.rollout(self.eval_prompts, n, step_seed=-1))
-        r = torch.tensor(out["rewards"]).view(-1, n)
+        samples = self.generate(self.eval_prompts, n, step_seed=-1)
+        scored = broadcast_scored(self.score(self.eval_prompts, samples, n), self.device)
+        r = scored.rewards.view(-1, n)
         tau = self.cfg.algorithm.advantage_config().tau
         counts = [(n, int((g > tau).sum())) for g in r]
         return {f"eval/pass@{k}": v for k, v in pass_at_k_curve(counts).items()}
