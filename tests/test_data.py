@@ -337,3 +337,47 @@ def test_iterator_epochs_are_permutations():
     assert PromptIterator(items, 3, shuffle=False).next_batch() == [0, 1, 2]
     with pytest.raises(ValueError, match="state is for 10 items"):
         PromptIterator(list(range(9)), 3).load_state_dict(it.state_dict())
+
+
+def test_empty_file_is_named(tmp_path):
+    for name, text in (("e.jsonl", ""), ("b.jsonl", "\n  \n"), ("a.json", "[]")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DataValidationError, match=rf"{path}: no rows \(the file is empty\)"):
+            load_prompts(DataConfig(path=str(path)))
+    blank = tmp_path / "blank.json"
+    blank.write_text(" \n")
+    with pytest.raises(DataValidationError, match=rf"{blank}: the file is empty"):
+        load_prompts(DataConfig(path=str(blank)))
+
+
+def test_bad_encoding_names_file_row_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"problem": "1+1", "answer": "2"}).encode()
+    bad = '{"problem": "café", "answer": "3"}'.encode("latin-1")  # é is 0xe9
+    path.write_bytes(good + b"\n\n" + bad + b"\n")
+    with pytest.raises(
+        DataValidationError,
+        match=rf"{path} row 1 \(line 3\): not UTF-8 text \(byte 0xe9 at column 17\)",
+    ):
+        load_prompts(DataConfig(path=str(path)))
+    arr = tmp_path / "latin1.json"
+    arr.write_bytes(b"[\n" + good + b",\n" + bad + b"\n]")
+    with pytest.raises(DataValidationError, match=rf"{arr} \(line 3\): not UTF-8 text \(byte 0xe9"):
+        load_prompts(DataConfig(path=str(arr)))
+    # A UTF-8 byte-order mark (Windows editors write one) is not an error.
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert [r.ground_truth for r in load_prompts(DataConfig(path=str(bom)))] == ["2"]
+
+
+def test_held_out_split_refuses_to_hold_out_every_row(tmp_path):
+    from megatron_agpo.data.loaders import held_out_split
+
+    path = tmp_path / "few.jsonl"
+    write_jsonl(path, [{"problem": f"{i}+0", "answer": str(i)} for i in range(3)])
+    rows = load_prompts(DataConfig(path=str(path)))
+    held, train = held_out_split(rows, 1, str(path))
+    assert [r.ground_truth for r in held] == ["0"] and [r.ground_truth for r in train] == ["1", "2"]
+    with pytest.raises(DataValidationError, match=rf"{path}: 3 rows, not more than the 3 held"):
+        held_out_split(rows, 3, str(path))
