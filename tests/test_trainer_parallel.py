@@ -142,3 +142,35 @@ def _meta_body(rank, world, hf_dir):
 def test_step_creates_no_tensor_off_the_model_device(tiny_hf):
     """Fails when any hot-path tensor is created with an implicit device (it lands on meta)."""
     run_distributed(_meta_body, 1, tiny_hf)
+
+
+@pytest.mark.slow
+def test_data_parallel_run_with_dynamic_sampling_and_token_budget(tmp_path):
+    """The whole trainer at DP=2 (TP=1, two ranks, a vLLM replica): dynamic sampling refills to
+    the full batch, token-budget micro-batches run on each rank's shard, and after every sync
+    the engine's log-probs equal the trainer's (the DP ranks stayed in step)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    run = tmp_path / "dp2"
+    cmd = [
+        sys.executable, "-m", "megatron_agpo.train", "trainer.steps=2",
+        "parallel.tensor_parallel=1", "model.warmstart_steps=30", "trainer.eval_every=0",
+        "data.prompts_per_step=6",
+        "trainer.dynamic_sampling=zero_advantage", "trainer.token_budget=200",
+        f"logging.run_dir={run}", "logging.progress=false", "checkpoint.save_final=false",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "DP=2" in res.stdout, res.stdout[-2000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["groups/kept"] == 6 and r["all/tokens"] > 0
+    assert max(r["logp_gap"] for r in steps) < 1e-4

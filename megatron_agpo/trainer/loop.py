@@ -467,7 +467,8 @@ class Trainer:
                 f"AGPO run: {self.policy_dir} | {len(self.train_prompts)} train / "
                 f"{len(self.eval_prompts)} held-out prompts | prompts filtered as too long: "
                 f"{self.prompt_stats['too_long']} | world {dist.get_world_size()} "
-                f"(TP={cfg.parallel.tensor_parallel}, PP={cfg.parallel.pipeline_parallel}) | "
+                f"(TP={cfg.parallel.tensor_parallel}, PP={cfg.parallel.pipeline_parallel}, "
+                f"DP={cfg.parallel.data_parallel(dist.get_world_size())}) | "
                 f"engine: {cfg.rollout.mode}"
             )
         every = cfg.trainer.eval_every
