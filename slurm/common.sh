@@ -293,14 +293,34 @@ agpo_job_end_time() {
     fi
 }
 
+# SIGUSR1 to the training ranks only. srun (and scancel) would signal every process of the
+# step: a rank's reward workers and any replica it spawned would die of it in the middle of
+# the step the rank is finishing. `scontrol listpids` marks the task leaders (the ranks) with
+# a local id; an overlapping one-task-per-node step signals them on each training node.
+agpo_signal_ranks() {
+    local step
+    step=$(squeue -s -h -j "$SLURM_JOB_ID" -o "%i %j" 2>/dev/null |
+        awk '$2 == "train" {split($1, a, "."); print a[2]; exit}')
+    if [[ -n $step ]]; then
+        # On each node: the pids whose LOCALID is set (the task leaders); none is a failure.
+        local remote="pids=\$(scontrol listpids $SLURM_JOB_ID.$step | awk 'NR > 1 && \$4 != \"-\" \
+{print \$1}'); [ -n \"\$pids\" ] && kill -USR1 \$pids && echo \"\$(hostname): SIGUSR1 to \
+ranks \$pids\""
+        srun --overlap --quiet --job-name=signal --nodes="$TRAIN_NODES" --ntasks-per-node=1 \
+            --nodelist="$(agpo_join "${AGPO_TRAIN_HOSTS[@]}")" \
+            bash -c "$remote" && return 0
+    fi
+    agpo_log "could not signal the ranks alone: SIGUSR1 to every process of the training step"
+    kill -USR1 "$AGPO_TRAIN_PID" 2>/dev/null
+}
+
 AGPO_SIGNALLED=""
 AGPO_TRAIN_PID=""
 agpo_on_signal() {
     local sig=$1
-    agpo_log "caught SIG$sig: forwarding SIGUSR1 to the training step (checkpoint and exit)"
+    agpo_log "caught SIG$sig: forwarding SIGUSR1 to the training ranks (checkpoint and exit)"
     AGPO_SIGNALLED=$sig
-    # srun passes SIGUSR1 on to every process of the step.
-    [[ -n $AGPO_TRAIN_PID ]] && kill -USR1 "$AGPO_TRAIN_PID" 2>/dev/null
+    [[ -n $AGPO_TRAIN_PID ]] && agpo_signal_ranks
 }
 
 agpo_launch() {
