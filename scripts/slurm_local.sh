@@ -78,7 +78,8 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
-JobRequeue=1
+# Batch jobs are requeued only when they ask (#SBATCH --requeue): the tests check the scripts'.
+JobRequeue=0
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 # Seconds between SIGTERM and SIGKILL when a job ends or is cancelled.
