@@ -163,7 +163,9 @@ def _step(model, opt, seed):
     model.zero_grad_buffer()
     opt.zero_grad()
     pos = torch.arange(10).expand(4, 10)
-    model(input_ids=ids, position_ids=pos, attention_mask=None).pow(2).mean().backward()
+    # A sum over this rank's vocab shard: the TP ranks' losses add up to the TP=1 loss (a mean
+    # would double the gradient at TP=2).
+    model(input_ids=ids, position_ids=pos, attention_mask=None).pow(2).sum().div(5000).backward()
     finalize_model_grads([model])
     opt.step()
 
@@ -327,3 +329,23 @@ def _load_missing_key(rank, world, hf, path):
     sd = {k: v for k, v in model.module.state_dict().items() if "final_layernorm" not in k}
     with pytest.raises(fmt.CheckpointError, match="missing keys .*decoder.final_layernorm.weight"):
         fmt.load_state_strict(model.module, sd, Path(path))
+
+
+@pytest.mark.dist  # one gloo process per conversion
+def test_crafted_metadata_does_not_run_in_the_export_tool(tiny_hf, tmp_path):
+    import subprocess
+    import sys
+
+    fmt.convert_hf_to_megatron(tiny_hf, tmp_path / "ck")
+    marker = tmp_path / "pwned"
+    (tmp_path / "ck" / "model" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    _rehash(tmp_path / "ck")
+    res = subprocess.run(
+        [sys.executable, "tools/convert_megatron_to_hf.py", "--ckpt", str(tmp_path / "ck"),
+         "--out", str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "model/.metadata was refused" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]  # one paragraph, no traceback
+    assert not marker.exists()
