@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -193,10 +194,15 @@ class Trainer:
         c = self.cfg.checkpoint
         if self.rank == 0:  # a run killed mid-write leaves a torn last metrics line
             ckpt.repair_metrics(self.run_dir / "metrics.jsonl")
-        found = ckpt.resume(
-            self.run_dir / "checkpoints", c.resume, c.resume_fallback, self.model,
-            self.optimizer, self.mcfg, log=lambda m: print(m, flush=True),
-        )  # fmt: skip
+        try:
+            found = ckpt.resume(
+                self.run_dir / "checkpoints", c.resume, c.resume_fallback, self.model,
+                self.optimizer, self.mcfg, log=lambda m: print(m, flush=True),
+            )  # fmt: skip
+        except ckpt.CheckpointError as e:  # the same verdict on every rank
+            if self.rank == 0:
+                print(f"agpo-train: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         self._saved_step = self.step
         if found is None:
             return
