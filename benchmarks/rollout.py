@@ -36,11 +36,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_agpo.models.pretrained import smollm2_hf_dir
     from megatron_agpo.rollout import RolloutConfig, RolloutRequest
     from megatron_agpo.rollout.colocated import ColocatedEngine
-    from megatron_agpo.rollout.testing_utils import smollm2_hf_folder
 
-    path = smollm2_hf_folder()
+    path = smollm2_hf_dir()
     tok = AutoTokenizer.from_pretrained(str(path))
     questions = [
         f"What is {7 * i + 12} + {3 * i + 25}? Answer briefly." for i in range(args.prompts)

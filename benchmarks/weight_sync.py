@@ -6,9 +6,11 @@ For SmolLM2-135M (fp32, 538 MB) and a larger random Llama, measured in one run:
   - replica: `ReplicaPool.update_weights` to one replica process over ZMQ in buckets;
   - collective: the same to one replica with `sync_channel="collective"` (headers over ZMQ,
     each bucket's bytes as one flat tensor over the private gloo group; NCCL on GPU).
-Each is the best of --repeats runs; GB/s = model bytes / seconds.
+Each is the best of --repeats runs; GB/s = model bytes / seconds. The replica channel is
+authenticated and encrypted (ZMQ CURVE); the first line printed is the transport alone,
+plaintext vs CURVE, 1 GB over loopback in one process (--channel-only: just that).
 
-    python benchmarks/weight_sync.py [--repeats 3 --bucket-mb 256]
+    python benchmarks/weight_sync.py [--repeats 3 --bucket-mb 256 --channel-only]
 """
 
 from __future__ import annotations
@@ -29,6 +31,54 @@ def _best(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def bench_channel(mb: int, bucket_mb: float, repeats: int) -> dict:
+    """Seconds to move `mb` MB in `bucket_mb` messages over loopback TCP between two ZMQ
+    sockets of this process (the replica channel's transport without vLLM): plaintext (what
+    the channel was before it was authenticated) vs CURVE with the run-secret keys."""
+    import threading
+
+    import zmq
+
+    from megatron_agpo.rollout import wire
+
+    keys = wire.curve_keys(wire.new_secret())
+    n = max(1, int(mb / bucket_mb))
+    payload = bytearray(int(bucket_mb * 1e6))
+    out = {}
+    for mode in ("plain", "curve"):
+        ctx = zmq.Context()
+        if mode == "curve":
+            server, port, auth = wire.bind_server(ctx, "127.0.0.1", 0, keys)
+            client = wire.connect_client(ctx, f"tcp://127.0.0.1:{port}", keys)
+        else:
+            auth = None
+            server = ctx.socket(zmq.ROUTER)
+            port = server.bind_to_random_port("tcp://127.0.0.1")
+            client = ctx.socket(zmq.DEALER)
+            client.connect(f"tcp://127.0.0.1:{port}")
+        client.send(b"hi")
+        peer, _ = server.recv_multipart()
+
+        def drain(client=client):
+            for _ in range(n):
+                client.recv(copy=False)
+
+        def one_pass(server=server, peer=peer, drain=drain):
+            t = threading.Thread(target=drain)
+            t.start()
+            for _ in range(n):
+                server.send_multipart([peer, payload], copy=False)
+            t.join()
+
+        out[mode] = _best(one_pass, repeats)
+        if auth is not None:
+            auth.stop()
+        server.close(0)
+        client.close(0)
+        ctx.term()
+    return {"mb": n * bucket_mb, **out}
 
 
 def bench_model(name: str, path: Path, repeats: int, bucket_mb: float) -> dict:
@@ -90,27 +140,43 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=float, default=256.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--channel-only",
+        action="store_true",
+        help="only the transport: plaintext vs CURVE ZMQ over loopback, no vLLM",
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     torch.set_num_threads(args.threads)
 
-    from megatron_agpo.rollout.testing_utils import make_tiny_llama, smollm2_hf_folder
+    ch = bench_channel(1024, min(args.bucket_mb, 256.0), args.repeats)
+    print(
+        f"ZMQ loopback, {ch['mb']:.0f} MB in {min(args.bucket_mb, 256.0):g} MB messages, best "
+        f"of {args.repeats}: plaintext {ch['plain']:.3f} s ({ch['mb'] / 1e3 / ch['plain']:.2f} "
+        f"GB/s), CURVE {ch['curve']:.3f} s ({ch['mb'] / 1e3 / ch['curve']:.2f} GB/s), "
+        f"CURVE/plaintext time {ch['curve'] / ch['plain']:.2f}x"
+    )
+    if args.channel_only:
+        return
 
-    big_dir = Path(tempfile.gettempdir()) / "agpo_bench_random_llama_1024x12"
+    from megatron_agpo.models.pretrained import smollm2_hf_dir, tiny_hf_model
+
+    big_dir = Path(tempfile.gettempdir()) / "agpo_bench_random_llama_1024x12_v2"
     if not any(big_dir.glob("*.safetensors")):
-        make_tiny_llama(
+        tiny_hf_model(
             big_dir,
             hidden_size=1024,
-            num_layers=12,
-            num_heads=16,
-            num_kv_heads=8,
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=8,
             intermediate_size=4096,
+            vocab_size=8192,
             max_position_embeddings=1024,
         )
     rows = [
         bench_model(
             "SmolLM2-135M (30 layers, hidden 576)",
-            smollm2_hf_folder(),
+            smollm2_hf_dir(),
             args.repeats,
             args.bucket_mb,
         ),

@@ -1,7 +1,8 @@
 """Tiny HF checkpoints and transformers reference log-probs for rollout tests and benchmarks.
 
 A 2-layer random Llama with a character-level tokenizer loads in vLLM in seconds on CPU, so
-tests exercise the real engine without downloading anything.
+tests exercise the real engine without downloading anything. (Moved out of the package: test
+helpers live under tests/.)
 """
 
 from __future__ import annotations
@@ -10,14 +11,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-
-
-def save_char_tokenizer(out_dir: str | Path) -> int:
-    """Save the project's character-level tokenizer (megatron_agpo.data.char_tokenizer) into
-    out_dir; returns its vocabulary size."""
-    from megatron_agpo.data.char_tokenizer import build_char_tokenizer
-
-    return len(build_char_tokenizer(out_dir))
 
 
 def make_tiny_llama(
@@ -31,35 +24,31 @@ def make_tiny_llama(
     intermediate_size: int | None = None,
     tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a random fp32 Llama with a char tokenizer as an HF folder; returns the folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random fp32 Llama with the project's character tokenizer (and chat template), as an
+    HF folder: the package's tiny builder (`models.pretrained.tiny_hf_model`) with weights
+    drawn at std 0.2 (HF's 0.02 gives near-uniform next-token distributions; peaked ones make
+    weight changes move log-probs visibly) and head_dim 32 (vLLM's CPU attention refuses 16).
+    """
+    from megatron_agpo.data.char_tokenizer import build_char_tokenizer
+    from megatron_agpo.models.pretrained import tiny_hf_model
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab_size = save_char_tokenizer(out)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
+    tokenizer = build_char_tokenizer()
+    tiny_hf_model(
+        out,
+        "LlamaForCausalLM",
+        tie_word_embeddings=tie_word_embeddings,
+        seed=seed,
+        vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        torch_dtype="float32",
+        initializer_range=0.2,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    # Random init with std 0.02 gives near-uniform next-token distributions; a larger scale
-    # makes the distributions peaked enough that weight changes move log-probs visibly.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))  # replaces the builder's word-level tokenizer
     return out
 
 
@@ -104,10 +93,3 @@ def hf_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
     """Stream an HF model's state dict as (hf_name, tensor), the shape of
     `megatron_to_hf_tensors`' output."""
     yield from model.state_dict().items()
-
-
-def smollm2_hf_folder() -> Path:
-    """SmolLM2-135M-Instruct as an fp32 HF folder (one cache for the whole project)."""
-    from megatron_agpo.models.pretrained import smollm2_hf_dir
-
-    return smollm2_hf_dir()

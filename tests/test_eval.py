@@ -662,8 +662,9 @@ def test_cli_with_injected_engine_and_compare(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_vllm_tiny_model(tmp_path):
     pytest.importorskip("vllm")
-    testing_utils = pytest.importorskip("megatron_agpo.rollout.testing_utils")
-    model = testing_utils.make_tiny_llama(tmp_path / "tiny")
+    from tests import rollout_utils
+
+    model = rollout_utils.make_tiny_llama(tmp_path / "tiny")
     data = _cli_data(tmp_path)
     argv = [
         "--model",

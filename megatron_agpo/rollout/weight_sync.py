@@ -15,6 +15,7 @@ with the caller's reference log-probs (e.g. the trainer's own forward on the sam
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,14 +63,41 @@ def encode_bucket(bucket: Bucket) -> tuple[dict, list[memoryview]]:
     return {"op": "bucket", "specs": specs}, frames
 
 
+WIRE_DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+        "int64", "int32", "int16", "int8", "uint8", "bool",
+    )
+}  # fmt: skip
+"""dtypes a bucket header may name (a header names a dtype by string, never by object)."""
+
+
+def _spec(name: object, dtype: object, shape: object) -> tuple[str, torch.dtype, tuple, int]:
+    """Checked (name, dtype, shape, nbytes) of one tensor spec of a received header."""
+    if not isinstance(name, str) or dtype not in WIRE_DTYPES:
+        raise ValueError(f"bucket spec {name!r}: dtype {dtype!r} is not one of {list(WIRE_DTYPES)}")
+    if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"bucket spec {name!r}: bad shape {shape!r}")
+    dt = WIRE_DTYPES[dtype]  # type: ignore[index]
+    return name, dt, tuple(shape), math.prod(shape) * torch.empty((), dtype=dt).element_size()
+
+
 def decode_bucket(header: dict, frames: Sequence) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one received bucket, viewing the frames' memory (no copy)."""
-    for (name, dtype, shape), frame in zip(header["specs"], frames, strict=True):
+    """Tensors of one received bucket, viewing the frames' memory (no copy). Each frame must
+    hold exactly the bytes its spec (dtype, shape) describes."""
+    specs = header["specs"]
+    if len(specs) != len(frames):
+        raise ValueError(f"bucket header lists {len(specs)} tensors, {len(frames)} frames came")
+    for spec, frame in zip(specs, frames, strict=True):
+        name, dt, shape, nbytes = _spec(*spec)
+        if len(frame) != nbytes:
+            raise ValueError(f"bucket tensor {name!r}: {len(frame)} bytes for {nbytes} expected")
         with warnings.catch_warnings():
             # The frame's buffer is read-only; vLLM only reads it (copies into its params).
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(frame, dtype=torch.uint8) if len(frame) else torch.empty(0)
-        yield name, raw.view(getattr(torch, dtype)).reshape(shape)
+        yield name, raw.view(dt).reshape(shape)
 
 
 PACK_ALIGN = 64  # byte offset of every tensor in a packed bucket (any dtype view is aligned)
@@ -97,10 +125,12 @@ def pack_bucket(bucket: Bucket, device: str | torch.device = "cpu") -> tuple[dic
 
 
 def unpack_bucket(header: dict, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of one packed bucket, as views into `flat` (no copy)."""
-    for name, dtype, shape, off in header["specs"]:
-        dt = getattr(torch, dtype)
-        n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+    """Tensors of one packed bucket, as views into `flat` (no copy); every spec must lie
+    inside `flat` at an aligned offset."""
+    for *spec, off in header["specs"]:
+        name, dt, shape, n = _spec(*spec)
+        if not isinstance(off, int) or off % PACK_ALIGN or off < 0 or off + n > flat.numel():
+            raise ValueError(f"bucket tensor {name!r}: offset {off!r} outside the flat bucket")
         yield name, flat[off : off + n].view(dt).reshape(shape)
 
 
@@ -129,13 +159,17 @@ class CollectiveChannel:
         world_size: int,
         backend: str,
         timeout_s: float,
+        prefix: str = "agpo_weight_sync",
+        host: str = "127.0.0.1",
     ) -> None:
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.backend = backend
         timeout = timedelta(seconds=timeout_s)
-        prefix = torch.distributed.PrefixStore("agpo_weight_sync", store)
+        # The key prefix is derived from the run's secret: a process that connects to the
+        # store cannot name (read or overwrite) this group's rendezvous keys.
+        prefix = torch.distributed.PrefixStore(prefix, store)
         if backend == "nccl":
             from torch.distributed import ProcessGroupNCCL
 
@@ -145,15 +179,39 @@ class CollectiveChannel:
             self.pg = ProcessGroupNCCL(prefix, rank, world_size, opts)
         elif backend == "gloo":
             self.device = torch.device("cpu")
-            self.pg = torch.distributed.ProcessGroupGloo(prefix, rank, world_size, timeout=timeout)
+            # Gloo's own listening socket on `host` (this process's address on the channel's
+            # network), not on whatever the machine's hostname resolves to.
+            gloo = torch.distributed.ProcessGroupGloo
+            opts = gloo._Options()
+            opts._timeout = timeout
+            opts._devices = [gloo.create_device(hostname=host)]
+            self.pg = gloo(prefix, rank, world_size, opts)
         else:
             raise ValueError(f"unknown collective backend {backend!r} (gloo or nccl)")
 
     @staticmethod
     def host_store(host: str, port: int, world_size: int, timeout_s: float):
-        """The trainer's store (port 0 = a free one; read it back from `.port`)."""
+        """The trainer's store, listening on `host` only (port 0 = a free one; read it back
+        from `.port`). TCPStore itself would listen on every interface: it is handed a socket
+        bound here instead."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(128)
+            port = sock.getsockname()[1]
+        except OSError:
+            sock.close()
+            raise
         return torch.distributed.TCPStore(
-            host, port, world_size, True, timedelta(seconds=timeout_s), wait_for_workers=False
+            host,
+            port,
+            world_size,
+            True,
+            timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            master_listen_fd=sock.detach(),  # the store owns (and closes) it now
         )
 
     @staticmethod
