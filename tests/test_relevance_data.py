@@ -295,3 +295,16 @@ def test_relevance_examples_synthetic_and_file(tmp_path):
         warmstart_examples(_section(source="file", path=str(path)))
     with pytest.raises(ValueError, match="custom label set"):
         relevance_examples(_section(labels=["a", "b"], codes=[]))
+
+
+def test_warm_start_cache_key():
+    from megatron_agpo.trainer.config import DataSection, ModelSection
+    from megatron_agpo.trainer.warmstart import _key
+
+    # The arithmetic key is the one the default run's cached folder has always had
+    # (README: tiny-arith-3ca2f0f52345); a relevance warm start keys on its pairs and template.
+    assert _key(ModelSection(), DataSection()) == "3ca2f0f52345"
+    rel = _key(ModelSection(), _section())
+    assert rel != "3ca2f0f52345"
+    other = _section(prompt=RelevancePromptConfig(template="{query}>{item}|"))
+    assert _key(ModelSection(), other) not in (rel, "3ca2f0f52345")

@@ -130,7 +130,6 @@ def main(argv=None) -> int:
 
     # 3. RL annotators
     from megatron_agpo.models.checkpoint import convert_megatron_to_hf
-    from megatron_agpo.trainer import checkpoint as ckpt
 
     annotators: dict[str, Path] = {"base": base_dir}
     t0 = time.perf_counter()
@@ -151,10 +150,7 @@ def main(argv=None) -> int:
                 ]  # fmt: skip
                 dt = run_cmd(cmd, logs / f"rl-{name}.log")
                 log(f"RL {name}: {dt:.0f} s")
-                latest = ckpt.latest(run_dir / "checkpoints")
-                if latest is None:
-                    raise SystemExit(f"RL {name}: no checkpoint in {run_dir / 'checkpoints'}")
-                convert_megatron_to_hf(latest, hf)
+                convert_megatron_to_hf(run_dir, hf)  # its latest complete checkpoint
             annotators[name] = hf
     times["rl"] = time.perf_counter() - t0
 
