@@ -12,6 +12,7 @@ config.json only (no torch model, no tokenizer load).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -37,6 +38,10 @@ def preflight(cfg: TrainConfig, world_size: int | None = None) -> list[str]:
         )
     problems += model_problems(cfg)
     problems += data_problems(cfg)
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        problems.append(
+            "logging.wandb=true: the wandb package is not installed (pip install wandb)"
+        )
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not Path(resume).expanduser().is_dir():
         problems.append(

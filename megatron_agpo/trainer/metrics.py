@@ -1,10 +1,139 @@
-"""Metrics: one JSON line per step, TensorBoard when installed, a progress bar, a plot."""
+"""Metrics: one JSON line per step, TensorBoard when installed, optionally Weights & Biases,
+a progress bar, a plot."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+WANDB_HOST = "https://api.wandb.ai"
+
+
+@dataclass(frozen=True)
+class WandbSettings:
+    """What the optional W&B logger needs (from `LoggingSection`: `wandb_settings`)."""
+
+    project: str = "megatron-agpo"
+    """W&B project."""
+    mode: str = "auto"
+    """online, offline or auto (`wandb_mode`)."""
+    name: str | None = None
+    """Run name shown in W&B (default: the run directory's name)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The run's configuration, stored with the run."""
+
+
+def wandb_settings(cfg) -> WandbSettings | None:
+    """WandbSettings from a TrainConfig's logging section; None when logging.wandb is off."""
+    log = cfg.logging
+    if not log.wandb:
+        return None
+    import dataclasses
+
+    return WandbSettings(
+        project=log.wandb_project,
+        mode=log.wandb_mode,
+        name=Path(log.run_dir).name,
+        config=dataclasses.asdict(cfg),
+    )
+
+
+def _has_api_key(environ) -> bool:
+    if environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(environ.get("WANDB_BASE_URL", WANDB_HOST)).hostname or ""
+    try:
+        return host in Path(environ.get("NETRC", Path.home() / ".netrc")).read_text()
+    except OSError:
+        return False
+
+
+def _host_answers(url: str, timeout_s: float = 2.0) -> bool:
+    u = urlparse(url)
+    try:
+        with socket.create_connection(
+            (u.hostname or "", u.port or (443 if u.scheme == "https" else 80)), timeout=timeout_s
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode(requested: str, environ=None, probe=_host_answers) -> tuple[str, str]:
+    """(mode, why): online or offline for a requested online / offline / auto.
+
+    auto is online only when an API key is configured (WANDB_API_KEY or ~/.netrc) and the
+    W&B host (WANDB_BASE_URL) accepts a connection within 2 s; otherwise offline, with the
+    run's files kept under run_dir/wandb for a later `wandb sync`. WANDB_MODE, when set,
+    wins (W&B's own convention)."""
+    env = os.environ if environ is None else environ
+    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return env["WANDB_MODE"], "WANDB_MODE"
+    if requested in ("online", "offline"):
+        return requested, "logging.wandb_mode"
+    if not _has_api_key(env):
+        return "offline", "no W&B API key (WANDB_API_KEY or ~/.netrc)"
+    host = env.get("WANDB_BASE_URL", WANDB_HOST)
+    if not probe(host):
+        return "offline", f"{host} is not reachable"
+    return "online", "API key and host reachable"
+
+
+class WandbLogger:
+    """One W&B run in run_dir/wandb; resumed (same id) when the run directory is resumed.
+    Steps a killed run logged past its checkpoint are logged again on resume; W&B keeps the
+    first value of a step (JSONL and TensorBoard are cut back instead)."""
+
+    def __init__(self, run_dir: Path, settings: WandbSettings, log=print) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(
+                "logging.wandb=true needs the wandb package: pip install wandb"
+            ) from None
+        mode, why = wandb_mode(settings.mode)
+        id_file = run_dir / "wandb_run_id"
+        # The id survives restarts so that a resumed run continues the same W&B run.
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=settings.project,
+            name=settings.name or run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            config=settings.config,
+        )
+        self.mode = mode
+        log(
+            f"wandb: {mode} ({why})"
+            + (
+                f"; files in {run_dir / 'wandb'}, upload with `wandb sync`"
+                if mode == "offline"
+                else ""
+            )
+        )
+
+    def log(self, row: dict) -> None:
+        values = {
+            k: v
+            for k, v in row.items()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v)
+        }  # fmt: skip
+        self.run.log(values, step=int(row["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class MetricsWriter:
@@ -17,9 +146,11 @@ class MetricsWriter:
         total_steps: int,
         progress: bool,
         start_step: int = 0,
+        wandb: WandbSettings | None = None,
     ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self._drop_after(start_step)
+        self._wandb = WandbLogger(run_dir, wandb) if wandb is not None else None
         self._tb = None
         if tensorboard:
             try:
@@ -65,6 +196,8 @@ class MetricsWriter:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, row["step"])
+        if self._wandb is not None:
+            self._wandb.log(row)
         if self._bar is not None and step_done:
             self._bar.update(1)
             self._bar.set_postfix(
@@ -84,6 +217,8 @@ class MetricsWriter:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
