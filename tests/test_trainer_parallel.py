@@ -25,6 +25,15 @@ def tiny_hf(tmp_path_factory):
     return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
 
 
+@pytest.fixture(scope="module")
+def tiny_tied(tmp_path_factory):
+    """Output layer tied to the embedding (SmolLM2's layout): one parameter gets both the
+    lookup's gradient and the fused output layer's."""
+    from megatron_agpo.models.pretrained import tiny_hf_model
+
+    return str(tiny_hf_model(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True))
+
+
 def _count_rows(model) -> list[int]:
     """Rows each forward of `model` sees (a pre-hook on the embedding)."""
     seen: list[int] = []
@@ -34,7 +43,7 @@ def _count_rows(model) -> list[int]:
     return seen
 
 
-def _body(rank, world, hf_dir, tp, sp, token_budget):
+def _body(rank, world, hf_dir, tp, sp, token_budget, fuse=False):
     from megatron.core import parallel_state as ps
 
     from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
@@ -50,11 +59,11 @@ def _body(rank, world, hf_dir, tp, sp, token_budget):
     model, mcfg = build_model_from_hf(hf_dir, sequence_parallel=sp)
     ddp, _ = wrap_for_training(model, pc)
     seen = _count_rows(ddp)
-    cfg = PolicyLossConfig(agg_mode="seq-mean-token-mean")
+    cfg = PolicyLossConfig(agg_mode="seq-mean-token-mean", fuse_output_layer=fuse)
     v = mcfg.vocab_size
     # 12 rows; with sequence parallelism the padded length must split over the TP ranks.
     batch = make_batch(v, pad_multiple=tp if sp else 1)
-    logp = compute_logp(ddp, batch, 4, v, token_budget)
+    logp = compute_logp(ddp, batch, 4, v, token_budget, fuse_output_layer=fuse)
     assert sum(seen) == len(batch) // dp, (seen, len(batch), dp)  # this rank's rows only
     seen.clear()
     batch.old_logp = logp + 0.2 * torch.sin(torch.arange(logp.numel())).view_as(logp)
@@ -83,16 +92,21 @@ def _body(rank, world, hf_dir, tp, sp, token_budget):
 
 @pytest.mark.dist
 @pytest.mark.parametrize(
-    "world,tp,sp,token_budget",
+    "world,tp,sp,token_budget,fuse,tied",
     [
-        (2, 1, False, 0),  # DP=2
-        (2, 1, False, 24),  # DP=2 with the token-budget micro-batches
-        (2, 2, True, 0),  # TP=2 with sequence parallelism
-        pytest.param(4, 2, False, 0, marks=pytest.mark.slow),  # TP=2 x DP=2
+        (2, 1, False, 0, False, False),  # DP=2
+        (2, 1, False, 24, False, False),  # DP=2 with the token-budget micro-batches
+        (2, 2, True, 0, False, False),  # TP=2 with sequence parallelism
+        (2, 2, False, 0, True, True),  # TP=2, the (tied) output layer fused into the loss
+        (2, 2, True, 24, True, False),  # ... under sequence parallelism, token budget
+        pytest.param(4, 2, False, 0, False, False, marks=pytest.mark.slow),  # TP=2 x DP=2
     ],
 )
-def test_parallel_step_gradient_equals_reference(tiny_hf, world, tp, sp, token_budget):
-    run_distributed(_body, world, tiny_hf, tp, sp, token_budget)
+def test_parallel_step_gradient_equals_reference(
+    tiny_hf, tiny_tied, world, tp, sp, token_budget, fuse, tied
+):
+    hf = tiny_tied if tied else tiny_hf
+    run_distributed(_body, world, hf, tp, sp, token_budget, fuse)
 
 
 def _meta_body(rank, world, hf_dir):

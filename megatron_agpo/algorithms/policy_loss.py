@@ -74,6 +74,10 @@ class PolicyLossConfig:
     """token: the per-token ratio (PPO, GRPO, DAPO). sequence: GSPO's length-normalised
     sequence ratio s_i = exp(mean_t(logp - old_logp)), clipped per sequence; needs the
     per-row mean log-ratio (`sequence_log_ratio`) passed to `token_loss` as seq_log_ratio."""
+    fuse_output_layer: bool = False
+    """Trainer: fuse the output layer into the loss (`fused_output_layer_agpo_loss`): logits are
+    computed chunk by chunk, never as a whole [tokens, V/TP] tensor (one extra matmul in the
+    backward). Saves the logits' memory at large vocabularies; the math is unchanged."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.eps_low < 1:

@@ -474,8 +474,9 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
             # were replicated over TP, so their gradient is the sum.
             _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group, ctx.tp_size)
         if main_grad is not None:
-            if hasattr(weight, "grad_added_to_main_grad"):
-                weight.grad_added_to_main_grad = True
+            # Accumulated into main_grad above; no autograd grad. grad_added_to_main_grad is
+            # left alone: with tied embeddings the same parameter also gets the embedding
+            # lookup's ordinary .grad, which megatron's DDP hook would skip if it were set.
             grad_weight = None
         return (grad_hidden, grad_weight) + (None,) * 12
 

@@ -30,6 +30,7 @@ from megatron_agpo.algorithms import (
     informative_groups,
     overlong_filter,
 )
+from megatron_agpo.algorithms.policy_loss import resolve_norm_constant
 from megatron_agpo.ops import IGNORE_INDEX
 from megatron_agpo.trainer import checkpoint as ckpt
 from megatron_agpo.trainer.batch import TokenBatch, build_token_batch
@@ -139,6 +140,9 @@ class Trainer:
         self.model, self.optimizer = wrap_for_training(model, cfg.parallel, cfg.optimizer)
         self.device = model_device(self.model)
         self.seq_multiple = sequence_multiple(self.model)
+        # seq-sum-constant's fixed divisor (Dr. GRPO: the maximum response length), never the
+        # batch's padded length, which changes from step to step.
+        self.norm_constant = resolve_norm_constant(cfg.algorithm.loss, cfg.rollout.max_new_tokens)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.ref_model = None
         if cfg.algorithm.loss.kl_coef != 0.0:
@@ -365,15 +369,15 @@ class Trainer:
     def fill_logprobs(self, batch: TokenBatch) -> None:
         """Old log-probs (recomputed by the trainer, or the engine's) and, with a KL term, the
         reference model's; each data-parallel rank computes its shard of the rows."""
-        tr = self.cfg.trainer
-        mbs, budget = tr.micro_batch_size, tr.token_budget
+        tr, fuse = self.cfg.trainer, self.cfg.algorithm.loss.fuse_output_layer
+        args = (tr.micro_batch_size, self.vocab_size, tr.token_budget, fuse)
         batch.old_logp = (
-            compute_logp(self.model, batch, mbs, self.vocab_size, budget)
+            compute_logp(self.model, batch, *args)
             if tr.old_logp == "recompute"
             else batch.rollout_logp
         )
         if self.ref_model is not None:
-            batch.ref_logp = compute_logp(self.ref_model, batch, mbs, self.vocab_size, budget)
+            batch.ref_logp = compute_logp(self.ref_model, batch, *args)
 
     def update(self, batch: TokenBatch) -> tuple[dict, bool]:
         """trainer.ppo_epochs passes of trainer.mini_batches optimizer steps over the batch;
@@ -389,7 +393,7 @@ class Trainer:
                     continue
                 mini = batch.select(rows.to(self.device))
                 mini.agg_weights = aggregation_weights(
-                    mini.loss_mask, loss_cfg.agg_mode, loss_cfg.norm_constant
+                    mini.loss_mask, loss_cfg.agg_mode, self.norm_constant
                 )
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()

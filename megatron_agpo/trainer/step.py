@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from megatron_agpo.algorithms import PolicyLossConfig, polarity_metrics, token_loss
-from megatron_agpo.ops import fused_vocab_parallel_agpo_loss
+from megatron_agpo.ops import fused_output_layer_agpo_loss, fused_vocab_parallel_agpo_loss
 from megatron_agpo.trainer.batch import MicroBatch, TokenBatch
 
 
@@ -70,37 +71,80 @@ def sequence_multiple(model) -> int:
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
-def _forward(model, mb: TokenBatch) -> torch.Tensor:
+@dataclass
+class OutputHead:
+    """What the loss needs to apply the output layer itself (algorithm.loss.fuse_output_layer)."""
+
+    weight: torch.Tensor
+    """[Vp/TP, H] this rank's vocabulary rows of the output layer (the embedding when tied)."""
+    sequence_parallel: bool
+    """The hidden states arrive split along the sequence over the TP ranks."""
+
+
+def _output_head(model) -> OutputHead:
+    gpt = getattr(model, "module", model)
+    # megatron's shared_embedding_or_output_weight() returns the embedding on the first stage
+    # even when the output layer is not tied to it.
+    tied = gpt.share_embeddings_and_output_weights
+    weight = gpt.shared_embedding_or_output_weight() if tied else gpt.output_layer.weight
+    return OutputHead(weight, gpt.config.sequence_parallel)
+
+
+def _forward(model, mb: TokenBatch, fuse_output: bool = False) -> torch.Tensor:
+    """Logits [b, S, Vl]; with fuse_output, on the last stage, the decoder's output [S, b, H]
+    instead (final norm applied), for the loss to apply the output layer chunk by chunk."""
     ids = mb.input_ids
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    return model(input_ids=ids, position_ids=pos, attention_mask=None)  # [b, S, Vl]
+    gpt = getattr(model, "module", model)
+    if not (fuse_output and gpt.post_process):
+        return model(input_ids=ids, position_ids=pos, attention_mask=None)
+    # GPTModel's own pipeline-stage flag: without post-processing it returns the decoder's
+    # output (as a stage before the last does) and never materialises the logits.
+    gpt.post_process = False
+    try:
+        return model(input_ids=ids, position_ids=pos, attention_mask=None)
+    finally:
+        gpt.post_process = True
 
 
 def _per_token(
-    logits_BSV, mb: TokenBatch, cfg: PolicyLossConfig, vocab_size: int, old_logp,
-    compute_entropy: bool = True,
+    output, mb: TokenBatch, cfg: PolicyLossConfig, vocab_size: int, old_logp,
+    compute_entropy: bool = True, head: OutputHead | None = None,
 ):  # fmt: skip
-    b, s, vl = logits_BSV.shape
+    """The fused per-token loss from logits [b, S, Vl], or from hidden states [S, b, H] and
+    the output weight when `head` is given."""
+    b, s = mb.loss_mask.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    return fused_vocab_parallel_agpo_loss(
-        logits_BSV.reshape(b * s, vl),
-        mb.target.reshape(-1),
-        mb.advantages_per_token.reshape(-1),
-        cfg,
+    common = dict(
         old_logp=flat(old_logp),
         ref_logp=flat(mb.ref_logp),
         rollout_logp=flat(mb.rollout_logp),
         tp_group=_tp_group(),
-        # The logits are the output layer's fresh output and are read by nothing else: the
-        # softmax, then the gradient, can be written over them.
-        inplace=True,
         vocab_size=vocab_size,
         compute_entropy=compute_entropy,
     )
+    target, adv = mb.target.reshape(-1), mb.advantages_per_token.reshape(-1)
+    if head is None:
+        # The logits are the output layer's fresh output and are read by nothing else: the
+        # softmax, then the gradient, can be written over them.
+        logits = output.reshape(b * s, output.shape[-1])
+        return fused_vocab_parallel_agpo_loss(logits, target, adv, cfg, inplace=True, **common)
+    hidden = output
+    if head.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        # As megatron's output layer does: all-gather the sequence; the backward
+        # reduce-scatters the hidden gradient (so no separate TP all-reduce of it).
+        hidden = gather_from_sequence_parallel_region(hidden, group=_tp_group())
+    hidden_NH = hidden.transpose(0, 1).reshape(b * s, hidden.shape[-1])
+    return fused_output_layer_agpo_loss(
+        hidden_NH, head.weight, target, adv, cfg,
+        reduce_hidden_grad=not head.sequence_parallel, **common,
+    )  # fmt: skip
 
 
-def _loss_fn(mb: TokenBatch, logits, *, cfg: PolicyLossConfig, vocab_size: int, scale: float):
-    out = _per_token(logits, mb, cfg, vocab_size, mb.old_logp)
+def _loss_fn(mb: TokenBatch, head, output, *, cfg: PolicyLossConfig, vocab_size: int, scale: float):
+    out = _per_token(output, mb, cfg, vocab_size, mb.old_logp, head=head)
     b, s = mb.loss_mask.shape
     # megatron divides each micro-batch's loss by their number and DDP averages gradients over
     # the data-parallel ranks; the weights already normalise over the global mini-batch, so
@@ -118,14 +162,16 @@ def _loss_fn(mb: TokenBatch, logits, *, cfg: PolicyLossConfig, vocab_size: int, 
     return loss, metrics
 
 
-def _logp_fn(mb: TokenBatch, logits, *, vocab_size: int):
+def _logp_fn(mb: TokenBatch, head, output, *, vocab_size: int):
     mb = dataclasses.replace(mb, ref_logp=None)  # a plain forward: no KL term
     # No entropy here: nothing reads it, and it costs a pass over the vocabulary.
-    out = _per_token(logits.detach(), mb, PolicyLossConfig(), vocab_size, None, False)
-    return torch.zeros((), device=logits.device), {"logp": out.logp.view(mb.loss_mask.shape)}
+    out = _per_token(output.detach(), mb, PolicyLossConfig(), vocab_size, None, False, head)
+    return torch.zeros((), device=output.device), {"logp": out.logp.view(mb.loss_mask.shape)}
 
 
-def _run(model, micro: list[TokenBatch], loss_factory, forward_only: bool) -> list[dict]:
+def _run(
+    model, micro: list[TokenBatch], loss_factory, forward_only: bool, fuse_output: bool = False
+) -> list[dict]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
@@ -137,7 +183,8 @@ def _run(model, micro: list[TokenBatch], loss_factory, forward_only: bool) -> li
 
     def forward_step(data_iterator: Iterator[TokenBatch], model):
         mb = next(data_iterator)
-        return _forward(model, mb), partial(loss_factory, mb)
+        head = _output_head(model) if fuse_output else None
+        return _forward(model, mb, fuse_output), partial(loss_factory, mb, head)
 
     # On stages before the last the schedule returns no outputs: the last stage's are
     # broadcast so every rank sees the log-probs and metrics.
@@ -178,7 +225,12 @@ def _gather_rows(local_BS: torch.Tensor, n_rows: int, dp_size: int) -> torch.Ten
 
 @torch.no_grad()
 def compute_logp(
-    model, batch: TokenBatch, micro_batch_size: int, vocab_size: int, token_budget: int = 0
+    model,
+    batch: TokenBatch,
+    micro_batch_size: int,
+    vocab_size: int,
+    token_budget: int = 0,
+    fuse_output_layer: bool = False,
 ) -> torch.Tensor:
     """The model's log-prob of every target token, [B, S] (0 at ignored positions), on the
     batch's device. Each data-parallel rank computes its own shard of the rows; the shards
@@ -190,7 +242,7 @@ def compute_logp(
     if len(local):  # an empty shard (fewer rows than DP ranks) has nothing to compute
         micro = local.micro_batches(micro_batch_size, token_budget, sequence_multiple(model))
         fn = partial(_logp_fn, vocab_size=vocab_size)
-        outs = _run(model, [m.batch for m in micro], fn, forward_only=True)
+        outs = _run(model, [m.batch for m in micro], fn, True, fuse_output_layer)
         for m, o in zip(micro, outs, strict=True):
             idx = torch.tensor(m.rows, device=logp.device)
             logp[idx, : o["logp"].shape[1]] = o["logp"]
@@ -224,7 +276,7 @@ def forward_backward(
         micro_batch_size, token_budget, sequence_multiple(model)
     )
     fn = partial(_loss_fn, cfg=cfg, vocab_size=vocab_size, scale=len(micro) * dp_size)
-    outs = _run(model, [m.batch for m in micro], fn, forward_only=False)
+    outs = _run(model, [m.batch for m in micro], fn, False, cfg.fuse_output_layer)
     return merge_metrics(outs, [m.batch.loss_mask for m in micro], model_device(model))
 
 
