@@ -210,10 +210,6 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
-def is_enabled() -> bool:
-    return _ENABLED
-
-
 def enable() -> bool:
     """Install the CPU patches once. Returns True when they are active (no CUDA)."""
     global _ENABLED

@@ -390,18 +390,6 @@ def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, t
             pass
 
 
-def hf_names_for(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of cfg holds."""
-    names = ["model.embed_tokens.weight"]
-    for i in range(cfg.num_layers):
-        for r in _rules_for_layer(i, cfg).values():
-            names.extend(r.hf_names)
-    names.append("model.norm.weight")
-    if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
-
-
 def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
     (out_dir / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)

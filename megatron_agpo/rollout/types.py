@@ -160,10 +160,6 @@ class SyncReport:
     replica_seconds: tuple[float, ...] = field(default=())
     """Time each engine spent inside `reload_weights` (one entry per replica)."""
 
-    @property
-    def gb_per_s(self) -> float:
-        return self.num_bytes / max(self.seconds, 1e-9) / 1e9
-
 
 @runtime_checkable
 class RolloutEngine(Protocol):

@@ -8,7 +8,6 @@ unknown keys fail.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_agpo.algorithms import AdvantageConfig, PolicyLossConfig, resolve
@@ -207,13 +206,16 @@ class TrainerSection:
     """Dynamic sampling: rollout batches tried per step; if the batch is still short after
     them, the step trains on the groups it has and logs groups/kept below prompts_per_step."""
     max_skipped_steps: int = 3
-    """Stop after this many consecutive steps skipped for a non-finite loss or grad norm."""
+    """Stop the run after this many optimizer updates in a row were skipped because a gradient
+    held inf/NaN on some rank (a finite update resets the count)."""
     eval_every: int = 20
-    """Evaluate pass@k on held-out prompts every this many steps (0: never; also at the end)."""
+    """Evaluate pass@k on held-out prompts before the first step and every this many steps
+    (0: never). The last step is evaluated only when the run's steps are a multiple of it."""
     eval_n: int = 16
     """Samples per held-out prompt for pass@k (k = 1, 2, 4, ... eval_n)."""
     seed: int = 1234
-    """Seed of the run: model init, sampling seeds, shuffling."""
+    """Seed of the sampling: each request's vLLM seed derives from it, the step, the dynamic
+    sampling round and the prompt. (Model init uses parallel.seed, prompt order data.seed.)"""
 
 
 @dataclass
@@ -259,7 +261,8 @@ class LoggingSection:
     """What the run leaves behind."""
 
     run_dir: str = "runs/default"
-    """Everything goes here: config.yaml, metrics.jsonl, plots, checkpoints, hf/."""
+    """Everything goes here: config.json, metrics.jsonl, curves.png, checkpoints/,
+    replica_logs/, tensorboard/ (docs/TRAINING.md lists what each holds)."""
     tensorboard: bool = True
     """Also write TensorBoard events (when tensorboard is installed)."""
     progress: bool = True
@@ -519,6 +522,3 @@ def register_configs() -> None:
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
-
-def to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)

@@ -162,10 +162,11 @@ def _loss_fn(mb: TokenBatch, head, output, *, cfg: PolicyLossConfig, vocab_size:
     return loss, metrics
 
 
-def _logp_fn(mb: TokenBatch, head, output, *, vocab_size: int):
+def _logp_fn(mb: TokenBatch, head, output, *, vocab_size: int, with_entropy: bool = False):
     mb = dataclasses.replace(mb, ref_logp=None)  # a plain forward: no KL term
-    # No entropy here: nothing reads it, and it costs a pass over the vocabulary.
-    out = _per_token(output.detach(), mb, PolicyLossConfig(), vocab_size, None, False, head)
+    # No entropy by default: the old/reference passes never read it, and it costs a pass over
+    # the vocabulary (benchmarks/logprob_memory.py measures the difference).
+    out = _per_token(output.detach(), mb, PolicyLossConfig(), vocab_size, None, with_entropy, head)
     return torch.zeros((), device=output.device), {"logp": out.logp.view(mb.loss_mask.shape)}
 
 
@@ -231,6 +232,7 @@ def compute_logp(
     vocab_size: int,
     token_budget: int = 0,
     fuse_output_layer: bool = False,
+    with_entropy: bool = False,
 ) -> torch.Tensor:
     """The model's log-prob of every target token, [B, S] (0 at ignored positions), on the
     batch's device. Each data-parallel rank computes its own shard of the rows; the shards
@@ -241,7 +243,7 @@ def compute_logp(
     logp = torch.zeros_like(local.rollout_logp)
     if len(local):  # an empty shard (fewer rows than DP ranks) has nothing to compute
         micro = local.micro_batches(micro_batch_size, token_budget, sequence_multiple(model))
-        fn = partial(_logp_fn, vocab_size=vocab_size)
+        fn = partial(_logp_fn, vocab_size=vocab_size, with_entropy=with_entropy)
         outs = _run(model, [m.batch for m in micro], fn, True, fuse_output_layer)
         for m, o in zip(micro, outs, strict=True):
             idx = torch.tensor(m.rows, device=logp.device)
