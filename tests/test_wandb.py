@@ -154,3 +154,26 @@ def test_settings_from_the_train_config():
     )
     assert (s.project, s.mode, s.name) == ("megatron-agpo", "offline", "x")
     assert s.config["trainer"]["steps"] == 60
+
+
+def test_trainer_config_turns_it_on(tmp_path, offline_env):
+    """The trainer records its config in run_dir/config.json before its first row; with
+    logging.wandb=true there, the first row starts the W&B run."""
+    import dataclasses
+
+    from megatron_agpo.train import load_config
+
+    for on in (False, True):
+        run_dir = tmp_path / f"run-{on}"
+        run_dir.mkdir()
+        cfg = load_config([f"logging.wandb={str(on).lower()}", f"logging.run_dir={run_dir}"])
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        w = MetricsWriter(run_dir, tensorboard=False, total_steps=2, progress=False)
+        w.log({"step": 1, "loss": 0.25})
+        w.close()
+        runs = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(runs) == int(on)
+        if on:
+            history, config, _ = history_and_config(runs[0])
+            assert history == [{"loss": 0.25, "_step": 1}]
+            assert config["logging"]["wandb"] is True

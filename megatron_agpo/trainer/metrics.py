@@ -45,6 +45,24 @@ def wandb_settings(cfg) -> WandbSettings | None:
     )
 
 
+def _settings_from_run_config(path: Path) -> WandbSettings | None:
+    """WandbSettings from a run's recorded config (TrainConfig as a dict in JSON); None when
+    the file is absent or logging.wandb is off."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    log = config.get("logging") or {}
+    if not log.get("wandb"):
+        return None
+    return WandbSettings(
+        project=log.get("wandb_project", "megatron-agpo"),
+        mode=log.get("wandb_mode", "auto"),
+        name=Path(log.get("run_dir", path.parent)).name,
+        config=config,
+    )
+
+
 def _has_api_key(environ) -> bool:
     if environ.get("WANDB_API_KEY"):
         return True
@@ -137,7 +155,11 @@ class WandbLogger:
 
 
 class MetricsWriter:
-    """Rank 0 only. Appends to run_dir/metrics.jsonl (a resumed run continues the file)."""
+    """Rank 0 only. Appends to run_dir/metrics.jsonl (a resumed run continues the file).
+
+    W&B: given `wandb` settings, a W&B run starts here. Without them, the first `log` looks at
+    the run's recorded configuration (run_dir/config.json, written by the trainer before its
+    first row) and starts one when it has `logging.wandb: true`."""
 
     def __init__(
         self,
@@ -150,7 +172,9 @@ class MetricsWriter:
     ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self._drop_after(start_step)
+        self.run_dir = run_dir
         self._wandb = WandbLogger(run_dir, wandb) if wandb is not None else None
+        self._wandb_checked = wandb is not None
         self._tb = None
         if tensorboard:
             try:
@@ -196,6 +220,11 @@ class MetricsWriter:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, row["step"])
+        if not self._wandb_checked:
+            self._wandb_checked = True
+            settings = _settings_from_run_config(self.run_dir / "config.json")
+            if settings is not None:
+                self._wandb = WandbLogger(self.run_dir, settings, log=self.write)
         if self._wandb is not None:
             self._wandb.log(row)
         if self._bar is not None and step_done:
