@@ -528,7 +528,7 @@ def test_hostile_peers_refused_and_get_nothing(pool, tokenizer, hf_model, tmp_pa
 
     refused_before = len(pool.refused)
     raw = socket.create_connection((pool.host, pool.port))
-    raw.sendall(crafted)
+    raw.sendall(crafted * 4)  # past the 64-byte ZMTP greeting: a protocol error at once
     ctx = zmq.Context()
     plain = ctx.socket(zmq.DEALER)
     curve = ctx.socket(zmq.DEALER)

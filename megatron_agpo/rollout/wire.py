@@ -262,6 +262,8 @@ class Authenticator:
         self.client_public = z85.decode(client_public)
         self.refused: list[str] = []
         self._logged: dict[str, float] = {}
+        self._open: dict[int, tuple[str, int]] = {}  # fd -> (peer, successes when accepted)
+        self._successes = 0
         self._zap = ctx.socket(zmq.REP)
         self._zap.linger = 0
         self._zap.bind("inproc://zeromq.zap.01")
@@ -271,20 +273,54 @@ class Authenticator:
 
     def start(self, monitored: zmq.Socket) -> None:
         events = (
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            zmq.EVENT_ACCEPTED
+            | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
         )
         self._monitor = monitored.get_monitor_socket(events)
         self._thread.start()
 
-    def _refuse(self, what: str) -> None:
+    @staticmethod
+    def _peer_of(fd: int) -> str:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as s:
+                host, port = s.getpeername()[:2]
+            return f"{host}:{port}"
+        except (OSError, ValueError):
+            return "an unknown peer"
+
+    def _event(self, event: dict) -> None:
+        """Refusals from the connection monitor. Handshake events carry no connection id, so
+        a connection accepted and closed with no successful handshake anywhere in between
+        (garbage that is not ZMTP at all: no handshake event) is known to be refused."""
+        kind, value = event["event"], event["value"]
+        if kind == zmq.EVENT_ACCEPTED:
+            self._open[value] = (self._peer_of(value), self._successes)
+        elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._successes += 1
+        elif kind == zmq.EVENT_DISCONNECTED:
+            peer, successes = self._open.pop(value, (None, -1))
+            if peer is not None and successes == self._successes:
+                why = "closed before any handshake: not a ZMQ CURVE peer"
+                self._refuse(f"{peer} ({why})", f"{peer.rsplit(':', 1)[0]} {why}")
+        elif kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the ZAP handler logged those
+            name = zmq.Event(kind).name.lower()
+            self._refuse(
+                f"a connection to {event['endpoint'].decode()} ({name}, code {value:#x}: "
+                "not a ZMQ CURVE peer of this run)"
+            )
+
+    def _refuse(self, what: str, key: str | None = None) -> None:
         if len(self.refused) < 1000:
             self.refused.append(what)
-        # A refused ZMQ peer retries every 100 ms: log each distinct refusal once a minute.
+        # A refused ZMQ peer retries every 100 ms: log each kind (`key`) once a minute.
+        key = key or what
         now = time.monotonic()
-        if now - self._logged.get(what, -1e9) > 60.0:
-            self._logged[what] = now
+        if now - self._logged.get(key, -1e9) > 60.0:
+            self._logged[key] = now
             log.warning("replica channel: refused %s", what)
 
     def _run(self) -> None:
@@ -297,13 +333,7 @@ class Authenticator:
                 if self._zap in ready:
                     self._answer(self._zap.recv_multipart())
                 if self._monitor in ready:
-                    event = parse_monitor_message(self._monitor.recv_multipart())
-                    if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP logged it
-                        name = zmq.Event(event["event"]).name.lower()
-                        self._refuse(
-                            f"a connection to {event['endpoint'].decode()} ({name}, code "
-                            f"{event['value']:#x}: not a ZMQ CURVE peer of this run)"
-                        )
+                    self._event(parse_monitor_message(self._monitor.recv_multipart()))
             except zmq.ZMQError:
                 if self._stop.is_set():
                     return
@@ -340,6 +370,8 @@ def bind_server(ctx: zmq.Context, host: str, port: int, keys: CurveKeys):
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     sock.router_mandatory = 1
+    sock.router_handover = 1  # a replica that reconnects (same routing id) takes its slot back
+    sock.handshake_ivl = 10_000  # a connection that does not finish its handshake goes
     sock.curve_server = 1
     sock.curve_secretkey = keys.server_secret
     sock.zap_domain = ZAP_DOMAIN.encode()
