@@ -305,8 +305,9 @@ agpo_signal_ranks() {
         # On each node: the pids whose LOCALID is set (the task leaders); none is a failure.
         local remote="pids=\$(scontrol listpids $SLURM_JOB_ID.$step | awk 'NR > 1 && \$4 != \"-\" \
 {print \$1}'); [ -n \"\$pids\" ] && kill -USR1 \$pids && echo \"\$(hostname): SIGUSR1 to \
-ranks \$pids\""
-        srun --overlap --quiet --job-name=signal --nodes="$TRAIN_NODES" --ntasks-per-node=1 \
+ranks \$(echo \$pids)\""
+        srun --overlap --quiet --job-name=signal --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" \
+            --ntasks-per-node=1 \
             --nodelist="$(agpo_join "${AGPO_TRAIN_HOSTS[@]}")" \
             bash -c "$remote" && return 0
     fi

@@ -209,11 +209,36 @@ def test_70b_job_accepted_by_the_controller(tmp_path):
     assert job["StdOut"] == str(tmp_path / f"agpo-70b-{job_id}.out")
 
 
-def _sbatch(tmp_path: Path, *args: str, wait: bool) -> subprocess.CompletedProcess:
+def _sbatch(tmp_path: Path, *args: str, wait: bool, **env: str) -> subprocess.CompletedProcess:
     cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []),
            str(REPO / "slurm" / "agpo_tiny.sh"), *TINY, *args]  # fmt: skip
-    return subprocess.run(cmd, env=_clean_env(RUN_DIR=str(tmp_path / "run")),
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)  # fmt: skip
+    return _run(cmd, cwd=tmp_path, timeout=900, RUN_DIR=str(tmp_path / "run"), **env)
+
+
+def _preempt(tmp_path: Path, job_id: str, started, between=lambda: None) -> dict[str, str]:
+    """Once `started()`, USR1 to the batch shell (what --signal=B:USR1 does before the time
+    limit); wait for the job to requeue itself, call `between()`, and wait until it ends.
+    The job's record at the end."""
+    deadline = time.time() + 600
+    try:
+        while not started():
+            assert time.time() < deadline, "the job did not get going in 10 minutes"
+            state = _job(job_id).get("JobState")
+            assert state in ("PENDING", "RUNNING"), (state, _batch_log(tmp_path, job_id))
+            time.sleep(0.5)
+        _run(["scancel", "--signal=USR1", "--batch", job_id]).check_returncode()
+        while (job := _job(job_id)).get("Restarts", "0") == "0":
+            assert time.time() < deadline, (job, _batch_log(tmp_path, job_id))
+            time.sleep(0.5)
+        between()
+        # The requeued job starts again by itself (after cred_expire, 10 s on the test
+        # cluster: scripts/slurm_local.sh).
+        while _job(job_id).get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
+            assert time.time() < deadline + 300, _batch_log(tmp_path, job_id)
+            time.sleep(1)
+    finally:
+        _run(["scancel", job_id])
+    return _job(job_id)
 
 
 def _rows(run: Path) -> list[dict]:
@@ -256,37 +281,17 @@ def test_usr1_saves_requeues_and_resumes_every_step_once(tmp_path):
     res = _sbatch(tmp_path, f"trainer.steps={steps}", wait=False)
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
-    env, run = _clean_env(), tmp_path / "run"
+    run = tmp_path / "run"
     metrics = run / "metrics.jsonl"
-    try:
-        deadline = time.time() + 600
-        while not (metrics.exists() and metrics.read_text().strip()):
-            assert time.time() < deadline, "no step finished in 10 minutes"
-            assert _job(job_id).get("JobState") in ("PENDING", "RUNNING"), _batch_log(
-                tmp_path, job_id
-            )
-            time.sleep(1)
-        # What a preemption warning does (--signal=B:USR1): USR1 to the batch shell only.
-        subprocess.run(
-            ["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True, timeout=30
-        )
-        # The first start ends with a checkpoint and a requeue; slurmctld then holds a
-        # requeued job ~2 minutes (BeginTime): start it now to keep the test short.
-        while (job := _job(job_id)).get("Restarts", "0") == "0":
-            assert time.time() < deadline, job
-            time.sleep(1)
-        first = metrics.read_text()  # the first start's rows, before the second one starts
-        if job.get("JobState") == "PENDING":
-            subprocess.run(
-                ["scontrol", "update", f"jobid={job_id}", "starttime=now"], env=env, timeout=30
-            )
-        while _job(job_id).get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
-            assert time.time() < deadline + 300, _batch_log(tmp_path, job_id)
-            time.sleep(2)
-    finally:
-        subprocess.run(["scancel", job_id], env=env, timeout=30)
+    first: list[str] = []
+    job = _preempt(
+        tmp_path,
+        job_id,
+        started=lambda: metrics.exists() and bool(metrics.read_text().strip()),
+        # The first start's rows, read before the second start begins.
+        between=lambda: first.append(metrics.read_text()),
+    )
     log = _batch_log(tmp_path, job_id)
-    job = _job(job_id)
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
     assert job["Restarts"] == "1", log
     assert "training step ended with exit code 75" in log and "requeueing job" in log
@@ -303,4 +308,32 @@ def test_usr1_saves_requeues_and_resumes_every_step_once(tmp_path):
     rows = _rows(run)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["weight_version"] for r in rows] == list(range(1, steps + 1))
-    assert metrics.read_text().startswith(first) and len(first.splitlines()) == k
+    assert metrics.read_text().startswith(first[0]) and len(first[0].splitlines()) == k
+
+
+@pytest.mark.slurm
+@slurm
+def test_usr1_reaches_the_ranks_only_and_the_job_requeues(tmp_path):
+    """The batch shell's side alone, with a stand-in trainer (tests/slurm_standin.py: seconds
+    per run, no torch): USR1 -> the ranks (not their worker processes) -> exit 75 -> requeue
+    -> resume; every step of every rank once."""
+    steps, run = 12, tmp_path / "run"
+    standin = str(REPO / "tests" / "slurm_standin.py")
+    res = _sbatch(tmp_path, f"trainer.steps={steps}", wait=False, ROLLOUT_LAUNCH="spawn",
+                  PYTHON=standin, STANDIN_STEP_S="0.5")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().split(";")[0]
+    rank0 = run / "rank0.steps"
+    job = _preempt(tmp_path, job_id, started=lambda: rank0.exists() and rank0.read_text())
+    log = _batch_log(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
+    assert job["Restarts"] == "1", log
+    assert "training step ended with exit code 75" in log and "requeueing job" in log
+    assert "SIGUSR1 to ranks" in log  # the ranks alone, found by scontrol listpids
+    for rank in (0, 1):
+        lines = [x.split() for x in (run / f"rank{rank}.steps").read_text().splitlines()]
+        assert [int(s) for s, _ in lines] == list(range(1, steps + 1)), (rank, lines)
+        restarts = [r for _, r in lines]
+        k = restarts.count("0")
+        # Stopped early in the first start, then all the rest in the second.
+        assert 1 <= k < steps and restarts == ["0"] * k + ["1"] * (steps - k), lines
