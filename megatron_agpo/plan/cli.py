@@ -35,7 +35,8 @@ def render(plan: Plan, source: str) -> str:
         f"offload={'on' if lay.offload_optimizer else 'off'}",
         f"rollout: {lay.rollout_mode}"
         f"{f' on {lay.rollout_gpus} GPUs of their own' if lay.engines_on_own_gpus else ''}, "
-        f"{lay.engines} engine(s) x TP {lay.engine_tp}, memory "
+        f"{lay.engines} engine(s) x TP {lay.engine_tp}"
+        f"{f', {lay.engine_quantization} weights' if lay.engine_quantization else ''}, memory "
         f"fraction {lay.engine_memory_fraction:g}, context {lay.context_len}, "
         f"{lay.prompts} prompts x {lay.samples_per_prompt} samples, max {lay.max_new_tokens} new "
         f"tokens",
@@ -110,27 +111,32 @@ def plan_from_overrides(overrides: list[str]) -> tuple[Plan, str, object]:
         # The trainer's ranks on the planned cluster: what srun starts (nproc only matters
         # when agpo-train launches itself, and is validated against TP x PP).
         overrides = [*overrides, f"nproc={_cluster_world(overrides)}"]
-    fp8 = _composed(overrides).model.get("fp8", "none")
-    planned_fp8 = None
+    composed = _composed(overrides)
+    fp8 = composed.model.get("fp8", "none") or "none"
+    quant = composed.rollout.engine.get("quantization", "") or ""
+    planned = None
     try:
         cfg = load_config(overrides)
     except Exception:
-        if fp8 in (None, "none", ""):
+        if fp8 == "none" and not quant:
             raise
-        # FP8 needs Transformer Engine on a capable GPU, which the machine that plans need not
-        # have: validate the rest, plan the FP8 run.
-        cfg = load_config([*overrides, "model.fp8=none"])
-        planned_fp8 = fp8
+        # FP8 needs Transformer Engine / vLLM on a capable GPU, which the machine that plans
+        # need not have: validate the rest, plan the FP8 run.
+        neutral = [*overrides, "model.fp8=none"]
+        if quant:
+            neutral.append("rollout.engine.quantization=")
+        cfg = load_config(neutral)
+        planned = (fp8, quant)
     cfg.cluster.validate()
     arch, source = resolve_arch(cfg)
     name = source.rsplit("/", 1)[-1].removesuffix(".json") if "/" in source else source
     if name == "config":
         name = source.rsplit("/", 2)[-2]
     layout = Layout.from_config(cfg)
-    if planned_fp8:
-        layout.fp8 = str(planned_fp8)
+    if planned:
+        layout.fp8, layout.engine_quantization = str(planned[0]), str(planned[1])
     plan = make_plan(layout, arch, cfg.cluster, name)
-    if planned_fp8:
+    if planned:
         plan.assumptions.append(
             "FP8 availability not checked here (no Transformer Engine / capable GPU on this "
             "machine); agpo-train checks it where it runs"

@@ -35,6 +35,9 @@ class StageParams:
     """Input embedding rows on this GPU (first stage only)."""
     output: int
     """Output layer (and final norm) on this GPU (last stage only)."""
+    norms: int
+    """Of the above, RMSNorm weights (replicated on every TP rank). Transformer Engine's take
+    the parameter dtype; megatron's local (CPU) spec keeps them in float32."""
 
     @property
     def total(self) -> int:
@@ -63,7 +66,8 @@ def stage_params(arch: ModelConfig, tp: int, pp: int, stage: int) -> StageParams
     # the last stage keeps its own copy (megatron all-reduces their gradients).
     output = (0 if (arch.tie_word_embeddings and first) else vocab) if last else 0
     output += arch.hidden_size if last else 0  # final norm
-    return StageParams(layers, layers * layer_params(arch, tp), embedding, output)
+    norms = 2 * arch.hidden_size * layers + (arch.hidden_size if last else 0)
+    return StageParams(layers, layers * layer_params(arch, tp), embedding, output, norms)
 
 
 def total_params(arch: ModelConfig) -> int:
