@@ -138,7 +138,7 @@ def test_tiny_dry_run():
     assert "NCCL" not in res.stdout
 
 
-def test_70b_plan_check_stops_a_layout_that_does_not_fit():
+def test_70b_plan_check():
     if not (REPO / "megatron_agpo" / "plan" / "__main__.py").exists():
         pytest.skip("megatron_agpo.plan is not here")
     # TP2 PP1: half of the 70B model (35B parameters, about 200 GiB with Adam) per GPU.
@@ -146,6 +146,9 @@ def test_70b_plan_check_stops_a_layout_that_does_not_fit():
     assert res.returncode == 2, res.stdout + res.stderr
     assert "agpo-plan: DOES NOT FIT" in res.stdout
     assert "the plan check failed" in res.stderr
+    # The job as shipped passes it: a user's first `sbatch slurm/agpo_70b.sh` is not refused.
+    res = _dry_run("agpo_70b.sh", AGPO_PLAN_CHECK="1")
+    assert res.returncode == 0 and "agpo-plan: FITS" in res.stdout, res.stdout + res.stderr
 
 
 # ----------------------------------------------------------------------------- real SLURM
