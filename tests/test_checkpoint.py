@@ -176,10 +176,10 @@ def _hf_tensors(model, mcfg) -> dict:
     return {n: t.clone() for n, t in megatron_to_hf_tensors(model, mcfg)}
 
 
-def _save_tp2(rank, world, hf, root):
+def _save_two_ranks(rank, world, hf, root, tp):
     from megatron_agpo.parallel import ParallelConfig, init_parallel
 
-    pc = ParallelConfig(tensor_parallel=2)
+    pc = ParallelConfig(tensor_parallel=tp)  # TP=2, or TP=1 and DP=2 (same batch on both)
     init_parallel(pc)
     model, opt, mcfg = _make(pc, hf)
     _step(model, opt, 0)
@@ -192,7 +192,7 @@ def _save_tp2(rank, world, hf, root):
         torch.save({"saved": saved, "after": after}, Path(root) / "reference.pt")
 
 
-def _resume_tp1(rank, world, hf, root):
+def _resume_one_rank(rank, world, hf, root, written):
     from megatron_agpo.parallel import ParallelConfig, init_parallel
 
     pc = ParallelConfig(tensor_parallel=1)
@@ -201,12 +201,12 @@ def _resume_tp1(rank, world, hf, root):
     logs = []
     state = ck.load(ck.latest(Path(root)), model, opt, mcfg, log=logs.append)
     assert state["step"] == 2 and state["adam_step"] == 2.0, state
-    assert "written at TP=2 PP=1 DP=1, loading at TP=1 PP=1 DP=1" in logs[0], logs
+    assert f"written at {written}, loading at TP=1 PP=1 DP=1" in logs[0], logs
     ref = torch.load(Path(root) / "reference.pt", weights_only=True)
     for name, t in _hf_tensors(model, mcfg).items():
         assert torch.equal(t, ref["saved"][name]), f"{name} changed in the resharding"
-    # The next update equals the TP=2 run's: Adam moments, step and lr came back resharded
-    # (with fresh moments the first update's size is lr * sign(g), far off this tolerance).
+    # The next update equals the two-rank run's: Adam moments, step and lr came back
+    # resharded (with fresh moments the update would be about lr * sign(g), far off).
     _step(model, opt, 2)
     for name, t in _hf_tensors(model, mcfg).items():
         torch.testing.assert_close(t, ref["after"][name], rtol=1e-5, atol=1e-6, msg=name)
@@ -220,14 +220,17 @@ def tiny_hf(tmp_path_factory):
 
 
 @pytest.mark.dist
-def test_tp2_checkpoint_resumes_at_tp1(tiny_hf, tmp_path):
-    run_distributed(_save_tp2, 2, tiny_hf, str(tmp_path))
+@pytest.mark.parametrize(
+    "tp, written", [(2, "TP=2 PP=1 DP=1"), (1, "TP=1 PP=1 DP=2")], ids=["tp2", "dp2"]
+)
+def test_two_rank_checkpoint_resumes_in_one_process(tiny_hf, tmp_path, tp, written):
+    run_distributed(_save_two_ranks, 2, tiny_hf, str(tmp_path), tp)
     manifest = json.loads((tmp_path / "step_0000002" / fmt.MANIFEST).read_text())
-    assert manifest["layout"]["tensor_parallel"] == 2
+    assert fmt.layout_str(manifest["layout"]) == written
     assert manifest["hf_config"]["architectures"] == ["LlamaForCausalLM"]
     assert "tokenizer.json" in manifest["tokenizer_files"]
     assert {"model/.metadata", "optimizer/.metadata", "rng/rank_00001.pt"} <= set(manifest["files"])
-    run_distributed(_resume_tp1, 1, tiny_hf, str(tmp_path))
+    run_distributed(_resume_one_rank, 1, tiny_hf, str(tmp_path), written)
 
 
 def _load_expect(rank, world, hf, path, pattern):

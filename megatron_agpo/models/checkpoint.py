@@ -138,10 +138,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for parent in p.parents:  # e.g. the old docs' step_N/dist
         if (parent / COMPLETE).is_file():
             return parent
-    if (p / "latest_checkpointed_iteration.txt").is_file():
+    if megatron_lm_dir(p) is not None:
         raise CheckpointError(
-            f"{p} is a Megatron-LM training checkpoint (latest_checkpointed_iteration.txt); "
-            "this version reads only checkpoints written by megatron_agpo"
+            f"{p} is a Megatron-LM training checkpoint ({MLM_TRACKER}): convert it with "
+            "tools/convert_megatron_to_hf.py (it reads the model part)"
         )
     if (p / "dist").is_dir() or p.name == "dist":
         raise CheckpointError(
@@ -331,15 +331,17 @@ def check_dcp_dir(d: Path) -> None:
         raise CheckpointError(f"{Path(d) / '.metadata'} does not hold checkpoint metadata")
 
 
-def dist_load(sharded_state: dict, d: Path, what: str) -> dict:
+def dist_load(sharded_state: dict, d: Path, what: str, extra_ok: bool = False) -> dict:
     """megatron dist_checkpointing.load with the metadata vetted first and every key checked
-    both ways (RAISE_ALL), errors naming the folder."""
+    both ways (RAISE_ALL; extra_ok: the checkpoint may hold more, e.g. a Megatron-LM
+    checkpoint's optimizer), errors naming the folder."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     check_dcp_dir(d)
+    strict = StrictHandling.RAISE_UNEXPECTED if extra_ok else StrictHandling.RAISE_ALL
     try:
-        return dist_checkpointing.load(sharded_state, str(d), strict=StrictHandling.RAISE_ALL)
+        return dist_checkpointing.load(sharded_state, str(d), strict=strict)
     except Exception as e:  # noqa: BLE001 - megatron raises several types; name the folder
         msg = " ".join(str(e).split())
         if len(msg) > 1500:
@@ -517,6 +519,85 @@ def load_checkpoint(model, ckpt_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+# ----------------------------------------------------------------------------- Megatron-LM
+MLM_TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def megatron_lm_dir(path: str | Path) -> Path | None:
+    """The iteration folder of a Megatron-LM training checkpoint (torch_dist format): given
+    its root (with latest_checkpointed_iteration.txt) or an iter_NNNNNNN folder; else None."""
+    p = Path(path)
+    if (p / MLM_TRACKER).is_file():
+        it = (p / MLM_TRACKER).read_text().strip()
+        d = p / ("release" if it == "release" else f"iter_{int(it):07d}" if it.isdigit() else it)
+        if not (d / ".metadata").is_file():
+            raise CheckpointError(
+                f"{p / MLM_TRACKER} names iteration {it!r}, but {d} holds no torch_dist "
+                "checkpoint (.metadata); only the torch_dist format is read"
+            )
+        return d
+    if (p.name.startswith("iter_") or p.name == "release") and (p / ".metadata").is_file():
+        return p
+    return None
+
+
+def megatron_lm_args(iter_dir: Path) -> dict[str, Any]:
+    """The training arguments saved in a Megatron-LM checkpoint (common.pt), read with
+    torch's weights-only unpickler (argparse.Namespace admitted, nothing else)."""
+    import argparse
+
+    path = Path(iter_dir) / "common.pt"
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: give the model config (--hf-config)") from None
+    except Exception as e:  # noqa: BLE001 - refused types, corrupt file
+        raise CheckpointError(
+            f"{path}: its saved arguments cannot be read safely ({' '.join(str(e).split())[:300]}"
+            "); give the model config instead (--hf-config config.json)"
+        ) from None
+    args = state.get("args") if isinstance(state, dict) else None
+    if args is None:
+        raise CheckpointError(f"{path} holds no saved arguments: give --hf-config")
+    return vars(args)
+
+
+def hf_config_from_megatron_lm_args(a: dict[str, Any], vocab_size: int | None) -> dict:
+    """An HF config (Llama, or Qwen2 with QKV bias) equivalent to Megatron-LM's arguments."""
+
+    def need(key: str, want) -> None:
+        if a.get(key, want) != want:
+            raise CheckpointError(
+                f"Megatron-LM argument {key}={a.get(key)!r}: only {want!r} maps to the "
+                "supported architectures (Llama, Qwen2)"
+            )
+
+    need("swiglu", True)
+    need("normalization", "RMSNorm")
+    need("position_embedding_type", "rope")
+    heads = a["num_attention_heads"]
+    groups = a.get("num_query_groups") if a.get("group_query_attention") else heads
+    dtype = "bfloat16" if a.get("bf16") else "float16" if a.get("fp16") else "float32"
+    return {
+        "architectures": ["Qwen2ForCausalLM" if a.get("add_qkv_bias") else "LlamaForCausalLM"],
+        "model_type": "qwen2" if a.get("add_qkv_bias") else "llama",
+        "hidden_size": a["hidden_size"],
+        "intermediate_size": a["ffn_hidden_size"],
+        "num_hidden_layers": a["num_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups or heads,
+        "head_dim": a.get("kv_channels") or a["hidden_size"] // heads,
+        "vocab_size": vocab_size or a["padded_vocab_size"],
+        "max_position_embeddings": a.get("max_position_embeddings", 4096),
+        "rope_theta": float(a.get("rotary_base", 10000)),
+        "rms_norm_eps": float(a.get("norm_epsilon", 1e-5)),
+        "tie_word_embeddings": not a.get("untie_embeddings_and_output_weights", False),
+        "hidden_act": "silu",
+        "dtype": dtype,
+    }
+
+
 # ----------------------------------------------------------------------------- conversion
 def _free_port() -> int:
     with socket.socket() as s:
@@ -583,7 +664,9 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1,
     return config_from_checkpoint(out_dir)
 
 
-def _export_rank0(ckpt_dir: str, out_dir: str, progress: bool | None) -> None:
+def _export_rank0(
+    ckpt_dir: str, out_dir: str, progress: bool | None, mlm_config: dict | None = None
+) -> None:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -591,9 +674,19 @@ def _export_rank0(ckpt_dir: str, out_dir: str, progress: bool | None) -> None:
     from megatron_agpo.parallel import ParallelConfig, init_parallel
 
     init_parallel(ParallelConfig())
-    cfg = config_from_checkpoint(ckpt_dir)
-    model = build_model(cfg)
-    load_checkpoint(model, ckpt_dir)
+    if mlm_config is None:
+        cfg = config_from_checkpoint(ckpt_dir)
+        model = build_model(cfg)
+        load_checkpoint(model, ckpt_dir)
+    else:  # a Megatron-LM iteration folder: no manifest; the model part, every key present
+        cfg = ModelConfig.from_dict(mlm_config)
+        model = build_model(cfg)
+        (chunk,) = _chunks(model)
+        # Megatron-LM nests the model's state under "model", beside the run's other state.
+        request = {"model": chunk.sharded_state_dict()}
+        state = dist_load(request, Path(ckpt_dir), "model", extra_ok=True)["model"]
+        with torch.no_grad():
+            load_state_strict(chunk, state, Path(ckpt_dir))
     out = Path(out_dir)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     show = total >= PROGRESS_MIN_BYTES if progress is None else progress
@@ -634,20 +727,58 @@ def _export_rank0(ckpt_dir: str, out_dir: str, progress: bool | None) -> None:
     (out / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2))
 
 
-def convert_megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, progress=None) -> Path:
-    """A checkpoint (a step folder, or a run folder meaning its latest complete checkpoint)
-    -> HF folder (safetensors, config.json, tokenizer files). Loads the model at TP=1, PP=1 in
-    one process (a fresh one when no process group exists) and streams it out tensor by
-    tensor. Returns the checkpoint folder that was exported."""
-    ckpt_dir, out_dir = resolve_checkpoint(ckpt_dir), Path(out_dir)
-    read_manifest(ckpt_dir)  # a clear error before any process starts
+def _megatron_lm_model_config(iter_dir: Path, hf_config, tokenizer) -> dict:
+    """ModelConfig (as a dict) of a Megatron-LM checkpoint: from hf_config (a config.json or
+    its folder) when given, else from the checkpoint's saved arguments; the embedding is
+    padded as Megatron-LM padded it."""
+    vocab = None
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+    if hf_config is not None:
+        return ModelConfig.from_hf(hf_config).to_dict()
+    a = megatron_lm_args(iter_dir)
+    cfg = ModelConfig.from_hf(hf_config_from_megatron_lm_args(a, vocab))
+    # Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP.
+    cfg.make_vocab_size_divisible_by = int(a.get("make_vocab_size_divisible_by", 128)) * int(
+        a.get("tensor_model_parallel_size", 1)
+    )
+    return cfg.to_dict()
+
+
+def convert_megatron_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    progress=None,
+    hf_config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """A checkpoint (a step folder, or a run folder meaning its latest complete checkpoint,
+    or a Megatron-LM torch_dist checkpoint) -> HF folder (safetensors, config.json, tokenizer
+    files). Loads the model at TP=1, PP=1 in one process (a fresh one when no process group
+    exists) and streams it out tensor by tensor. Returns the checkpoint folder exported.
+
+    For a Megatron-LM checkpoint the model config comes from hf_config (config.json) or the
+    checkpoint's saved arguments, and the tokenizer files from `tokenizer` (a folder)."""
+    mlm = megatron_lm_dir(ckpt_dir) if Path(ckpt_dir).is_dir() else None
+    out_dir = Path(out_dir)
+    mlm_config = None
+    if mlm is not None:
+        ckpt_dir = mlm
+        mlm_config = _megatron_lm_model_config(mlm, hf_config, tokenizer)
+    else:
+        ckpt_dir = resolve_checkpoint(ckpt_dir)
+        read_manifest(ckpt_dir)  # a clear error before any process starts
     out_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(ckpt_dir=str(ckpt_dir), out_dir=str(out_dir), progress=progress)
+    kwargs = dict(
+        ckpt_dir=str(ckpt_dir), out_dir=str(out_dir), progress=progress, mlm_config=mlm_config
+    )
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             raise RuntimeError("convert_megatron_to_hf runs in a world of 1 process")
         _export_rank0(**kwargs)
     else:
         _worker(0, 1, _free_port(), "_export_rank0", kwargs)
-    copy_tokenizer(ckpt_dir, out_dir)
+    copy_tokenizer(Path(tokenizer) if tokenizer is not None else ckpt_dir, out_dir)
     return ckpt_dir

@@ -292,6 +292,11 @@ def load(path: Path, model, optimizer, mcfg=None, log=print) -> dict:
     layouts before anything is loaded when the checkpoint is bad or does not fit."""
     path = Path(path)
     manifest = verify_collective(path)
+    if manifest.get("kind") != "run":
+        raise CheckpointError(
+            f"{path} is a model-only checkpoint (no optimizer or trainer state); to train from "
+            "its weights, export it (tools/convert_megatron_to_hf.py) and set model.hf_path"
+        )
     changed = check_layout(path, manifest, mcfg)
     if changed and _rank() == 0:
         log(
