@@ -1,9 +1,10 @@
 # shellcheck shell=bash
 # The logic every job script of slurm/ shares: layout, rendezvous, environment, the training
-# and replica srun steps, signal forwarding and requeue. A job script sets its defaults (the
-# variables below), puts its Hydra overrides in JOB_OVERRIDES, then:
+# and replica srun steps, signal forwarding and requeue. A job script finds the checkout
+# (AGPO_ROOT, see agpo_tiny.sh), sets its defaults (the variables below) and its Hydra
+# overrides (JOB_OVERRIDES), then:
 #
-#   source "$(agpo_slurm_dir)/common.sh"   # (see agpo_70b.sh for the two lines that find it)
+#   source "$AGPO_ROOT/slurm/common.sh"
 #   agpo_main "$@"
 #
 # Every variable can be set in the environment of `sbatch` (it is exported to the job by
@@ -31,6 +32,8 @@
 #   AGPO_MAX_RESTARTS requeue at most this many times (default 20)
 #   AGPO_PLAN_CHECK   1 (default): run `python -m megatron_agpo.plan ... --check` first
 #   REPLICA_WAIT_S    seconds to wait for the trainer's rollout endpoint (default 1800)
+#   TASK_EXIT_WAIT    seconds srun lets the other ranks run once one has ended (default 300)
+#   CPUS_PER_TASK     CPUs per training rank (default: the job's --cpus-per-task)
 
 # Exit code of a trainer that saved a checkpoint on SIGUSR1/SIGTERM and wants to be resumed
 # (EX_TEMPFAIL of sysexits.h).
@@ -42,7 +45,7 @@ agpo_die() {
     exit 2
 }
 
-# `#SBATCH --nodes=N` of the job script, for dry runs outside an allocation.
+# `#SBATCH --<key>=<value>` of the job script, for dry runs outside an allocation.
 agpo_header_value() {
     local file=$1 key=$2
     sed -n "s/^#SBATCH[[:space:]]\+--$key=\([^[:space:]]*\).*/\1/p" "$file" | head -n1
