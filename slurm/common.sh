@@ -81,8 +81,8 @@ agpo_gpu_env() {
     else
         export NCCL_CUMEM_ENABLE=${NCCL_CUMEM_ENABLE:-0}
     fi
-    # NVLink SHARP off, as NeMo-RL does with non-colocated vLLM (it reserves memory per
-    # communicator and has hung weight-sync groups).
+    # NVLink SHARP off, as NeMo-RL sets it for non-colocated vLLM (NVLS buffers take GPU
+    # memory in every communicator, the weight-sync groups included).
     export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
     # InfiniBand: Megatron's FSDP recipe values (service level 1, a longer retry timeout for
     # large clusters).
@@ -92,14 +92,17 @@ agpo_gpu_env() {
     export NCCL_P2P_NET_CHUNKSIZE=${NCCL_P2P_NET_CHUNKSIZE:-2097152}
     # Free NCCL buffers on the stream that used them instead of recording streams (less memory).
     export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
-    # A collective that fails raises on every rank instead of hanging until the timeout.
-    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     # vLLM's compile cache is per machine; stale entries from other jobs break start-up.
     export VLLM_DISABLE_COMPILE_CACHE=${VLLM_DISABLE_COMPILE_CACHE:-1}
 }
 
 # Resolve the layout into global variables; no side effects.
 agpo_resolve_layout() {
+    local v
+    for v in TRAIN_NODES ROLLOUT_NODES TASKS_PER_NODE GPUS_PER_NODE ROLLOUT_TP NUM_REPLICAS \
+        AGPO_TP AGPO_PP CPUS_PER_TASK AGPO_MAX_RESTARTS; do
+        [[ -z ${!v:-} || ${!v} =~ ^[0-9]+$ ]] || agpo_die "$v=${!v} is not a whole number"
+    done
     mapfile -t AGPO_NODE_LIST < <(agpo_nodes)
     local n=${#AGPO_NODE_LIST[@]}
     ROLLOUT_NODES=${ROLLOUT_NODES:-0}
@@ -251,7 +254,7 @@ agpo_print_layout() {
     local v
     for v in CUDA_DEVICE_MAX_CONNECTIONS NCCL_CUMEM_ENABLE NCCL_NVLS_ENABLE NCCL_IB_SL \
         NCCL_IB_TIMEOUT NCCL_P2P_NET_CHUNKSIZE TORCH_NCCL_AVOID_RECORD_STREAMS \
-        TORCH_NCCL_ASYNC_ERROR_HANDLING VLLM_DISABLE_COMPILE_CACHE OMP_NUM_THREADS; do
+        VLLM_DISABLE_COMPILE_CACHE OMP_NUM_THREADS VLLM_CPU_KVCACHE_SPACE; do
         [[ -n ${!v:-} ]] && echo "    $v=${!v}"
     done
     echo "  training step:"

@@ -120,6 +120,7 @@ def test_70b_dry_run_other_layouts_and_errors():
         ({"AGPO_TP": "3"}, "64 training ranks (8 nodes x 8) do not divide into TP=3 x PP=4"),
         ({"ROLLOUT_NODES": "13"}, "ROLLOUT_NODES=13 do not fit the 12 node(s)"),
         ({"NUM_REPLICAS": "5"}, "NUM_REPLICAS=5 replicas of ROLLOUT_TP=8 GPUs do not fit"),
+        ({"TRAIN_NODES": "eight"}, "TRAIN_NODES=eight is not a whole number"),
     ):
         res = _dry_run("agpo_70b.sh", **env)
         assert res.returncode == 2 and msg in res.stderr, res.stderr
