@@ -115,3 +115,41 @@ def test_student_learns_and_confidence_weighting_ignores_zero_weight_labels():
     assert weighted["accuracy"] > 0.85 > unweighted["accuracy"] + 0.1, (weighted, unweighted)
     with pytest.raises(ValueError, match="one weight per training pair"):
         train_student(pool, ESCI, cfg_w)
+
+
+def test_report_tables_by_hand(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples/search_relevance"))
+    import report
+
+    def annot(f1):
+        g = {"pairs": 4, "k": 2, "majority@2": f1, "macro_f1": f1, "malformed_share": 0.0,
+             "pass@k": {"1": f1, "2": f1}}  # fmt: skip
+        return {"gold": g, "mean_confidence": 1.0}
+
+    def student(f1):
+        return {"accuracy": f1, "macro_f1": f1, "ndcg@10": f1, "f1/Exact": f1,
+                "f1/Substitute": f1, "f1/Complement": f1, "f1/Irrelevant": f1,
+                "ndcg_per_query": {"q": f1}}  # fmt: skip
+
+    names = {"base": 0.5, "grpo-s1": 0.6, "grpo-s2": 0.7, "agpo-s1": 0.8, "agpo-s2": 0.7}
+    res = {
+        "settings": {"queries": [1] * 5, "warmstart_steps": 1, "rl_steps": 1, "seeds": [1, 2],
+                     "k": 2, "student_epochs": 1, "prompts_per_step": 1, "n": 2},
+        "annotators": {n: annot(v) for n, v in names.items()},
+        "students": {n: student(v) for n, v in {**names, "gold": 1.0}.items()},
+        "times_s": dict.fromkeys(
+            ("data", "warm_start", "rl", "annotation", "students", "total"), 1.0
+        ),
+        "machine": "m", "date": "d", "command": "c",
+    }  # fmt: skip
+    md = report.write_report(res, tmp_path).read_text()
+    # GRPO macro-F1 over seeds (0.6, 0.7): mean 0.65, half-width t(0.975, 1) * 0.0707 / sqrt 2.
+    half = 12.706204736174698 * (0.1 / math.sqrt(2)) / math.sqrt(2)
+    assert f"| GRPO (2 seeds) | 0.650 [{0.65 - half:.3f}, {0.65 + half:.3f}]" in md
+    # AGPO - GRPO by seed: +0.2 and 0.0 -> mean +0.1, same half-width formula on (0.2, 0).
+    half_d = 12.706204736174698 * (0.2 / math.sqrt(2)) / math.sqrt(2)
+    assert f"| annotator macro-F1 | +0.200, +0.000 | +0.100 [{0.1 - half_d:+.3f}, " in md
+    assert "| gold labels (ceiling) (n=1) | 1.000 |" in md
