@@ -231,6 +231,25 @@ def test_two_rank_checkpoint_resumes_in_one_process(tiny_hf, tmp_path, tp, writt
     assert "tokenizer.json" in manifest["tokenizer_files"]
     assert {"model/.metadata", "optimizer/.metadata", "rng/rank_00001.pt"} <= set(manifest["files"])
     run_distributed(_resume_one_rank, 1, tiny_hf, str(tmp_path), written)
+    if tp == 2:  # and at PP=2: each stage loads its layers and their Adam state
+        run_distributed(_load_pp2, 2, tiny_hf, str(tmp_path))
+
+
+def _load_pp2(rank, world, hf, root):
+    from megatron_agpo.models import gather_hf_tensors_to_rank0
+    from megatron_agpo.parallel import ParallelConfig, init_parallel
+
+    pc = ParallelConfig(tensor_parallel=1, pipeline_parallel=2)
+    init_parallel(pc)
+    model, opt, mcfg = _make(pc, hf)
+    state = ck.load(ck.latest(Path(root)), model, opt, mcfg, log=lambda m: None)
+    assert state["step"] == 2
+    got = {n: t.clone() for n, t in gather_hf_tensors_to_rank0(model, mcfg)}
+    if rank == 0:
+        ref = torch.load(Path(root) / "reference.pt", weights_only=True)["saved"]
+        assert sorted(got) == sorted(ref)
+        for name, t in got.items():
+            assert torch.equal(t, ref[name]), f"{name} changed in the resharding to PP=2"
 
 
 def _load_expect(rank, world, hf, path, pattern):

@@ -29,11 +29,20 @@ def _cmd(run_dir: Path, steps: int) -> list[str]:
 
 
 def _start(run_dir: Path, steps: int) -> subprocess.Popen:
+    """The run, its output to a file (a pipe nobody reads would fill and block it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        _cmd(run_dir, steps), cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}-{time.time_ns()}.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        _cmd(run_dir, steps), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    proc.log = log
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    proc.log.flush()
+    return Path(proc.log.name).read_text()
 
 
 def _steps(run_dir: Path) -> list[int]:
@@ -47,7 +56,7 @@ def _steps(run_dir: Path) -> list[int]:
 def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float) -> None:
     t0 = time.time()
     while max(_steps(run_dir), default=0) < step:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, _output(proc)[-3000:]
         assert time.time() - t0 < timeout, f"no step {step} after {timeout}s"
         time.sleep(0.2)
 
@@ -160,7 +169,8 @@ def test_sigterm_saves_exits_75_and_resume_counts_each_step_once(tmp_path):
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)  # a second signal during the step/save changes nothing
-    out, _ = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    out = _output(proc)
     assert proc.returncode == 75, out[-3000:]
     line = next(x for x in out.splitlines() if "preempted (SIGTERM): saved" in x)
     stopped = int(line.split(" at step ")[1].split(";")[0])
@@ -173,7 +183,8 @@ def test_sigterm_saves_exits_75_and_resume_counts_each_step_once(tmp_path):
     assert not _alive(tree), f"left running: {_alive(tree)}"
 
     proc = _start(run, 6)  # the requeued job
-    out, _ = proc.communicate(timeout=600)
+    proc.wait(timeout=600)
+    out = _output(proc)
     assert proc.returncode == 0, out[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{stopped:07d}'}" in out
     assert _steps(run) == [1, 2, 3, 4, 5, 6]  # every step once
