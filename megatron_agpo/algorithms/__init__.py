@@ -3,6 +3,7 @@
 from megatron_agpo.algorithms.advantages import PRESETS, AdvantageConfig, advantages, resolve
 from megatron_agpo.algorithms.filtering import group_rows, informative_groups, overlong_filter
 from megatron_agpo.algorithms.policy_loss import (
+    AGG_MODES,
     PolicyLossConfig,
     TokenLoss,
     aggregate,
@@ -10,10 +11,14 @@ from megatron_agpo.algorithms.policy_loss import (
     kl_estimate,
     polarity_metrics,
     policy_loss,
+    resolve_norm_constant,
+    sequence_log_ratio,
+    sequence_log_ratio_flat,
     token_loss,
 )
 
 __all__ = [
+    "AGG_MODES",
     "PRESETS",
     "AdvantageConfig",
     "PolicyLossConfig",
@@ -28,5 +33,8 @@ __all__ = [
     "policy_loss",
     "polarity_metrics",
     "resolve",
+    "resolve_norm_constant",
+    "sequence_log_ratio",
+    "sequence_log_ratio_flat",
     "token_loss",
 ]
