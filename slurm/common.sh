@@ -387,9 +387,16 @@ agpo_launch() {
     AGPO_TRAIN_PID=""
     agpo_log "training step ended with exit code $rc"
     if ((${#pids[@]})); then
-        # Replicas exit when the trainer goes away; give them a moment, then stop them.
+        # Replicas exit when the trainer goes away; give them a moment, then stop them (srun
+        # passes SIGTERM on), and stop waiting for a replica that does not go within 30 s.
         sleep 2
         kill -TERM "${pids[@]}" 2>/dev/null
+        local i
+        for ((i = 0; i < 30; i++)); do
+            kill -0 "${pids[@]}" 2>/dev/null || break
+            sleep 1
+        done
+        kill -KILL "${pids[@]}" 2>/dev/null
         wait "${pids[@]}" 2>/dev/null
     fi
     local restarts=${SLURM_RESTART_COUNT:-0} max=${AGPO_MAX_RESTARTS:-20}
