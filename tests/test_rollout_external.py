@@ -92,16 +92,20 @@ def _wait_gone(pids: list[int], limit_s: float) -> float:
 
 
 def _start_trainer(cfg: RolloutConfig, log_dir: Path) -> tuple[subprocess.Popen, list[int]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TRAINER, json.dumps(cfg.to_dict()), str(log_dir)],
-        env=ENV,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "trainer.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", TRAINER, json.dumps(cfg.to_dict()), str(log_dir)],
+            env=ENV,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     line = proc.stdout.readline()  # blocks until the pool serves (or the trainer died)
-    assert line, f"trainer exited with {proc.wait()} before its pool served"
+    if not line:
+        tail = (log_dir / "trainer.log").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"trainer exited with {proc.wait()} before serving:\n{tail}")
     return proc, json.loads(line)
 
 

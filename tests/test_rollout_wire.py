@@ -225,3 +225,52 @@ def test_replica_refuses_a_trainer_without_the_secret(tmp_path):
         ctx.term()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "handshake" in proc.stderr and "another run" in proc.stderr
+
+
+HEARTBEAT_CHILD = """
+import os, sys, zmq
+from megatron_agpo.rollout import RolloutConfig, wire
+from megatron_agpo.rollout.replica_worker import Heartbeat
+keys = wire.curve_keys(bytes.fromhex(os.environ.pop(wire.SECRET_ENV)))
+cfg = RolloutConfig(model_path="x", heartbeat_s=0.2, heartbeat_timeout_s=1.0)
+Heartbeat(zmq.Context(), sys.argv[1], keys, 3, cfg, 0).start()
+while True:  # the main thread busy in Python (a replica's generate), holding the GIL often
+    sum(range(10**6))
+"""
+
+
+def test_heartbeats_from_a_busy_replica_and_exit_when_the_trainer_is_gone():
+    """The worker's heartbeat thread (no vLLM here) sends every heartbeat_s while the main
+    thread is busy, and ends the process (code 3) once the trainer's socket has been gone
+    for heartbeat_timeout_s."""
+    secret = wire.new_secret()
+    keys = wire.curve_keys(secret)
+    ctx = zmq.Context()
+    server, port, auth = wire.bind_server(ctx, "127.0.0.1", 0, keys)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{wire.SECRET_ENV: secret.hex()})
+    cmd = [sys.executable, "-c", HEARTBEAT_CHILD, f"tcp://127.0.0.1:{port}"]
+    child = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        times = []
+        deadline = time.monotonic() + 60
+        while len(times) < 8 and time.monotonic() < deadline:
+            if server.poll(100):
+                _, frame = server.recv_multipart()
+                assert wire.decode_header(frame) == {"op": "heartbeat", "replica": 3}
+                times.append(time.monotonic())
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        print(f"\nheartbeat gaps {min(gaps):.2f}-{max(gaps):.2f} s (interval 0.2 s)")
+        assert len(times) == 8 and max(gaps) < 0.6
+    finally:
+        auth.stop()
+        server.close(0)  # the trainer is gone
+        ctx.term()
+    t0 = time.monotonic()
+    try:
+        rc = child.wait(timeout=30)
+    finally:
+        child.kill()
+    elapsed = time.monotonic() - t0
+    print(f"replica exited {elapsed:.1f} s after the trainer's socket closed (timeout 1 s)")
+    assert rc == 3 and "unreachable" in child.stderr.read()
+    assert 1.0 <= elapsed < 3.0
