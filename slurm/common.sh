@@ -192,6 +192,20 @@ agpo_overrides() {
     AGPO_TRAIN_OVERRIDES+=("${AGPO_USER_OVERRIDES[@]}")
 }
 
+# A command line as one string that `eval` splits back into the same words; plain words stay
+# as they are (readable in logs and dry runs), others are quoted.
+agpo_quote() {
+    local a out=()
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then
+            out+=("$a")
+        else
+            out+=("$(printf '%q' "$a")")
+        fi
+    done
+    echo "${out[*]}"
+}
+
 agpo_join() {
     local IFS=,
     echo "$*"
@@ -218,18 +232,20 @@ agpo_commands() {
     ((GPUS_PER_NODE > 0 && ROLLOUT_NODES > 0)) && per_node=$((GPUS_PER_NODE / ROLLOUT_TP))
     for ((i = 0; i < NUM_REPLICAS; i++)); do
         host=${AGPO_ROLLOUT_HOSTS[$((i / per_node % ${#AGPO_ROLLOUT_HOSTS[@]}))]}
-        local cmd="srun --job-name=replica$i --nodes=1 --ntasks=1 --nodelist=$host"
-        ((ROLLOUT_NODES == 0)) && cmd+=" --overlap"
-        ((GPUS_PER_NODE > 0)) && cmd+=" --gres=gpu:$ROLLOUT_TP"
+        local cmd=(srun --job-name="replica$i" --nodes=1 --ntasks=1 --nodelist="$host")
+        ((ROLLOUT_NODES == 0)) && cmd+=(--overlap)
+        ((GPUS_PER_NODE > 0)) && cmd+=(--gres="gpu:$ROLLOUT_TP")
         # A replica on its own node gets that node's share of CPUs (vLLM starts a worker per
         # GPU plus tokenizer and scheduler threads).
         ((ROLLOUT_NODES > 0)) && [[ -n ${SLURM_CPUS_ON_NODE:-} ]] &&
-            cmd+=" --cpus-per-task=$((SLURM_CPUS_ON_NODE / per_node))"
-        cmd+=" --output=$AGPO_LOG_DIR/replica-$i.log"
-        [[ -n ${SRUN_ARGS:-} ]] && cmd+=" $SRUN_ARGS"
-        cmd+=" $PYTHON -m megatron_agpo.rollout.replica_worker --connect-file $ENDPOINT_FILE"
-        cmd+=" --secret-file $SECRET_FILE --replica-index $i"
-        AGPO_REPLICA_CMDS+=("$cmd")
+            cmd+=(--cpus-per-task="$((SLURM_CPUS_ON_NODE / per_node))")
+        cmd+=(--output="$AGPO_LOG_DIR/replica-$i.log")
+        # shellcheck disable=SC2206
+        [[ -n ${SRUN_ARGS:-} ]] && cmd+=($SRUN_ARGS)
+        cmd+=("$PYTHON" -m megatron_agpo.rollout.replica_worker --connect-file "$ENDPOINT_FILE"
+            --secret-file "$SECRET_FILE" --replica-index "$i")
+        # One string per step (bash has no arrays of arrays), quoted for eval.
+        AGPO_REPLICA_CMDS+=("$(agpo_quote "${cmd[@]}")")
     done
 }
 
@@ -258,7 +274,7 @@ agpo_print_layout() {
         [[ -n ${!v:-} ]] && echo "    $v=${!v}"
     done
     echo "  training step:"
-    echo "    ${AGPO_TRAIN_CMD[*]}"
+    echo "    $(agpo_quote "${AGPO_TRAIN_CMD[@]}")"
     local c
     for c in "${AGPO_REPLICA_CMDS[@]}"; do
         echo "  replica step:"
@@ -351,7 +367,7 @@ agpo_launch() {
     trap 'agpo_on_signal USR1' USR1
     trap 'agpo_on_signal TERM' TERM
     export MASTER_ADDR MASTER_PORT
-    agpo_log "training step: ${AGPO_TRAIN_CMD[*]}"
+    agpo_log "training step: $(agpo_quote "${AGPO_TRAIN_CMD[@]}")"
     (cd "$AGPO_ROOT" && exec "${AGPO_TRAIN_CMD[@]}") &
     AGPO_TRAIN_PID=$!
     if [[ $ROLLOUT_LAUNCH == external ]]; then
@@ -364,8 +380,7 @@ agpo_launch() {
         if [[ -s $ENDPOINT_FILE ]]; then
             for c in "${AGPO_REPLICA_CMDS[@]}"; do
                 agpo_log "replica step: $c"
-                # shellcheck disable=SC2086  # a command line built from plain words
-                (cd "$AGPO_ROOT" && exec $c) &
+                (cd "$AGPO_ROOT" && eval "exec $c") &
                 pids+=($!)
             done
         else
