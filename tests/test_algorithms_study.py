@@ -98,51 +98,51 @@ def study():
     return mod
 
 
-def fake_run(out: Path, arm: str, seed: int, n: int, base_c, final_c, steps: int = 3):
+def fake_run(out: Path, arm: str, seed: int, n: int, correct, steps: int = 3):
     d = out / f"{arm}_seed{seed}"
     d.mkdir(parents=True)
-    rows = [{"step": 0, "eval/pass@1": 0.0, "eval/n": n, "eval/correct": base_c}]
-    rows += [{"step": s, "reward/mean": 0.1 * s, "pos/loss": -0.1} for s in range(1, steps + 1)]
-    rows[-1].update({"eval/pass@1": 0.0, "eval/n": n, "eval/correct": final_c})
-    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    if arm != "base":
+        rows = [{"step": s, "reward/mean": 0.1 * s, "pos/loss": -0.1} for s in range(1, steps + 1)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "eval.json").write_text(json.dumps({"n": n, "correct": correct}))
     (d / "study_run.json").write_text(json.dumps({"wall_s": 10.0, "cpu_s": 15.0}))
 
 
 def test_study_report_on_fake_runs(study, tmp_path):
     out, docs = tmp_path / "runs", tmp_path / "docs"
-    P = 6
+    base = [0, 1, 2, 4, 8, 16]
     for seed in range(2):
-        base = [0, 1, 2, 4, 8, 16][:P]
-        fake_run(out, "grpo", seed, 32, base, [0, 2, 4, 8, 16, 16])
-        fake_run(out, "agpo", seed, 32, base, [1, 1, 2, 4, 8, 16])
-        fake_run(out, "nsr", seed, 4, [0, 0, 1, 1, 2, 4], [0, 1, 1, 1, 2, 4])
-    # An unfinished run (no final evaluation) is left out of the report.
-    d = out / "psr_seed0"
-    d.mkdir()
-    (d / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/pass@1": 0.0}) + "\n")
-    a = study.StudyArgs(steps=3, seeds=2, out=str(out), docs=str(docs), resamples=200)
+        fake_run(out, "base", seed, 32, base)
+        fake_run(out, "grpo", seed, 32, [0, 2, 4, 8, 16, 16])
+        fake_run(out, "agpo", seed, 32, [1, 1, 2, 4, 8, 16])
+        fake_run(out, "nsr", seed, 4, [0, 1, 1, 1, 2, 4])
+    # An unfinished run (trained, not evaluated) is left out of the report.
+    (out / "psr_seed0").mkdir()
+    (out / "psr_seed0" / "trained").touch()
+    a = study.StudyArgs(steps=3, seeds=2, held_out=6, out=str(out), docs=str(docs), resamples=200)
     text = study.report(a)
     rec = json.loads((docs / "study_graded.json").read_text())
     assert set(rec["summary"]) == {"base", "grpo", "agpo", "nsr"}
-    # Base: one evaluation per seed, taken once although two runs per seed carry it.
     assert rec["summary"]["base"]["seeds"] == 2
-    expect = np.mean([pass_at_k(32, c, 1) for c in [0, 1, 2, 4, 8, 16]])
+    expect = np.mean([pass_at_k(32, c, 1) for c in base])
     assert rec["summary"]["base"]["pass"]["1"][0] == pytest.approx(expect)
     assert sorted(rec["summary"]["nsr"]["pass"], key=int) == ["1", "2", "4"]
-    assert rec["timing"]["total_cpu_s"] == 6 * 15.0
+    assert rec["summary"]["grpo"]["diff_to_base"]["1"][0] == pytest.approx(
+        np.mean([pass_at_k(32, c, 1) for c in [0, 2, 4, 8, 16, 16]]) - expect
+    )
+    assert rec["timing"]["total_cpu_s"] == 8 * 15.0
     assert rec["trajectories"]["agpo"]["1"]["reward/mean"] == pytest.approx([0.1, 0.2, 0.3])
     assert "| base | 2 |" in text and "Difference to base" in text
     assert (docs / "passk_1-64.png").exists() and (docs / "passk_16-256.png").exists()
-    assert not study.finished(out / "psr_seed0", 3) and study.finished(out / "nsr_seed1", 3)
+    assert not study.finished(out / "psr_seed0") and study.finished(out / "nsr_seed1")
+    assert "psr: eval n=64, 2/2 runs to do" in study.plan(a)
+    assert "nsr: eval n=64, 0/2 runs to do" in study.plan(a)
 
 
-def test_study_needs_per_problem_counts(study, tmp_path):
-    d = tmp_path / "runs" / "grpo_seed0"
-    d.mkdir(parents=True)
-    rows = [{"step": 0, "eval/pass@1": 0.2}, {"step": 3, "eval/pass@1": 0.3}]
-    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    a = study.StudyArgs(steps=3, out=str(tmp_path / "runs"), docs=str(tmp_path / "docs"))
-    with pytest.raises(SystemExit, match="no per-problem counts.*eval/correct"):
+def test_study_refuses_a_different_held_out_size(study, tmp_path):
+    fake_run(tmp_path / "runs", "grpo", 0, 8, [1, 2, 3])
+    a = study.StudyArgs(held_out=300, out=str(tmp_path / "runs"), docs=str(tmp_path / "d"))
+    with pytest.raises(SystemExit, match="has 3 problems, the study 300"):
         study.report(a)
 
 
@@ -151,8 +151,7 @@ def test_study_runs_use_the_graded_task(study):
     o = study.run_overrides("agpo_wpos0.25", 3, a, Path("/tmp/x"))
     assert "data.levels=[6,7,8,9,10]" in o and "data.num_eval=300" in o
     assert "algorithm.pos_weight=0.25" in o and "trainer.seed=3" in o
-    assert "trainer.eval_n=64" in o and "trainer.eval_n=256" in study.run_overrides(
-        "grpo", 0, a, Path("/tmp/x")
-    )
+    assert "trainer.eval_every=0" in o and "checkpoint.save_final=true" in o
+    assert study.eval_n("agpo_wpos0.25", a) == 64 and study.eval_n("grpo", a) == 256
     assert set(study.ARMS) >= {"grpo", "dr_grpo", "agpo", "agpo_wpos0.25", "agpo_wpos0.5",
                                 "w_reinforce", "nsr", "psr"}  # fmt: skip

@@ -6,26 +6,23 @@
 
 Each arm is a full `agpo-train` run (the warm-started tiny Llama, TP=2, a vLLM replica) on the
 graded arithmetic task (megatron_agpo/data/arithmetic.py, levels 6-10, version 1: 4000
-training problems; held out, the first --held-out, default 300, of its 400 pinned problems)
-for --steps steps, over --seeds seeds.
-The held-out set is evaluated with n samples per problem before the first step and after the
-last: n = --n-large (pass@k up to 256) for base, GRPO and AGPO, --n-small (up to 64) for the
-other arms. The base policy is the step-0 evaluation of the --n-large runs (one per seed; runs
-with the same seed share it, so it is counted once per seed).
+training problems) for --steps steps, over --seeds seeds, saved at the end and exported to HF
+(<run>/hf). The study evaluates every policy itself, with vLLM at the rollout's sampling
+settings, on the first --held-out (default 300) of the 400 pinned held-out problems, keeping
+the per-problem counts: n = --n-large samples (pass@k up to 256) for the base policy, GRPO
+and AGPO, --n-small (up to 64) for the other arms. The base policy (the same model for every
+run) is evaluated once per seed, with that seed's sampling seeds, in <out>/base_seed<k>.
 
 Confidence intervals: 95% percentile bootstrap over problems (paired across arms) and seeds
 (`megatron_agpo.eval.passk.bootstrap_pass_at_k`); each arm's difference to the base comes
 with its own interval. Every run's per-step metrics (the trajectories) are kept in
-<out>/<arm>_seed<k>/metrics.jsonl and summarised in study.json.
+<out>/<arm>_seed<k>/metrics.jsonl and summarised in study_graded.json.
 
-Resumable: a run whose last evaluation is at --steps is not repeated; a killed run is
-restarted from scratch (checkpoint.resume=none). --jobs runs that many arms at once, each in
-its own process group (each run uses 2 trainer ranks and a vLLM replica: size --jobs to the
+Resumable: each stage (train, export, evaluate) of each run is skipped when its output
+exists; a killed training run is restarted from scratch. --jobs runs that many at once, each
+in its own process group (a training run uses 2 ranks and a vLLM replica: size --jobs to the
 machine's cores). The report records the wall and CPU time of every run (os.wait4 rusage of
-the run's process tree) and their total.
-
-Needs per-problem evaluation counts in metrics.jsonl (`eval/correct`: correct samples per
-held-out problem, in order, and `eval/n`), logged by the trainer's evaluation.
+each stage's process tree) and their total.
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -61,8 +59,7 @@ ARMS: dict[str, list[str]] = {
     "psr": ["algorithm=psr"],
 }
 LARGE_N_ARMS = ("grpo", "agpo")
-"""Arms evaluated with --n-large samples (pass@k up to 256); their step-0 evaluations are
-the base policy's."""
+"""Arms evaluated with --n-large samples (pass@k up to 256), as the base policy is."""
 TRAJECTORY_KEYS = (
     "reward/mean", "reward/pass_rate", "response/len_mean", "response/truncated",
     "pos/loss", "neg/loss", "pos/entropy", "neg/entropy", "all/entropy",
@@ -101,9 +98,9 @@ def run_overrides(arm: str, seed: int, a: StudyArgs, run_dir: Path) -> list[str]
     return [
         *ARMS[arm],
         f"data.levels=[{levels}]", "data.num_train=4000", f"data.num_eval={a.held_out}",
-        f"trainer.seed={seed}", f"trainer.steps={a.steps}", f"trainer.eval_every={a.steps}",
-        f"trainer.eval_n={eval_n(arm, a)}", f"logging.run_dir={run_dir}",
-        "logging.progress=false", "checkpoint.resume=none", "checkpoint.save_final=false",
+        f"trainer.seed={seed}", f"trainer.steps={a.steps}", "trainer.eval_every=0",
+        f"logging.run_dir={run_dir}", "logging.progress=false", "checkpoint.resume=none",
+        "checkpoint.save_final=true", "checkpoint.keep_last=1",
         *a.extra,
     ]  # fmt: skip
 
@@ -121,81 +118,104 @@ def read_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
-def eval_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if "eval/pass@1" in r]
+def finished(run_dir: Path) -> bool:
+    """The run's held-out evaluation is written (its last stage)."""
+    return (run_dir / "eval.json").exists()
 
 
-def finished(run_dir: Path, steps: int) -> bool:
-    ev = eval_rows(read_rows(run_dir))
-    return bool(ev) and ev[-1]["step"] == steps
+def _stage(cmd: list[str], log: Path, timing: dict, name: str) -> int:
+    """One stage in its own process group; adds its wall and CPU seconds to `timing`."""
+    t0 = time.time()
+    with open(log, "a") as f:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+        # wait4: the CPU time of the stage and of every descendant it waited for.
+        _, status, usage = os.wait4(proc.pid, 0)
+    timing[f"{name}_wall_s"] = time.time() - t0
+    timing[f"{name}_cpu_s"] = usage.ru_utime + usage.ru_stime
+    return os.waitstatus_to_exitcode(status)
+
+
+def _eval_cmd(model: str, n: int, seed: int, a: StudyArgs, out: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--eval-model", model,
+            "--eval-n", str(n), "--eval-seed", str(seed), "--held-out", str(a.held_out),
+            "--eval-out", str(out)]  # fmt: skip
 
 
 def run_one(arm: str, seed: int, a: StudyArgs, lock: threading.Lock) -> None:
-    """One training run in its own process group; records wall and CPU seconds."""
+    """Train (arm) or take the base policy (arm "base"), export, evaluate; records times."""
     run_dir = Path(a.out) / f"{arm}_seed{seed}"
-    if finished(run_dir, a.steps):
+    if finished(run_dir):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "megatron_agpo.train", *run_overrides(arm, seed, a, run_dir)]
-    t0 = time.time()
-    with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=dict(os.environ, OMP_NUM_THREADS="1"),
-        )  # fmt: skip
-        # wait4: the CPU time of the run and every descendant it waited for.
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.time() - t0
-    cpu = usage.ru_utime + usage.ru_stime
-    record = {"arm": arm, "seed": seed, "wall_s": wall, "cpu_s": cpu, "cmd": cmd[2:]}
-    (run_dir / "study_run.json").write_text(json.dumps(record, indent=1))
+    rec_path = run_dir / "study_run.json"
+    timing = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+    log = run_dir / "study.log"
+
+    def fail(stage: str, rc: int) -> None:
+        raise RuntimeError(f"{arm} seed {seed}: {stage} failed (exit {rc}); see {log}")
+
+    model = "base"
+    if arm != "base":
+        if not (run_dir / "trained").exists():
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "megatron_agpo.train",
+                   *run_overrides(arm, seed, a, run_dir)]  # fmt: skip
+            if rc := _stage(cmd, log, timing, "train"):
+                fail("training", rc)
+            (run_dir / "trained").touch()
+        hf = run_dir / "hf"
+        if not (hf / "config.json").exists():
+            shutil.rmtree(hf, ignore_errors=True)
+            cmd = [sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"),
+                   "--ckpt", str(run_dir), "--out", str(hf)]  # fmt: skip
+            if rc := _stage(cmd, log, timing, "export"):
+                fail("export", rc)
+        model = str(hf)
+    n = a.n_large if arm == "base" else eval_n(arm, a)
+    if rc := _stage(_eval_cmd(model, n, seed, a, run_dir / "eval.json"), log, timing, "eval"):
+        fail("evaluation", rc)
+    timing.update(arm=arm, seed=seed)
+    timing["wall_s"] = sum(v for k, v in timing.items() if k.endswith("_wall_s"))
+    timing["cpu_s"] = sum(v for k, v in timing.items() if k.endswith("_cpu_s"))
+    rec_path.write_text(json.dumps(timing, indent=1))
     with lock:
-        print(f"{arm} seed {seed}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
-    if proc.returncode != 0 or not finished(run_dir, a.steps):
-        tail = (run_dir / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"{arm} seed {seed} failed (exit {proc.returncode}):\n{tail}")
-
-
-def counts_of(row: dict, where: str) -> tuple[int, list[int]]:
-    if "eval/correct" not in row or "eval/n" not in row:
-        raise SystemExit(
-            f"{where}: the evaluation row of step {row.get('step')} has no per-problem counts "
-            "(eval/correct, eval/n); the bootstrap over problems needs the trainer to log them"
-        )
-    return int(row["eval/n"]), [int(c) for c in row["eval/correct"]]
+        print(f"{arm} seed {seed}: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU",
+              flush=True)  # fmt: skip
 
 
 @dataclass
 class Collected:
-    """Every finished run's evaluations and trajectories."""
+    """Every finished run's evaluation, trajectories and times."""
 
-    final: dict[str, dict[int, tuple[int, list[int]]]] = field(default_factory=dict)
-    """arm -> seed -> (n, correct per problem) after the last step."""
-    base: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
-    """seed -> the base policy's (n, correct), from the step-0 evaluation of a large-n run."""
+    evals: dict[str, dict[int, tuple[int, list[int]]]] = field(default_factory=dict)
+    """arm ("base" included) -> seed -> (n, correct samples per held-out problem)."""
     trajectories: dict[str, dict[int, dict[str, list]]] = field(default_factory=dict)
     timing: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
 
 
 def collect(a: StudyArgs) -> Collected:
     out, col = Path(a.out), Collected()
-    for arm in ARMS:
+    for arm in ("base", *ARMS):
         for run_dir in sorted(out.glob(f"{arm}_seed*")):
-            seed = int(run_dir.name.rsplit("seed", 1)[1])
-            rows = read_rows(run_dir)
-            ev = eval_rows(rows)
-            if not (ev and ev[-1]["step"] == a.steps):
+            if not finished(run_dir):
                 continue
-            col.final.setdefault(arm, {})[seed] = counts_of(ev[-1], str(run_dir))
-            if arm in LARGE_N_ARMS and ev[0]["step"] == 0 and seed not in col.base:
-                col.base[seed] = counts_of(ev[0], str(run_dir))
-            train = [r for r in rows if "reward/mean" in r]
-            col.trajectories.setdefault(arm, {})[seed] = {
-                "step": [r["step"] for r in train],
-                **{k: [r.get(k) for r in train] for k in TRAJECTORY_KEYS},
-            }
+            seed = int(run_dir.name.rsplit("seed", 1)[1])
+            ev = json.loads((run_dir / "eval.json").read_text())
+            if len(ev["correct"]) != a.held_out:
+                raise SystemExit(
+                    f"{run_dir}/eval.json has {len(ev['correct'])} problems, the study "
+                    f"{a.held_out} (--held-out): use the --held-out it was run with"
+                )
+            col.evals.setdefault(arm, {})[seed] = (int(ev["n"]), [int(c) for c in ev["correct"]])
+            train = [r for r in read_rows(run_dir) if "reward/mean" in r]
+            if train:
+                col.trajectories.setdefault(arm, {})[seed] = {
+                    "step": [r["step"] for r in train],
+                    **{k: [r.get(k) for r in train] for k in TRAJECTORY_KEYS},
+                }
             rec = run_dir / "study_run.json"
             if rec.exists():
                 t = json.loads(rec.read_text())
@@ -209,9 +229,8 @@ def power_ks(n: int) -> list[int]:
 
 def summarize(col: Collected, a: StudyArgs) -> dict:
     """Bootstrap means and 95% intervals per arm and k, differences to base."""
-    groups = {"base": col.base, **col.final}
     arms = {}
-    for name, by_seed in groups.items():
+    for name, by_seed in col.evals.items():
         if not by_seed:
             continue
         ns = {n for n, _ in by_seed.values()}
@@ -313,10 +332,7 @@ def report(a: StudyArgs) -> str:
             }
             for arm, s in summary.items()
         },
-        "counts": {
-            "base": {str(s): v for s, v in col.base.items()},
-            **{arm: {str(s): v for s, v in runs.items()} for arm, runs in col.final.items()},
-        },
+        "counts": {arm: {str(s): v for s, v in r.items()} for arm, r in col.evals.items()},
         "trajectories": {
             arm: {str(s): t for s, t in runs.items()} for arm, runs in col.trajectories.items()
         },
@@ -328,7 +344,7 @@ def report(a: StudyArgs) -> str:
     }
     (docs / "study_graded.json").write_text(json.dumps(record, indent=1))
     text = table(summary)
-    text += f"\n\nRuns: {sum(len(r) for r in col.final.values())}; total CPU {cpu / 3600:.2f} h, "
+    text += f"\n\nRuns: {sum(len(r) for r in col.evals.values())}; total CPU {cpu / 3600:.2f} h, "
     text += f"wall {wall / 3600:.2f} h (sum over runs)."
     (docs / "study_graded_table.md").write_text(text + "\n")
     plots(summary, docs)
@@ -339,19 +355,106 @@ def plan(a: StudyArgs) -> str:
     """The runs and the sampled tokens they need (an estimate: TOKENS_PER_RESPONSE each)."""
     prompts_per_step, group = 16, 8  # the default run's data.prompts_per_step x rollout.n
     lines, total = [], 0
-    for arm in a.arms:
-        n = eval_n(arm, a)
-        per_run = (a.steps * prompts_per_step * group + 2 * a.held_out * n) * TOKENS_PER_RESPONSE
-        todo = sum(not finished(Path(a.out) / f"{arm}_seed{s}", a.steps) for s in range(a.seeds))
+    for arm in ("base", *a.arms):
+        n = a.n_large if arm == "base" else eval_n(arm, a)
+        train = 0 if arm == "base" else a.steps * prompts_per_step * group
+        per_run = (train + a.held_out * n) * TOKENS_PER_RESPONSE
+        todo = sum(not finished(Path(a.out) / f"{arm}_seed{s}") for s in range(a.seeds))
         total += per_run * todo
         lines.append(
             f"{arm}: eval n={n}, {todo}/{a.seeds} runs to do, ~{per_run / 1e6:.2f} M tokens each"
         )
     lines.append(
         f"total ~{total / 1e6:.1f} M sampled tokens: ~{total / 4600 / 3600:.1f} h of sampling "
-        "at 4,600 tokens/s (training steps come on top)"
+        "at 4,600 tokens/s (training steps, exports and engine starts come on top)"
     )
     return "\n".join(lines)
+
+
+def sample_counts(model: str, n: int, seed: int, held_out: int) -> dict:
+    """Correct samples per graded held-out problem for the HF policy `model` ("base": the
+    warm-started tiny policy), sampled with vLLM as the trainer samples (rollout temperature,
+    top-p, response limit), one sampling seed per (seed, problem)."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams, TokensPrompt
+
+    from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
+    from megatron_agpo.data.loaders import DataConfig, prompt_token_ids
+    from megatron_agpo.eval.driver import problem_seed
+    from megatron_agpo.rewards import score_batch
+    from megatron_agpo.rollout.vllm_engine import build_llm
+    from megatron_agpo.train import load_config
+    from megatron_agpo.trainer.warmstart import tiny_policy_dir
+
+    levels = ",".join(str(lv) for lv in GRADED_LEVELS)
+    cfg = load_config([f"data.levels=[{levels}]", f"data.num_eval={held_out}"])
+    path = str(tiny_policy_dir(cfg.model, cfg.data)) if model == "base" else model
+    tok = AutoTokenizer.from_pretrained(path)
+    task = ArithmeticConfig(levels=GRADED_LEVELS, num_train=1, num_eval=held_out)
+    held = generate_arithmetic(task, "eval")
+    enc = DataConfig(instruction_suffix="")
+    llm = build_llm(dataclasses.replace(cfg.rollout.engine, model_path=path))
+    r = cfg.rollout
+    params = [
+        SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
+                       seed=problem_seed(seed, f"graded-v{GRADED_VERSION}", str(ex.index)))
+        for ex in held
+    ]  # fmt: skip
+    prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(ex, tok, enc)) for ex in held]
+    t0 = time.time()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    sample_s = time.time() - t0
+    # Score each distinct (response, answer) once: the tiny policy repeats itself a lot.
+    pairs = sorted(
+        {(c.text, ex.ground_truth) for ex, o in zip(held, outs, strict=True) for c in o.outputs}
+    )
+    rewards = score_batch([p[0] for p in pairs], [p[1] for p in pairs])
+    scores = dict(zip(pairs, rewards, strict=True))
+    tau = cfg.algorithm.advantage_config().tau
+    correct = [
+        sum(scores[(c.text, ex.ground_truth)] > tau for c in o.outputs)
+        for ex, o in zip(held, outs, strict=True)
+    ]
+    return {
+        "task": {"levels": list(GRADED_LEVELS), "version": GRADED_VERSION, "held_out": len(held)},
+        "policy": path, "n": n, "seed": seed, "correct": correct,
+        "levels": [ex.metadata["level"] for ex in held],
+        "tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "sample_s": sample_s,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }  # fmt: skip
+
+
+def measure_base(a: StudyArgs, n: int) -> str:
+    """The base policy's pass@k on the graded held-out set, overall and per level, with
+    bootstrap intervals over problems; writes <docs>/base_graded.json."""
+    rec = sample_counts("base", n, 0, a.held_out)
+    ks = power_ks(n)
+    by_level = {"all": list(range(len(rec["correct"])))}
+    for lv in GRADED_LEVELS:
+        by_level[f"level {lv}"] = [i for i, x in enumerate(rec["levels"]) if x == lv]
+    rows = {}
+    for name, idx in by_level.items():
+        c = np.array([[rec["correct"][i] for i in idx]])
+        boot = bootstrap_pass_at_k({name: (n, c)}, ks, resamples=a.resamples)
+        rows[name] = (len(idx), boot[name])
+    lines = ["| problems | count | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+             "|---|---|" + "---|" * len(ks)]  # fmt: skip
+    for name, (count, s) in rows.items():
+        lines.append(f"| {name} | {count} | " + " | ".join(fmt(s["pass"][k]) for k in ks) + " |")
+    rate = rec["tokens"] / rec["sample_s"]
+    text = "\n".join(lines) + (
+        f"\n\n{len(rec['correct'])} problems x {n} samples: {rec['tokens']} tokens sampled in "
+        f"{rec['sample_s']:.0f} s ({rate:.0f} tokens/s)."
+    )
+    rec["policy"] = Path(rec["policy"]).name
+    rec["pass"] = {name: {str(k): v for k, v in s["pass"].items()} for name, (_, s) in rows.items()}
+    docs = Path(a.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "base_graded.json").write_text(json.dumps(rec, indent=1))
+    return text
 
 
 def parse(argv: list[str] | None = None) -> tuple[StudyArgs, argparse.Namespace]:
@@ -370,6 +473,17 @@ def parse(argv: list[str] | None = None) -> tuple[StudyArgs, argparse.Namespace]
     p.add_argument("--docs", default=d.docs, help="where the report goes")
     p.add_argument("--dry-run", action="store_true", help="print the plan and budget only")
     p.add_argument("--report-only", action="store_true", help="no runs, only the report")
+    p.add_argument(
+        "--measure-base",
+        type=int,
+        metavar="N",
+        help="only sample the base policy N times per held-out problem (vLLM) and report",
+    )
+    # One evaluation, in its own process (run_one starts it): not for direct use.
+    p.add_argument("--eval-model", help=argparse.SUPPRESS)
+    p.add_argument("--eval-n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--eval-seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--eval-out", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if not 1 <= ns.held_out <= 400:
         p.error(f"--held-out={ns.held_out}: 1..400 (the pinned graded held-out set)")
@@ -382,12 +496,27 @@ def parse(argv: list[str] | None = None) -> tuple[StudyArgs, argparse.Namespace]
 
 def main(argv: list[str] | None = None) -> None:
     a, ns = parse(argv)
+    if ns.eval_model:
+        rec = sample_counts(ns.eval_model, ns.eval_n, ns.eval_seed, a.held_out)
+        tmp = Path(ns.eval_out + ".tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, ns.eval_out)  # atomic: a killed evaluation leaves no eval.json
+        return
+    if ns.measure_base:
+        print(measure_base(a, ns.measure_base))
+        return
     print(plan(a), flush=True)
     if ns.dry_run:
         return
     if not ns.report_only:
+        from megatron_agpo.train import load_config
+        from megatron_agpo.trainer.warmstart import tiny_policy_dir
+
+        # The warm start once, here: parallel runs would otherwise each build it.
+        cfg = load_config([])
+        tiny_policy_dir(cfg.model, cfg.data)
         lock = threading.Lock()
-        todo = [(arm, s) for s in range(a.seeds) for arm in a.arms]
+        todo = [(arm, s) for s in range(a.seeds) for arm in ("base", *a.arms)]
         with ThreadPoolExecutor(a.jobs) as pool:
             for f in [pool.submit(run_one, arm, s, a, lock) for arm, s in todo]:
                 f.result()
