@@ -1,6 +1,7 @@
 """Memory and time of the AGPO loss: naive vs megatron CE + surrogate vs fused vs fused+output.
 
     .venv/bin/python benchmarks/fused_loss.py            # T=2048, V=151,936, TP=1 and TP=2
+    python benchmarks/fused_loss.py --device cuda --json out.json   # on a GPU (NCCL)
 
 Every (method, TP) pair runs in a fresh process (TP=2: two gloo ranks), so one method's
 allocator state cannot flatter another's. Extra peak memory is the rise of the process's peak
@@ -16,6 +17,12 @@ inputs exist. Inputs are what the step is given:
 
 Time is the median over --repeats steps after the warm-up. On a CPU, ratios are what carry
 over; absolute times hold only for this machine.
+
+On CUDA (--device cuda, the default where a GPU is visible) every tensor lives on the GPU,
+ranks talk over NCCL (one GPU per rank: TP=2 needs two), times are taken after
+`torch.cuda.synchronize()`, and extra peak memory is the rise of
+`torch.cuda.max_memory_allocated()` (reset after the warm-up) above the memory allocated once
+the inputs exist.
 """
 
 from __future__ import annotations
@@ -60,27 +67,35 @@ def worker(args) -> None:
         naive_agpo_loss,
     )
 
-    dist.init_process_group("gloo")
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
     tp, rank = dist.get_world_size(), dist.get_rank()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     group = parallel_state.get_tensor_model_parallel_group()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     torch.manual_seed(1234 + rank)
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     t, vl, h = args.tokens, args.vocab // tp, args.hidden
     cfg = PolicyLossConfig()
     g = torch.Generator().manual_seed(0)  # identical targets/advantages on every rank
-    target = torch.randint(0, args.vocab, (t,), generator=g)
-    adv = torch.where(torch.rand(t, generator=g) < 0.5, -1.0, 0.3)
-    old = -12.0 + 0.1 * torch.randn(t, generator=g)
-    mask = torch.ones(1, t)
+    target = torch.randint(0, args.vocab, (t,), generator=g).to(dev)
+    adv = torch.where(torch.rand(t, generator=g) < 0.5, -1.0, 0.3).to(dev)
+    old = (-12.0 + 0.1 * torch.randn(t, generator=g)).to(dev)
+    mask = torch.ones(1, t, device=dev)
 
     if args.method.endswith("_output"):
-        hidden = (0.02 * torch.randn(t, h)).requires_grad_()
-        weight = (0.02 * torch.randn(vl, h)).requires_grad_()
-        weight.main_grad = torch.zeros(vl, h)
+        hidden = (0.02 * torch.randn(t, h, device=dev)).requires_grad_()
+        weight = (0.02 * torch.randn(vl, h, device=dev)).requires_grad_()
+        weight.main_grad = torch.zeros(vl, h, device=dev)
         weight.grad = weight.main_grad  # autograd accumulates into it in place
     else:
-        logits = (2.0 * torch.randn(t, vl)).requires_grad_()
+        logits = (2.0 * torch.randn(t, vl, device=dev)).requires_grad_()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def step():
         if args.method == "fused_output":
@@ -127,17 +142,26 @@ def worker(args) -> None:
     del grads
     if args.method.endswith("_output"):
         hidden.grad = None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _rss_kb("VmRSS")
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _rss_kb("VmRSS") * 1024
     grads = step()
-    extra_gb = (_rss_kb("VmHWM") - base) * 1024 / 1e9
+    sync()
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kb("VmHWM") * 1024
+    extra_gb = (peak - base) / 1e9
     del grads
     times = []
     for _ in range(args.repeats):
         dist.barrier()
+        sync()
         t0 = time.perf_counter()
         grads = step()
+        sync()
         del grads
         if args.method.endswith("_output"):
             hidden.grad = None
@@ -151,6 +175,7 @@ def worker(args) -> None:
                 {
                     "method": args.method,
                     "tp": tp,
+                    "device": args.device,
                     "extra_gb": max(peaks),
                     "time_s": times[len(times) // 2],
                 }
@@ -187,6 +212,8 @@ def run_one(method: str, tp: int, args) -> dict:
         str(args.chunk),
         "--repeats",
         str(args.repeats),
+        "--device",
+        args.device,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // tp)))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -207,7 +234,15 @@ def main() -> None:
         default=0,
         help="tokens per chunk in the fused paths (0: the library default, CHUNK_BYTES)",
     )
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--tp",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default: 1 2 (CUDA: 1 2 with two GPUs, else 1)",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", default="", help="also write every row and ratio to this file")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -215,20 +250,33 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tp is None:
+        gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+        args.tp = [1] if args.device == "cuda" and gpus < 2 else [1, 2]
+    where = (
+        torch.cuda.get_device_name(0)
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
 
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(
-        f"# fused AGPO loss benchmark, {stamp}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; T={args.tokens} V={args.vocab} H={args.hidden} "
-        f"chunk={args.chunk} fp32, median of {args.repeats}"
+        f"# fused AGPO loss benchmark, {stamp}, {where}; T={args.tokens} V={args.vocab} "
+        f"H={args.hidden} chunk={args.chunk} fp32, median of {args.repeats}"
     )
     print(
         "| TP | method | extra peak (GB) | time (s) | memory vs naive | time vs unfused megatron |"
     )
     print("|---|---|---|---|---|---|")
     ratios = []
+    all_rows = []
     for tp in args.tp:
         rows = {m: run_one(m, tp, args) for m in args.methods}
+        all_rows += list(rows.values())
         naive = rows.get("naive")
         for m, r in rows.items():
             meg = rows.get("megatron_ce_output" if m.endswith("_output") else "megatron_ce")
@@ -250,6 +298,12 @@ def main() -> None:
                     f"the time of {base}"
                 )
     print("ratios: " + "; ".join(ratios))
+    if args.json:
+        record = dict(benchmark="fused_loss", date=stamp, device=args.device, where=where,
+                      tokens=args.tokens, vocab=args.vocab, hidden=args.hidden,
+                      repeats=args.repeats, rows=all_rows, ratios=ratios)  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

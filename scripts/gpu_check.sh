@@ -61,7 +61,7 @@ for line in (out / "steps.tsv").read_text().splitlines():
     steps.append(dict(name=name, status=status, seconds=int(seconds or 0), reason=reason))
 try:
     env = json.loads((out / "env.json").read_text() or "{}")
-except ValueError:
+except (OSError, ValueError):
     env = {}
 
 tests = None
@@ -110,10 +110,11 @@ if tests:
 ts = numbers["train_step"]
 if ts:
     mfu = f"{ts['mfu']:.3f}" if ts.get("mfu") is not None else "n/a (unknown peak)"
-    md += ["", f"Train step, {ts['model']} {ts['dtype']}, batch {ts['batch']} x seq "
-           f"{ts['seq']}: {ts['megatron_s_per_step']:.3f} s/step, "
+    mem = f"{ts['peak_mem_gb']:.1f} GB" if ts.get("peak_mem_gb") is not None else "n/a"
+    md += ["", f"Train step, {ts['model']} {ts['dtype']} on {ts.get('gpu') or ts['device']}, "
+           f"batch {ts['batch']} x seq {ts['seq']}: {ts['megatron_s_per_step']:.3f} s/step, "
            f"{ts['megatron_tokens_per_s']:.0f} tokens/s, {ts['achieved_tflops']:.1f} TFLOP/s, "
-           f"MFU {mfu}, peak memory {ts['peak_mem_gb']:.1f} GB."]
+           f"MFU {mfu}, peak memory {mem}."]
 fl = numbers["fused_loss"]
 if fl:
     md += ["", f"Fused loss, T={fl['tokens']} V={fl['vocab']} H={fl['hidden']} fp32 on "
@@ -131,7 +132,7 @@ PY
 }
 
 if [[ ${1:-} == "--report-only" ]]; then
-    OUT_DIR=$(cd "${2:?usage: scripts/gpu_check.sh --report-only OUT_DIR}" && pwd)
+    OUT_DIR=$(cd "${2:?usage: scripts/gpu_check.sh --report-only OUT_DIR}" && pwd) || exit 2
     DRY=${GPU_CHECK_DRY_RUN:-0}
     START=$(date +%s)
     PY=${PYTHON:-python3}
