@@ -226,3 +226,15 @@ def test_overlong_filter_takes_truncated_rows_out_of_the_loss(on):
         assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     else:
         assert (row_grad > 0).all()
+
+
+def test_tis_turned_on_when_engine_and_trainer_precisions_differ():
+    """fp32 trainer with a bf16 engine: the samples come from another policy than the
+    trainer's old one, so truncated IS is switched on (default cap) even if it was off."""
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config(["algorithm.loss.tis_cap=null", "rollout.engine.dtype=bfloat16"])
+    t._correct_precision_mismatch()
+    assert t.cfg.algorithm.loss.tis_cap == 2.0
+    t.cfg = load_config(["algorithm.loss.tis_cap=null"])  # fp32 on both sides: left off
+    t._correct_precision_mismatch()
+    assert t.cfg.algorithm.loss.tis_cap is None

@@ -12,6 +12,7 @@ AGPO loss, the engine real vLLM (replica processes or in-process) behind one pro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -121,6 +122,7 @@ class Trainer:
 
         cfg.validate()
         self.cfg = cfg
+        self._correct_precision_mismatch()
         init_parallel(cfg.parallel)
         self.rank = _rank()
         self.run_dir = Path(cfg.logging.run_dir)
@@ -169,6 +171,23 @@ class Trainer:
             self.sync_weights(self.version)
 
     # ----------------------------------------------------------------- build helpers
+    def _correct_precision_mismatch(self) -> None:
+        """Truncated importance sampling on when the engine samples at another precision than
+        the trainer computes (FP8 rollouts, bf16 engine vs fp32 trainer...): the samples then
+        come from a slightly different policy than the trainer's old one."""
+        from megatron_agpo.models.precision import needs_tis, resolve_tis_cap
+
+        loss = self.cfg.algorithm.loss
+        cap = resolve_tis_cap(loss.tis_cap, needs_tis(self.cfg.model, self.cfg.rollout.engine))
+        if cap != loss.tis_cap:
+            self.cfg.algorithm.loss = dataclasses.replace(loss, tis_cap=cap)
+            if _rank() == 0:
+                print(
+                    f"rollout and trainer precisions differ: truncated importance sampling on "
+                    f"(algorithm.loss.tis_cap={cap})",
+                    flush=True,
+                )
+
     def _start_services(self) -> None:
         """Rank 0: the rollout engine (replicas or colocated: one protocol), the reward and the
         metrics writer."""
