@@ -344,7 +344,10 @@ class TrainConfig:
             "recompute or rollout",
         )
         need(
-            d.kind in ("arithmetic", "math_jsonl"), "data.kind", d.kind, "arithmetic or math_jsonl"
+            d.kind in ("arithmetic", "math_jsonl", "relevance"),
+            "data.kind",
+            d.kind,
+            "arithmetic, math_jsonl or relevance",
         )
         if d.kind == "math_jsonl" and not d.path:
             out.append("data.path is empty: data.kind=math_jsonl needs data.path=FILE")
@@ -460,6 +463,18 @@ class TrainConfig:
         out.extend(
             self.model.precision_problems(p.use_distributed_optimizer, r.engine.quantization)
         )
+        from megatron_agpo.rewards.registry import reward_names
+
+        need(self.reward.name in reward_names(), "reward.name", self.reward.name,
+             "one of " + ", ".join(reward_names()))  # fmt: skip
+        if self.algorithm.loss.ratio_level != "token":
+            # GSPO's sequence ratio needs each row's mean log-ratio before the per-token loss;
+            # the fused vocab-parallel loss computes both in one pass.
+            out.append(
+                f"algorithm.loss.ratio_level={self.algorithm.loss.ratio_level!r}: the trainer's "
+                "fused loss supports token only (GSPO's sequence ratio is in "
+                "megatron_agpo.algorithms, not yet in the trainer)"
+            )
         return out
 
     def _tiny_model_problems(self) -> list[str]:
