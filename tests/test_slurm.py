@@ -156,6 +156,9 @@ def test_70b_plan_check():
 def _cluster_up() -> bool:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return False
+    # Without a configuration file sinfo retries for a minute before it gives up.
+    if not Path(_clean_env().get("SLURM_CONF", "/etc/slurm/slurm.conf")).exists():
+        return False
     try:
         res = subprocess.run(
             ["sinfo", "-h", "-n", "localhost", "-o", "%T"],
