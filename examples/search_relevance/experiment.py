@@ -193,6 +193,16 @@ def main(argv=None) -> int:
             m["train_pairs"] = len(recs)
             students[name + suffix] = m
             log(f"student {name + suffix}: macro-F1 {m['macro_f1']:.3f} ndcg@10 {m['ndcg@10']:.3f}")
+    # What NDCG@10 means on this test set: a random ranking's (mean of 20 shuffles).
+    import random
+
+    from megatron_agpo.relevance.metrics import ndcg_per_query
+
+    gains = [labels.gain(labels.lookup(r.label)) for r in test]
+    rng = random.Random(0)
+    shuffles = [ndcg_per_query([r.group for r in test], gains, [rng.random() for _ in test])
+                for _ in range(20)]  # fmt: skip
+    ndcg_random = sum(sum(d.values()) / len(d) for d in shuffles) / len(shuffles)
     times["students"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
 
@@ -206,6 +216,7 @@ def main(argv=None) -> int:
         "data_seed": args.seed,
         "annotators": annot,
         "students": students,
+        "ndcg_random": ndcg_random,
         "times_s": times,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

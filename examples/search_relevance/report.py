@@ -219,7 +219,9 @@ def render(results: dict) -> str:
         "",
         _table(_student_rows(results["students"]), "student trained on"),
         "",
-        f"NDCG@10, bootstrap over test queries: {_bootstrap(results['students'])}.",
+        f"NDCG@10, bootstrap over test queries: {_bootstrap(results['students'])}. "
+        f"A random ranking scores {results.get('ndcg_random', math.nan):.3f} on this test set "
+        "(most items have some gain), so NDCG differences are small by construction.",
         "",
         _paired(results),
         "",
