@@ -145,8 +145,9 @@ def run(args) -> dict | None:
     total = sum(mean(k) for k in measured[0] if k.startswith("time/"))
     stages["total"] = total
     samples = cfg.data.prompts_per_step * cfg.rollout.n
-    tokens = mean("tokens_per_s") * total  # prompt + response tokens of a step
     gen_len = mean("response/len_mean")
+    # Prompt + response tokens of a step (the trainer logs them per second of the step).
+    tokens = mean("tokens_per_s") * total if "tokens_per_s" in measured[0] else samples * gen_len
     prompt_len = max(1.0, tokens / samples - gen_len)
 
     # The planner on the same config, told what it cannot know: the lengths this run produced
