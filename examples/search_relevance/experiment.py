@@ -51,8 +51,8 @@ def settings(smoke: bool) -> dict:
             student_epochs=1, prompts_per_step=4, n=4, eval_pairs=8,
         )  # fmt: skip
     return dict(
-        queries=[60, 150, 30, 200, 60], warmstart_steps=150, rl_steps=30, seeds=[1, 2, 3], k=5,
-        student_epochs=8, prompts_per_step=16, n=8, eval_pairs=64,
+        queries=[60, 150, 30, 200, 60], warmstart_steps=150, rl_steps=20, seeds=[1, 2, 3], k=5,
+        student_epochs=6, prompts_per_step=16, n=8, eval_pairs=64,
     )  # fmt: skip
 
 
@@ -129,8 +129,6 @@ def main(argv=None) -> int:
     log(f"warm start: {base_dir} ({times['warm_start']:.0f} s)")
 
     # 3. RL annotators
-    from megatron_agpo.models.checkpoint import convert_megatron_to_hf
-
     annotators: dict[str, Path] = {"base": base_dir}
     t0 = time.perf_counter()
     for algo in ALGOS:
@@ -150,7 +148,11 @@ def main(argv=None) -> int:
                 ]  # fmt: skip
                 dt = run_cmd(cmd, logs / f"rl-{name}.log")
                 log(f"RL {name}: {dt:.0f} s")
-                convert_megatron_to_hf(run_dir, hf)  # its latest complete checkpoint
+                # Its latest complete checkpoint -> HF, in a child process: the export sets up
+                # a one-process torch.distributed world whose variables must not leak into the
+                # next agpo-train.
+                run_cmd([py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--ckpt",
+                         str(run_dir), "--out", str(hf)], logs / f"export-{name}.log")  # fmt: skip
             annotators[name] = hf
     times["rl"] = time.perf_counter() - t0
 
