@@ -41,7 +41,9 @@ class RolloutConfig:
     """How weight bytes reach replicas. "zmq": in the bucket messages themselves (host memory).
     "collective": bucket headers over ZMQ, the bytes as one flat tensor per bucket broadcast
     over a private process group (trainer rank 0 + replicas; gloo on CPU, NCCL with CUDA),
-    built once at pool start. Ignored by the colocated engine."""
+    built once at pool start. The ZMQ channel is encrypted (CURVE), which bounds it near
+    0.3 GB/s per core (docs/ROLLOUT.md): use "collective" for large models. Ignored by the
+    colocated engine."""
     sync_backend: str = "auto"
     """Backend of the collective channel: "auto" (NCCL where CUDA is available, else gloo),
     "gloo" or "nccl"."""
