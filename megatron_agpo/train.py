@@ -490,7 +490,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, under)
     from megatron_agpo.backends import configure_logging
 
-    configure_logging(cfg.logging.verbosity, _rank() if under else 0)
+    # A launcher that starts ranks stays quiet too (its warm start imports megatron), but the
+    # summary line is rank 0's to print, once.
+    starts_ranks = not under and cfg.nproc > 1
+    configure_logging(
+        cfg.logging.verbosity,
+        _rank() if under else 0,
+        log=(lambda _line: None) if starts_ranks else print,
+    )
     return run(cfg, opts.overrides)
 
 
