@@ -67,6 +67,16 @@ KNOWN_FALLBACK_WARNINGS = (
     r"Apex is not installed",
 )
 
+# Other warnings every CPU run prints once, about megatron-core's own use of torch (nothing a
+# user can act on); shown again with logging.verbosity=debug.
+KNOWN_INTERNAL_WARNINGS = (
+    r"full scope is deprecated",
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+)
+# A GPU tuning hint (meaningless without CUDA).
+_CUDA_ONLY_WARNINGS = (r"When using async grad allreduce it is recommended to set",)
+
 VERBOSITIES = ("quiet", "info", "debug")
 
 
@@ -104,7 +114,10 @@ def configure_logging(verbosity: str = "info", rank: int = 0, log=print) -> None
     os.environ.setdefault("VLLM_LOGGING_LEVEL", vllm_log_level(verbosity))
     if verbosity == "debug":
         return
-    for pattern in KNOWN_FALLBACK_WARNINGS:
+    quiet = KNOWN_FALLBACK_WARNINGS + KNOWN_INTERNAL_WARNINGS
+    if not detect().cuda:
+        quiet += _CUDA_ONLY_WARNINGS
+    for pattern in quiet:
         warnings.filterwarnings("ignore", message=pattern)
     if rank != 0:
         warnings.simplefilter("ignore")

@@ -224,6 +224,7 @@ def test_quiet_start_filters_known_fallbacks_only():
         lines = []
         configure_logging("info", rank=0, log=lines.append)
         warnings.warn("Apex is not installed. Falling back to Torch Norm", stacklevel=1)
+        warnings.warn("full scope is deprecated. Use empty cuda_graph_scope", stacklevel=1)
         warnings.warn("something else", stacklevel=1)
     assert [str(w.message) for w in seen] == ["something else"]
     assert (
