@@ -28,7 +28,12 @@ def test_search_relevance_smoke(tmp_path):
         g = a["gold"]
         assert 0.0 <= g["macro_f1"] <= 1.0 and g["pairs"] == 40
         assert a["annotated"] == 60
-    assert {"gold", "base", "grpo-s1", "agpo-s1", "agpo-s1+conf"} <= set(res["students"])
+    # A student per annotator that gave any valid answer (the smoke's 40-step warm start
+    # may give none), always one on the gold labels.
+    want = {"gold"} | {
+        n for n in ("base", "grpo-s1", "agpo-s1") if n not in res["students_skipped"]
+    }
+    assert want <= set(res["students"])
     # Every annotator's pool labels came from its own samples: the files exist and agree.
     rows = (out / "annotations/agpo-s1/annotations.jsonl").read_text().splitlines()
     assert len(rows) == 60

@@ -47,7 +47,7 @@ def settings(smoke: bool) -> dict:
     """Sizes: the full example (about 20 minutes on 2 cores) or the CI smoke (2 RL steps)."""
     if smoke:
         return dict(
-            queries=[10, 10, 2, 6, 4], warmstart_steps=4, rl_steps=2, seeds=[1], k=2,
+            queries=[10, 10, 2, 6, 4], warmstart_steps=40, rl_steps=2, seeds=[1], k=2,
             student_epochs=1, prompts_per_step=4, n=4, eval_pairs=8,
         )  # fmt: skip
     return dict(
@@ -185,7 +185,12 @@ def main(argv=None) -> int:
     sources = {"gold": (load_records(data_dir / "pool_gold.jsonl", labels), None)}
     for name in annotators:
         sources[name] = read_annotations(out / "annotations" / name / "annotations.jsonl", labels)
+    skipped = []
     for name, (recs, conf) in sources.items():
+        if not recs:  # an annotator with no valid answer at all (e.g. the smoke's warm start)
+            skipped.append(name)
+            log(f"student {name}: skipped, the annotator labelled no pair")
+            continue
         variants = [("", scfg)]
         if name != "gold":  # the annotators' labels also with confidence weighting
             variants.append(("+conf", replace(scfg, confidence_weighting=True)))
@@ -219,6 +224,7 @@ def main(argv=None) -> int:
         "annotators": annot,
         "students": students,
         "ndcg_random": ndcg_random,
+        "students_skipped": skipped,
         "times_s": times,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

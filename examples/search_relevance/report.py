@@ -92,7 +92,7 @@ def _paired(results: dict) -> str:
     lines = ["| AGPO - GRPO, paired by seed | per seed | mean [95% CI] |", "|---|---|---|"]
     pairs = [
         (a, g) for a, g in zip(_seeds(annot, "agpo"), _seeds(annot, "grpo"), strict=False)
-        if a.split("-s")[1] == g.split("-s")[1]
+        if a.split("-s")[1] == g.split("-s")[1] and a in students and g in students
     ]  # fmt: skip
     if not pairs:
         return ""
@@ -119,7 +119,7 @@ def reading(results: dict) -> str:
     annot, students, k = results["annotators"], results["students"], results["settings"]["k"]
     pairs = [
         (a, g) for a, g in zip(_seeds(annot, "agpo"), _seeds(annot, "grpo"), strict=False)
-        if a.split("-s")[1] == g.split("-s")[1]
+        if a.split("-s")[1] == g.split("-s")[1] and a in students and g in students
     ]  # fmt: skip
     lines = []
     for what, get in (
@@ -266,6 +266,13 @@ def render(results: dict) -> str:
         "of the same unlabelled pool; `+conf` weights each pair by the annotator's vote share.",
         "",
         _table(_student_rows(results["students"]), "student trained on"),
+        "",
+        (
+            f"No student for {', '.join(results['students_skipped'])}: that annotator gave no "
+            "valid answer."
+            if results.get("students_skipped")
+            else ""
+        ),
         "",
         f"NDCG@10, bootstrap over test queries: {_bootstrap(results['students'])}. "
         f"A random ranking scores {results.get('ndcg_random', math.nan):.3f} on this test set "
