@@ -141,9 +141,15 @@ def _allocated_body(rank, world, arch_kwargs, dtype, tp, pp, distributed):
         for t in s.values()
         if torch.is_tensor(t) and t.dim() > 0
     )
-    master = 0
-    if dtype != "float32":
-        master = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"])
+    # Master weights: only tensors the optimizer allocated. Float32 model parameters (and, with
+    # the distributed optimizer, their shards) are optimized in place: views of model storage.
+    model_storage = {p.untyped_storage().data_ptr() for p in params}
+    master = sum(
+        p.numel() * p.element_size()
+        for g in inner.param_groups
+        for p in g["params"]
+        if p.untyped_storage().data_ptr() not in model_storage
+    )
     optimizer = torch.tensor([float(state + master)], dtype=torch.float64)
     dist.all_reduce(optimizer, group=ps.get_data_parallel_group())
     sp = mem.stage_params(cfg, tp, pp, stage)
