@@ -191,6 +191,8 @@ def wrap_for_training(model, parallel: ParallelConfig, opt: OptimizerSettings | 
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        # FP8 weight copies all-gathered in FP8 (model.fp8_param_gather).
+        fp8_param_gather=bool(getattr(config, "fp8_param", False)),
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     # The schedules call this after the last backward: DP grad reduce, tied-embedding and

@@ -10,6 +10,7 @@ by their number; we multiply it back).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -68,7 +69,13 @@ def sequence_multiple(model) -> int:
     from megatron.core.utils import get_model_config
 
     config = get_model_config(model)
-    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if getattr(config, "fp8", None):
+        # Transformer Engine's FP8 GEMMs want token counts in multiples of 16.
+        from megatron_agpo.models.precision import FP8_SEQUENCE_MULTIPLE
+
+        multiple = math.lcm(multiple, FP8_SEQUENCE_MULTIPLE)
+    return multiple
 
 
 @dataclass
