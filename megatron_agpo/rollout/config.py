@@ -42,7 +42,7 @@ class RolloutConfig:
     "collective": bucket headers over ZMQ, the bytes as one flat tensor per bucket broadcast
     over a private process group (trainer rank 0 + replicas; gloo on CPU, NCCL with CUDA),
     built once at pool start. The ZMQ channel is encrypted (CURVE), which bounds it near
-    0.3 GB/s per core (docs/ROLLOUT.md): use "collective" for large models. Ignored by the
+    0.3 GB/s per core (docs/ROLLOUT.md): use "collective" for large models on GPUs. Ignored by the
     colocated engine."""
     sync_backend: str = "auto"
     """Backend of the collective channel: "auto" (NCCL where CUDA is available, else gloo),
