@@ -844,6 +844,7 @@ def test_cli_vllm_long_prompts_large_n(tmp_path, capsys):
     rc = cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
-    assert "prompts fit: longest 401 tokens + 8 new of 512" in err  # 401 characters
+    # 400 characters (the loader strips the trailing space), one token each, no BOS.
+    assert "prompts fit: longest 400 tokens + 8 new of 512" in err
     results = read_results_file(out / "samples.jsonl")
     assert [(r.id, r.n, len(r.scores)) for r in results] == [(f"p{i}", 64, 64) for i in range(3)]

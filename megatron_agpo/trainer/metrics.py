@@ -288,7 +288,8 @@ def plot_run(metrics_path: Path, out_png: Path) -> Path:
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (held-out)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    if evals:  # a run without held-out evaluation has no curve here
+        ax.legend(fontsize=7)
     ax.set_title("reasoning boundary")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
