@@ -12,7 +12,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from megatron_agpo.data.loaders import DataConfig, EncodeStats, encode_prompts, load_prompts
+from megatron_agpo.data.loaders import (
+    DataConfig,
+    EncodeStats,
+    encode_prompts,
+    held_out_split,
+    load_prompts,
+)
 from megatron_agpo.data.records import DataValidationError, PromptExample
 
 KINDS = ("arithmetic", "math_jsonl", "relevance")
@@ -56,13 +62,8 @@ def _examples(data) -> tuple[list[PromptExample], list[PromptExample], DataConfi
         train, held = relevance_examples(data)
         return train, held, DataConfig(max_prompt_tokens=data.max_prompt_tokens)
     enc = DataConfig(path=data.path, format=data.format, max_prompt_tokens=data.max_prompt_tokens)
-    rows = load_prompts(enc)
-    if len(rows) <= data.num_eval:
-        raise DataValidationError(
-            f"{data.path}: {len(rows)} rows, but data.num_eval={data.num_eval} are held out for "
-            "evaluation: no training rows would be left; lower data.num_eval or add rows"
-        )
-    return rows[data.num_eval :], rows[: data.num_eval], enc
+    held, train = held_out_split(load_prompts(enc), data.num_eval, data.path)
+    return train, held, enc
 
 
 def load_task(data, tokenizer, max_model_len: int, max_new_tokens: int) -> TaskPrompts:

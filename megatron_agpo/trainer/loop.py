@@ -36,7 +36,7 @@ from megatron_agpo.ops import IGNORE_INDEX
 from megatron_agpo.trainer import checkpoint as ckpt
 from megatron_agpo.trainer.batch import TokenBatch, build_token_batch
 from megatron_agpo.trainer.config import TrainConfig
-from megatron_agpo.trainer.metrics import MetricsWriter, plot_run
+from megatron_agpo.trainer.metrics import MetricsWriter, plot_run, wandb_settings
 from megatron_agpo.trainer.records import ScoredRollouts, broadcast_scored
 from megatron_agpo.trainer.step import (
     compute_logp,
@@ -211,6 +211,7 @@ class Trainer:
             self.cfg.trainer.steps,
             self.cfg.logging.progress,
             start_step=self.step,
+            wandb=wandb_settings(self.cfg),
         )
 
     def _resume(self) -> None:
