@@ -606,14 +606,24 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, fn_name: str, kwargs: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    # A one-process world runs in the caller's process: its launcher variables are put back
+    # afterwards, or every later `agpo-train` started from this process would believe it is
+    # a rank of that world (RANK set) and reuse its port.
+    launch = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                  WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    saved = {k: os.environ.get(k) for k in launch}
+    os.environ.update(launch)
     try:
         globals()[fn_name](**kwargs)
     finally:
         from megatron_agpo.parallel import destroy_parallel
 
         destroy_parallel()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_in_world(fn_name: str, world: int, **kwargs) -> None:
