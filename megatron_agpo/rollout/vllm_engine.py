@@ -104,7 +104,13 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
     kwargs = engine_kwargs(config, seed)
     from vllm import LLM
 
-    return LLM(**kwargs)
+    set_num_threads = torch.set_num_threads
+    try:
+        return LLM(**kwargs)
+    finally:
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op process-wide (its
+        # worker pins its own threads); the host process keeps its own thread control.
+        torch.set_num_threads = set_num_threads
 
 
 def check_prompt_lengths(requests: Sequence[RolloutRequest], max_model_len: int) -> None:
