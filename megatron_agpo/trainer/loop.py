@@ -317,7 +317,6 @@ class Trainer:
             rewards=torch.tensor(rewards, dtype=torch.float64, device="cpu"),
             weight_version=batch.weight_version,
             group_size=n,
-            texts=texts,
         )
 
     def collect(self, t: Timer) -> tuple[ScoredRollouts, dict]:

@@ -38,8 +38,6 @@ class ScoredRollouts:
     """Samples per prompt (G)."""
     advantages: torch.Tensor | None = None
     """[B] float64, set by the advantages stage."""
-    texts: list[str] | None = None
-    """[B] decoded responses (rank 0 only: the reward reads them; not broadcast)."""
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -64,7 +62,6 @@ class ScoredRollouts:
             weight_version=self.weight_version,
             group_size=self.group_size,
             advantages=None if self.advantages is None else self.advantages[rows],
-            texts=None if self.texts is None else [self.texts[i] for i in idx],
         )
 
     @staticmethod
