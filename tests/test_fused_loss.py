@@ -242,3 +242,51 @@ def _tp2_body(rank, world, mode, full, seed):
 @pytest.mark.parametrize("mode", MODES)
 def test_tp2_gloo_equals_float64_reference(mode):
     run_distributed(_tp2_body, 2, mode, mode == "token-mean", 11)
+
+
+@pytest.mark.parametrize("eps", [(0.2, 0.28), (0.03, 0.04)])
+def test_gspo_sequence_ratio_equals_the_paper(eps):
+    # Both fused ops against GSPO's formula (Zheng et al., 2025, per sequence; float64):
+    # value and gradient, with padded rows, and ranges that clip some sequences.
+    from tests.test_algorithms_parity import gspo_reference_loss
+
+    b, t, v, h = 5, 6, 40, 8
+    hidden, weight, target, adv, mask, extra = make_problem(b, t, v, h, 4)
+    old = extra["old_logp"]
+    cfg = PolicyLossConfig(
+        ratio_level="sequence", agg_mode="seq-mean-token-mean",
+        eps_low=eps[0], eps_high=eps[1], dual_clip_c=None,
+    )  # fmt: skip
+    row = torch.arange(b).repeat_interleave(t)
+    z_ref = (hidden @ weight.t()).requires_grad_()
+    logp = torch.log_softmax(z_ref, -1).gather(1, target.clamp(0)[:, None])[:, 0]
+    ref = gspo_reference_loss(
+        logp.view(b, t), old.view(b, t), adv.view(b, t)[:, 0], mask, *eps
+    )  # fmt: skip
+    ref.backward()
+
+    z = (hidden @ weight.t()).requires_grad_()
+    out = fused_vocab_parallel_agpo_loss(z, target, adv, cfg, old_logp=old, row=row, chunk_size=7)
+    loss = aggregate(out.loss.view(b, t), mask, cfg.agg_mode)
+    loss.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-10, atol=1e-13)
+
+    hh, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out2 = fused_output_layer_agpo_loss(hh, w, target, adv, cfg, old_logp=old, row=row)
+    loss2 = aggregate(out2.loss.view(b, t), mask, cfg.agg_mode)
+    loss2.backward()
+    torch.testing.assert_close(loss2, ref.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(hh.grad, z_ref.grad @ weight, rtol=1e-10, atol=1e-13)
+    # The tight ranges clip some sequences and not others.
+    s = torch.exp(((logp.detach() - old) * mask.view(-1)).view(b, t).sum(1) / mask.sum(1))
+    if eps[0] < 0.1:
+        outside = (s < 1 - eps[0]) | (s > 1 + eps[1])
+        assert 0 < outside.sum() < b, s
+
+
+def test_gspo_without_row_ids_is_a_clear_error():
+    hidden, weight, target, adv, _, extra = make_problem(2, 3, 10, 4, 0)
+    cfg = PolicyLossConfig(ratio_level="sequence")
+    with pytest.raises(ValueError, match="needs row, each token's sequence index"):
+        fused_vocab_parallel_agpo_loss(hidden @ weight.t(), target, adv, cfg, **extra)

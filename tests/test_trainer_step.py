@@ -51,7 +51,25 @@ def reference_grads(hf_dir, batch, cfg):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1):
+def gspo_reference_grads(hf_dir, batch, eps_low, eps_high):
+    """GSPO from its paper's formula (tests/test_algorithms_parity.py) on transformers' model
+    in float64: log-probs gathered from the logits, one advantage per row."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_algorithms_parity import gspo_reference_loss
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float64)
+    lp = torch.log_softmax(model(input_ids=batch.input_ids).logits, -1)
+    logp = lp.gather(-1, batch.target.clamp(min=0)[..., None]).squeeze(-1)
+    mask = batch.loss_mask.double()
+    first = mask.argmax(dim=1)  # a row's advantage is on each of its tokens
+    adv = batch.advantages_per_token.double().gather(1, first[:, None]).squeeze(1)
+    loss = gspo_reference_loss(logp, batch.old_logp.double(), adv, mask, eps_low, eps_high)
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=False):
     from megatron.core import parallel_state as ps
 
     from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
@@ -63,6 +81,11 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1):
     model, mcfg = build_model_from_hf(hf_dir)
     ddp, _ = wrap_for_training(model, pc)
     cfg = PolicyLossConfig(agg_mode=mode, kl_coef=kl_coef)
+    if gspo:  # ranges that clip some of the rows' sequence ratios; the paper has no TIS
+        cfg = PolicyLossConfig(
+            agg_mode=mode, ratio_level="sequence", eps_low=0.03, eps_high=0.04,
+            dual_clip_c=None, tis_cap=None,
+        )  # fmt: skip
     batch = make_batch(mcfg.vocab_size)
     v = mcfg.vocab_size
     batch.old_logp = compute_logp(ddp, batch, 5, v, token_budget)
@@ -82,10 +105,15 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1):
     metrics = forward_backward(ddp, batch, cfg, 5, v, token_budget)
     if kl_coef:
         assert metrics["all/kl"] > 0
+    if gspo:  # some sequences clipped, not all: both branches of the sequence clip are used
+        assert 0 < metrics["all/clip_frac"] < 1, metrics["all/clip_frac"]
     grads = {n: p.main_grad for n, p in ddp.module.named_parameters()}
     offset = ps.get_pipeline_model_parallel_rank() * (mcfg.num_layers // pp)
     ours = dict(megatron_to_hf_tensors(grads, mcfg, layer_offset=offset))
-    ref_loss, ref = reference_grads(hf_dir, batch, cfg)
+    if gspo:
+        ref_loss, ref = gspo_reference_grads(hf_dir, batch, cfg.eps_low, cfg.eps_high)
+    else:
+        ref_loss, ref = reference_grads(hf_dir, batch, cfg)
     # With PP every stage sees the last stage's metrics.
     assert metrics["all/tokens"] == batch.loss_mask.sum().item()
     expected = {n for n in ref if not (n == "lm_head.weight" and mcfg.tie_word_embeddings)}
@@ -99,16 +127,20 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1):
 
 @pytest.mark.dist
 @pytest.mark.parametrize(
-    "mode,token_budget,kl_coef,pp",
+    "mode,token_budget,kl_coef,pp,gspo",
     [
-        ("token-mean", 0, 0.0, 1),
-        ("seq-mean-token-mean", 0, 0.0, 1),
+        ("token-mean", 0, 0.0, 1, False),
+        ("seq-mean-token-mean", 0, 0.0, 1, False),
         # Dynamic batch size (micro-batches of 1..5 rows by a 24-token budget) and the KL term.
-        ("seq-mean-token-mean", 24, 0.1, 1),
+        ("seq-mean-token-mean", 24, 0.1, 1, False),
         # Two pipeline stages, variable micro-batch shapes between them.
-        ("token-mean", 24, 0.0, 2),
+        ("token-mean", 24, 0.0, 2, False),
+        # GSPO's sequence ratio against its paper's formula, in token-budget micro-batches.
+        ("seq-mean-token-mean", 24, 0.0, 1, True),
     ],
 )
-def test_update_gradient_equals_transformers_reference(tiny_hf, mode, token_budget, kl_coef, pp):
+def test_update_gradient_equals_transformers_reference(
+    tiny_hf, mode, token_budget, kl_coef, pp, gspo
+):
     """TP=2 (pp=1) or PP=2 over two processes."""
-    run_distributed(_body, 2, tiny_hf, mode, token_budget, kl_coef, pp)
+    run_distributed(_body, 2, tiny_hf, mode, token_budget, kl_coef, pp, gspo)

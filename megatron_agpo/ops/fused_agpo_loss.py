@@ -34,7 +34,12 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from megatron_agpo.algorithms.policy_loss import PolicyLossConfig, check_same_shape, token_loss
+from megatron_agpo.algorithms.policy_loss import (
+    PolicyLossConfig,
+    check_same_shape,
+    sequence_log_ratio_flat,
+    token_loss,
+)
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 2**20
@@ -91,9 +96,31 @@ def _check_inputs(n, vocab, target, advantages, old_logp, ref_logp, rollout_logp
         )
 
 
-def _token_coefficients(logp, entropy, valid, advantages, old_logp, ref_logp, rollout_logp, cfg):
-    """L_t and its derivatives in logp (g) and in H (h), by autograd on [N] vectors."""
+def _seq_log_ratio(cfg, logp, old_logp, row, valid):
+    """GSPO's per-token sequence log-ratio (None for a token-level ratio). The rows' tokens
+    are all in this call: the trainer's micro-batches hold whole rows, and with TP every rank
+    has every token's log-prob after the vocabulary reduction."""
+    if cfg.ratio_level != "sequence":
+        return None
+    if row is None:
+        raise ValueError(
+            "PolicyLossConfig.ratio_level='sequence' (GSPO) needs row, each token's sequence "
+            "index [N], to average the log-ratio over a sequence"
+        )
+    if row.shape != logp.shape:
+        raise ValueError(f"row{list(row.shape)} must match the tokens [{logp.shape[0]}]")
+    old = logp if old_logp is None else old_logp.to(logp.dtype)
+    return sequence_log_ratio_flat(logp, old, row.long(), valid)
+
+
+def _token_coefficients(
+    logp, entropy, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row=None
+):
+    """L_t and its derivatives in logp (g) and in H (h), by autograd on [N] vectors. With
+    GSPO's sequence ratio the ratio's value is the (detached) sequence mean and its gradient
+    the token's own log-prob's, so the coefficients stay per token."""
     cast = lambda t: None if t is None else t.to(logp.dtype)  # noqa: E731
+    slr = _seq_log_ratio(cfg, logp, old_logp, row, valid)
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(True)
         ent = entropy.detach().requires_grad_(cfg.needs_entropy_grad)
@@ -105,6 +132,7 @@ def _token_coefficients(logp, entropy, valid, advantages, old_logp, ref_logp, ro
             entropy=ent if cfg.needs_entropy_grad else None,
             ref_logp=cast(ref_logp),
             rollout_logp=cast(rollout_logp),
+            seq_log_ratio=slr,
         )
         inputs = [lp, ent] if cfg.needs_entropy_grad else [lp]
         grads = torch.autograd.grad(tl.loss.sum(), inputs, allow_unused=True)
@@ -224,6 +252,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         old_logp,
         ref_logp,
         rollout_logp,
+        row,
         cfg,
         tp_group,
         chunk_size,
@@ -278,7 +307,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         logp = torch.where(valid, pred - torch.log(sum_exp), torch.zeros_like(pred))
         ent = torch.where(valid, ent, torch.zeros_like(ent))
         loss, g, h = _token_coefficients(
-            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg
+            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row
         )
         ctx.buf, ctx.sum_exp, ctx.ent, ctx.g, ctx.h = buf, sum_exp, ent, g, h
         ctx.target, ctx.valid, ctx.vocab_start, ctx.cols = target, valid, vocab_start, cols
@@ -303,7 +332,7 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
             )
         grad = buf if buf.dtype == ctx.out_dtype else buf.to(ctx.out_dtype)
         ctx.buf = None
-        return (grad,) + (None,) * 12
+        return (grad,) + (None,) * 13
 
 
 def fused_vocab_parallel_agpo_loss(
@@ -315,6 +344,7 @@ def fused_vocab_parallel_agpo_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    row: torch.Tensor | None = None,
     tp_group=None,
     chunk_size: int | None = None,
     inplace: bool = False,
@@ -325,7 +355,9 @@ def fused_vocab_parallel_agpo_loss(
     """Per-token AGPO loss from vocab-parallel logits ``[N, Vl]``.
 
     target: ``[N]`` global token ids, IGNORE_INDEX (-100) for padding. advantages, old_logp,
-    ref_logp, rollout_logp: ``[N]`` (old_logp None: on-policy). tp_group: the tensor-parallel
+    ref_logp, rollout_logp: ``[N]`` (old_logp None: on-policy). row: ``[N]`` each token's
+    sequence index, needed by GSPO's sequence ratio (cfg.ratio_level="sequence"); every token
+    of a sequence must be in the call. tp_group: the tensor-parallel
     group the vocabulary is split over (None: no TP). inplace: write the softmax and then the
     gradient over the logits, as megatron's cross entropy does; only for fp32 logits that
     nothing else reads afterwards. vocab_size: the real vocabulary; columns at or past it are
@@ -344,6 +376,7 @@ def fused_vocab_parallel_agpo_loss(
         old_logp,
         ref_logp,
         rollout_logp,
+        row,
         cfg,
         tp_group,
         chunk_size,
@@ -366,6 +399,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         old_logp,
         ref_logp,
         rollout_logp,
+        row,
         cfg,
         tp_group,
         chunk_size,
@@ -425,7 +459,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
         logp = torch.where(valid, pred - lse, torch.zeros_like(pred))
         ent = torch.where(valid, ent, torch.zeros_like(ent))
         loss, g, h = _token_coefficients(
-            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg
+            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row
         )
         ctx.save_for_backward(hidden, weight)
         ctx.lse, ctx.ent, ctx.g, ctx.h, ctx.target, ctx.valid = lse, ent, g, h, target, valid
@@ -478,7 +512,7 @@ class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
             # left alone: with tied embeddings the same parameter also gets the embedding
             # lookup's ordinary .grad, which megatron's DDP hook would skip if it were set.
             grad_weight = None
-        return (grad_hidden, grad_weight) + (None,) * 12
+        return (grad_hidden, grad_weight) + (None,) * 13
 
 
 def fused_output_layer_agpo_loss(
@@ -491,6 +525,7 @@ def fused_output_layer_agpo_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    row: torch.Tensor | None = None,
     tp_group=None,
     chunk_size: int | None = None,
     vocab_start: int | None = None,
@@ -514,6 +549,7 @@ def fused_output_layer_agpo_loss(
         old_logp,
         ref_logp,
         rollout_logp,
+        row,
         cfg,
         tp_group,
         chunk_size,

@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_agpo.algorithms.policy_loss import PolicyLossConfig, token_loss
+from megatron_agpo.algorithms.policy_loss import (
+    PolicyLossConfig,
+    sequence_log_ratio_flat,
+    token_loss,
+)
 from megatron_agpo.ops.fused_agpo_loss import IGNORE_INDEX, FusedLossOutput, _tp_info
 
 
@@ -45,6 +49,7 @@ def naive_agpo_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
+    row: torch.Tensor | None = None,
     tp_group=None,
     dtype: torch.dtype = torch.float32,
 ) -> FusedLossOutput:
@@ -56,6 +61,10 @@ def naive_agpo_loss(
     logp = logprobs.gather(1, safe_target[:, None]).squeeze(1)
     entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    slr = None
+    if cfg.ratio_level == "sequence":
+        old = logp if old_logp is None else old_logp.to(dtype)
+        slr = sequence_log_ratio_flat(logp, old, row.long(), valid)
     tl = token_loss(
         logp,
         cast(old_logp),
@@ -64,6 +73,7 @@ def naive_agpo_loss(
         entropy=entropy if cfg.needs_entropy_grad else None,
         ref_logp=cast(ref_logp),
         rollout_logp=cast(rollout_logp),
+        seq_log_ratio=slr,
     )
     zero = torch.zeros_like(logp)
     return FusedLossOutput(

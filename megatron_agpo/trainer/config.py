@@ -467,14 +467,6 @@ class TrainConfig:
 
         need(self.reward.name in reward_names(), "reward.name", self.reward.name,
              "one of " + ", ".join(reward_names()))  # fmt: skip
-        if self.algorithm.loss.ratio_level != "token":
-            # GSPO's sequence ratio needs each row's mean log-ratio before the per-token loss;
-            # the fused vocab-parallel loss computes both in one pass.
-            out.append(
-                f"algorithm.loss.ratio_level={self.algorithm.loss.ratio_level!r}: the trainer's "
-                "fused loss supports token only (GSPO's sequence ratio is in "
-                "megatron_agpo.algorithms, not yet in the trainer)"
-            )
         return out
 
     def _tiny_model_problems(self) -> list[str]:

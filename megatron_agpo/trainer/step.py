@@ -18,7 +18,12 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_agpo.algorithms import PolicyLossConfig, polarity_metrics, token_loss
+from megatron_agpo.algorithms import (
+    PolicyLossConfig,
+    polarity_metrics,
+    sequence_log_ratio,
+    token_loss,
+)
 from megatron_agpo.ops import fused_output_layer_agpo_loss, fused_vocab_parallel_agpo_loss
 from megatron_agpo.trainer.batch import MicroBatch, TokenBatch
 
@@ -122,10 +127,14 @@ def _per_token(
     the output weight when `head` is given."""
     b, s = mb.loss_mask.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    row = None
+    if cfg.ratio_level == "sequence":  # GSPO: each token's row, for the sequence mean
+        row = torch.arange(b, device=mb.target.device).repeat_interleave(s)
     common = dict(
         old_logp=flat(old_logp),
         ref_logp=flat(mb.ref_logp),
         rollout_logp=flat(mb.rollout_logp),
+        row=row,
         tp_group=_tp_group(),
         vocab_size=vocab_size,
         compute_entropy=compute_entropy,
@@ -159,12 +168,17 @@ def _loss_fn(mb: TokenBatch, head, output, *, cfg: PolicyLossConfig, vocab_size:
     loss = (out.loss.view(b, s) * mb.agg_weights).sum() * scale
     with torch.no_grad():
         adv = mb.advantages_per_token
+        logp = out.logp.detach().view(b, s)
+        slr = None
+        if cfg.ratio_level == "sequence":
+            old = logp if mb.old_logp is None else mb.old_logp
+            slr = sequence_log_ratio(logp, old, mb.loss_mask)
         tl = token_loss(
-            out.logp.detach().view(b, s),
-            mb.old_logp, adv, cfg, ref_logp=mb.ref_logp, rollout_logp=mb.rollout_logp,
+            logp, mb.old_logp, adv, cfg, ref_logp=mb.ref_logp, rollout_logp=mb.rollout_logp,
+            seq_log_ratio=slr,
         )  # fmt: skip
         metrics = polarity_metrics(tl, adv, mb.loss_mask, out.entropy.detach().view(b, s))
-        gap = (out.logp.detach().view(b, s) - mb.rollout_logp).abs() * mb.loss_mask
+        gap = (logp - mb.rollout_logp).abs() * mb.loss_mask
         metrics["logp_gap_sum"] = float(gap.sum())
     return loss, metrics
 
