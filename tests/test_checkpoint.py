@@ -371,3 +371,18 @@ def test_crafted_metadata_does_not_run_in_the_export_tool(tiny_hf, tmp_path):
     assert "model/.metadata was refused" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr, res.stderr[-2000:]  # one paragraph, no traceback
     assert not marker.exists()
+
+
+def _verdicts(rank, world):
+    # Rank 0's verdict reaches every rank as text (no pickling): a message with non-ASCII
+    # characters, then none.
+    msg = "checkpoint step_0000007/model/__1_0.distcp: SHA-256 mismatch (é)"
+    with pytest.raises(fmt.CheckpointError) as e:
+        fmt._broadcast_error(msg if rank == 0 else "ignored: only rank 0's counts")
+    assert str(e.value) == msg
+    fmt._broadcast_error(None if rank == 0 else "ignored")
+
+
+@pytest.mark.dist
+def test_rank0_verdict_reaches_every_rank():
+    run_distributed(_verdicts, 2)

@@ -81,12 +81,21 @@ def _barrier() -> None:
 
 
 def _broadcast_error(err: str | None) -> None:
-    """Rank 0's verdict on every rank: all raise the same error, or none does."""
-    box = [err]
+    """Rank 0's verdict on every rank: all raise the same error, or none does. Sent as UTF-8
+    bytes in a tensor (NCCL needs it on the GPU), never pickled."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)  # between our own ranks only
-    if box[0]:
-        raise CheckpointError(box[0])
+        nccl = dist.get_backend() == "nccl"
+        dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        data = (err or "").encode() if _rank() == 0 else b""
+        size = torch.tensor([len(data)], dtype=torch.long, device=dev)
+        dist.broadcast(size, src=0)
+        buf = torch.zeros(int(size), dtype=torch.uint8, device=dev)
+        if _rank() == 0 and data:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(buf, src=0)
+        err = bytes(buf.cpu().tolist()).decode()
+    if err:
+        raise CheckpointError(err)
 
 
 # ----------------------------------------------------------------------------- where

@@ -10,6 +10,7 @@ by their number; we multiply it back).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,19 +35,56 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def _from_last_stage(obj):
-    """The last pipeline stage's obj on every stage (the loss and its outputs live there)."""
+def _from_last_stage(outputs: list[dict], device: torch.device) -> list[dict]:
+    """The last pipeline stage's per-micro-batch outputs (dicts of numbers and tensors) on
+    every stage: the loss and its outputs live there. Sent as tensors with a JSON header
+    (keys, shapes, dtypes), never pickled."""
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
-        return obj
-    box = [obj if ps.is_pipeline_last_stage() else None]
-    dist.broadcast_object_list(
-        box,
-        src=ps.get_pipeline_model_parallel_last_rank(),
-        group=ps.get_pipeline_model_parallel_group(),
-    )
-    return box[0]
+        return outputs
+    src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+    sizes = torch.zeros(2, dtype=torch.long, device=device)
+    if ps.is_pipeline_last_stage():
+        spec, parts = [], []
+        for out in outputs:
+            entry = {}
+            for key, v in out.items():
+                if isinstance(v, torch.Tensor):
+                    entry[key] = [list(v.shape), str(v.dtype).removeprefix("torch.")]
+                    parts.append(v.detach().reshape(-1).to(device, torch.float64))
+                elif isinstance(v, int | float) and not isinstance(v, bool):
+                    entry[key] = None  # a number
+                    parts.append(torch.tensor([float(v)], dtype=torch.float64, device=device))
+                else:
+                    raise TypeError(f"pipeline output {key!r}: {type(v).__name__} is not sent")
+            spec.append(entry)
+        header = torch.frombuffer(bytearray(json.dumps(spec).encode()), dtype=torch.uint8)
+        payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        sizes[0], sizes[1] = header.numel(), payload.numel()
+    dist.broadcast(sizes, src=src, group=group)
+    if not ps.is_pipeline_last_stage():
+        header = torch.empty(int(sizes[0]), dtype=torch.uint8)
+        payload = torch.empty(int(sizes[1]), dtype=torch.float64)
+    header, payload = header.to(device), payload.to(device)
+    dist.broadcast(header, src=src, group=group)
+    dist.broadcast(payload, src=src, group=group)
+    if ps.is_pipeline_last_stage():
+        return outputs
+    result, at = [], 0
+    for entry in json.loads(bytes(header.cpu().tolist()).decode()):
+        out = {}
+        for key, meta in entry.items():
+            if meta is None:
+                out[key] = float(payload[at])
+                at += 1
+            else:
+                shape, dtype = meta
+                n = math.prod(shape)
+                out[key] = payload[at : at + n].view(shape).to(getattr(torch, dtype))
+                at += n
+        result.append(out)
+    return result
 
 
 def model_device(model) -> torch.device:
@@ -219,7 +257,8 @@ def _run(
             seq_length=micro[0].input_ids.shape[1],
             micro_batch_size=len(micro[0]),
             forward_only=forward_only,
-        )
+        ),
+        model_device(model),
     )
 
 
