@@ -39,11 +39,15 @@ class AlgorithmConfig:
     """Cap on positive advantages (None: the preset's, i.e. no cap)."""
     tau: float | None = None
     """Override of the polarity threshold."""
+    batch_norm: bool | None = None
+    """Override of whitening over the batch (REINFORCE++'s; on AGPO it removes the non-zero
+    mean of the advantages, a diagnostic of docs/results)."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """The per-token surrogate and its aggregation."""
 
     def advantage_config(self) -> AdvantageConfig:
-        names = ("neg_rule", "neg_weight", "pos_rule", "pos_weight", "std", "pos_adv_max", "tau")
+        names = ("neg_rule", "neg_weight", "pos_rule", "pos_weight", "std", "pos_adv_max", "tau",
+                 "batch_norm")  # fmt: skip
         overrides = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         return resolve(self.name, **overrides)
 
