@@ -38,9 +38,8 @@ GRIDS: dict[str, dict[str, list[str]]] = {
     },
     # Candidate remedies and a diagnostic at the learning rate where AGPO collapses: a KL
     # anchor to the starting policy, a warmup (Adam's first steps are sign-like: every
-    # parameter moves by about lr), and a larger Adam epsilon (which stops Adam from scaling
-    # up the small but consistent gradients on confident tokens that a non-zero-mean
-    # advantage produces).
+    # parameter moves by about lr), and a larger Adam epsilon (it damps the normalisation
+    # that makes a noisy gradient's step as large as a clean one's).
     "remedies": {
         "agpo_lr1e-3_kl0.05": [
             "algorithm=agpo", "optimizer.lr=1e-3", "algorithm.loss.kl_coef=0.05",
@@ -50,9 +49,9 @@ GRIDS: dict[str, dict[str, list[str]]] = {
         ],
         "agpo_lr1e-3_eps1e-4": ["algorithm=agpo", "optimizer.lr=1e-3", "optimizer.adam_eps=1e-4"],
         "grpo_lr1e-3_eps1e-4": ["algorithm=grpo", "optimizer.lr=1e-3", "optimizer.adam_eps=1e-4"],
-        # AGPO's advantages whitened over the batch: the same ordering without their non-zero
-        # mean (the push on every sampled token that GRPO's group mean cancels). Subtracting
-        # the mean also rebalances them (about -0.2 wrong, +0.9 right at a 0.18 pass rate).
+        # AGPO's advantages whitened over the batch: the batch mean as the baseline instead of
+        # the top reward (the variance source of docs/ALGORITHM.md, "Gradient noise"). It
+        # also rebalances them (about -0.2 wrong, +0.9 right at a 0.18 pass rate).
         "agpo_lr1e-3_centred": ["algorithm=agpo", "optimizer.lr=1e-3", "algorithm.batch_norm=true"],
     },
 }  # fmt: skip

@@ -40,8 +40,8 @@ class AlgorithmConfig:
     tau: float | None = None
     """Override of the polarity threshold."""
     batch_norm: bool | None = None
-    """Override of whitening over the batch (REINFORCE++'s; on AGPO it removes the non-zero
-    mean of the advantages, a diagnostic of docs/results)."""
+    """Override of whitening over the batch (REINFORCE++'s; on AGPO it puts the baseline at
+    the batch mean, a stability diagnostic in docs/results)."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """The per-token surrogate and its aggregation."""
 
