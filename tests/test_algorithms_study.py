@@ -130,9 +130,15 @@ def test_study_report_on_fake_runs(study, tmp_path):
     assert rec["summary"]["grpo"]["diff_to_base"]["1"][0] == pytest.approx(
         np.mean([pass_at_k(32, c, 1) for c in [0, 2, 4, 8, 16, 16]]) - expect
     )
+    # Every arm against GRPO as well (the paper's comparison), only on the ks both have.
+    grpo1 = np.mean([pass_at_k(32, c, 1) for c in [0, 2, 4, 8, 16, 16]])
+    agpo1 = np.mean([pass_at_k(32, c, 1) for c in [1, 1, 2, 4, 8, 16]])
+    assert rec["summary"]["agpo"]["diff_to_grpo"]["1"][0] == pytest.approx(agpo1 - grpo1)
+    assert sorted(rec["summary"]["nsr"]["diff_to_grpo"], key=int) == ["1", "2", "4"]
+    assert rec["summary"]["base"]["diff_to_grpo"] == {} == rec["summary"]["grpo"]["diff_to_grpo"]
     assert rec["timing"]["total_cpu_s"] == 8 * 15.0
     assert rec["trajectories"]["agpo"]["1"]["reward/mean"] == pytest.approx([0.1, 0.2, 0.3])
-    assert "| base | 2 |" in text and "Difference to base" in text
+    assert "| base | 2 |" in text and "Difference to base" in text and "Difference to GRPO" in text
     assert (docs / "passk_1-64.png").exists() and (docs / "passk_16-256.png").exists()
     assert not study.finished(out / "psr_seed0") and study.finished(out / "nsr_seed1")
     assert "psr: eval n=64, 2/2 runs to do" in study.plan(a)

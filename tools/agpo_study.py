@@ -241,7 +241,14 @@ def summarize(col: Collected, a: StudyArgs) -> dict:
         raise SystemExit(f"no finished run in {a.out}")
     ks = power_ks(max(n for n, _ in arms.values()))
     ref = "base" if "base" in arms else None
-    return bootstrap_pass_at_k(arms, ks, reference=ref, resamples=a.resamples, seed=0)
+    summary = bootstrap_pass_at_k(arms, ks, reference=ref, resamples=a.resamples, seed=0)
+    # Every arm against GRPO too (the paper's comparison), with the same problem draws.
+    vs = bootstrap_pass_at_k(arms, ks, reference="grpo", resamples=a.resamples, seed=0) if (
+        "grpo" in arms
+    ) else {}  # fmt: skip
+    for arm, s in summary.items():
+        s["diff_grpo"] = vs[arm]["diff"] if vs and arm not in ("grpo", "base") else {}
+    return summary
 
 
 def fmt(t: tuple[float, float, float]) -> str:
@@ -257,16 +264,16 @@ def table(summary: dict) -> str:
     for arm, s in summary.items():
         cells = [fmt(s["pass"][k]) if k in s["pass"] else "" for k in ks]
         lines.append(f"| {arm} | {s['seeds']} | " + " | ".join(cells) + " |")
-    diffs = [(arm, s) for arm, s in summary.items() if s["diff"]]
-    if diffs:
-        lines += ["", "Difference to base (95% interval; excludes 0: supported):", ""]
+    for key, ref in (("diff", "base"), ("diff_grpo", "GRPO")):
+        diffs = [(arm, s[key]) for arm, s in summary.items() if s.get(key)]
+        if not diffs:
+            continue
+        lines += ["", f"Difference to {ref} (95% interval; * where it excludes 0):", ""]
         lines.append("| arm | " + " | ".join(f"pass@{k}" for k in ks) + " |")
         lines.append("|---|" + "---|" * len(ks))
-        for arm, s in diffs:
+        for arm, d in diffs:
             cells = [
-                (fmt(s["diff"][k]) + (" *" if s["diff"][k][1] > 0 or s["diff"][k][2] < 0 else ""))
-                if k in s["diff"]
-                else ""
+                (fmt(d[k]) + (" *" if d[k][1] > 0 or d[k][2] < 0 else "")) if k in d else ""
                 for k in ks
             ]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -329,6 +336,7 @@ def report(a: StudyArgs) -> str:
                 "seeds": s["seeds"],
                 "pass": {str(k): v for k, v in s["pass"].items()},
                 "diff_to_base": {str(k): v for k, v in s["diff"].items()},
+                "diff_to_grpo": {str(k): v for k, v in s.get("diff_grpo", {}).items()},
             }
             for arm, s in summary.items()
         },
