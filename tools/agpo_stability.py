@@ -3,6 +3,7 @@
     .venv/bin/python tools/agpo_stability.py --grid lr --seeds 3 --jobs 2
     .venv/bin/python tools/agpo_stability.py --run kl=algorithm=agpo,algorithm.loss.kl_coef=0.05
     .venv/bin/python tools/agpo_stability.py --grid lr --report-only
+    .venv/bin/python tools/agpo_stability.py --study runs/study_graded   # the study's runs
 
 Every run is a full `agpo-train` run with the study's setting (tools/agpo_study.py: the
 warm-started tiny Llama, the graded task's 4000 training problems, TP=2, a vLLM replica) plus
@@ -85,13 +86,19 @@ def run_one(name: str, extra: list[str], seed: int, a: argparse.Namespace) -> No
     print(f"{name} seed {seed}: {timing['train_wall_s']:.0f} s", flush=True)
 
 
+def m(key: str, rows: list[dict]) -> float:
+    """Mean of a metric over rows that have it (a polarity with no tokens logs null)."""
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def summarize(rows: list[dict]) -> dict | None:
     evals = [r for r in rows if "eval/pass@1" in r]
     train = [r for r in rows if "reward/pass_rate" in r]
     if len(evals) < 2 or not train:
         return None
     late = train[-EARLY_LATE:]
-    mean = lambda key, rs: float(np.mean([r[key] for r in rs if key in r]))  # noqa: E731
+    mean = m
     k = max(int(key.split("@")[1]) for key in evals[-1] if key.startswith("eval/pass@"))
     return {
         "pass1": (evals[0]["eval/pass@1"], evals[-1]["eval/pass@1"]),
@@ -123,6 +130,35 @@ def report(runs: dict[str, list[str]], a: argparse.Namespace) -> str:
                 f"{s['train'][0]:.3f} -> {s['train'][1]:.3f} | {s['neg_entropy']:.3f} | "
                 f"{s['len']:.1f} | {s['grad_norm']:.2f} | {'yes' if s['collapsed'] else 'no'} |"
             )
+    return "\n".join(lines)
+
+
+def study_table(study_dir: Path) -> str:
+    """The study's runs (tools/agpo_study.py) side by side: final held-out pass@1 from its
+    own evaluation against each run's sign-split training metrics (first and last steps)."""
+    import json
+
+    lines = [
+        "| arm | seed | held-out pass@1 | train pass rate, first -> last 5 | pos/loss | "
+        "neg/loss | entropy of negatives, first -> last 5 | entropy of positives, last 5 | "
+        "response length | grad norm |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted(study_dir.glob("*_seed*")):
+        rows, ev = read_rows(run), run / "eval.json"
+        if not rows or not ev.exists():
+            continue
+        arm, seed = run.name.rsplit("_seed", 1)
+        rec = json.loads(ev.read_text())
+        p1 = float(np.mean(rec["correct"])) / rec["n"]
+        first, late = rows[:EARLY_LATE], rows[-EARLY_LATE:]
+        lines.append(
+            f"| {arm} | {seed} | {p1:.3f} | {m('reward/pass_rate', first):.3f} -> "
+            f"{m('reward/pass_rate', late):.3f} | {m('pos/loss', late):+.3f} | "
+            f"{m('neg/loss', late):+.3f} | {m('neg/entropy', first):.3f} -> "
+            f"{m('neg/entropy', late):.3f} | {m('pos/entropy', late):.3f} | "
+            f"{m('response/len_mean', late):.1f} | {m('grad_norm', late):.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -163,7 +199,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "runs" / "stability"))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--study", metavar="DIR", help="only the table of a study's runs (its --out)")
     a = p.parse_args(argv)
+    if a.study:
+        return a
     a.runs = dict(GRIDS[a.grid]) if a.grid else {}
     for spec in a.run:
         name, sep, ovr = spec.partition("=")
@@ -177,6 +216,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
+    if a.study:
+        print(study_table(Path(a.study)))
+        return
     if not a.report_only:
         todo = [(n, x, s) for s in range(a.seeds) for n, x in a.runs.items()]
         with ThreadPoolExecutor(a.jobs) as pool:
