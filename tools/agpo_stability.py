@@ -4,6 +4,7 @@
     .venv/bin/python tools/agpo_stability.py --run kl=algorithm=agpo,algorithm.loss.kl_coef=0.05
     .venv/bin/python tools/agpo_stability.py --grid lr --report-only
     .venv/bin/python tools/agpo_stability.py --study runs/study_graded   # the study's runs
+    .venv/bin/python tools/agpo_stability.py --snr docs/results/study_graded.json
 
 Every run is a full `agpo-train` run with the study's setting (tools/agpo_study.py: the
 warm-started tiny Llama, the graded task's 4000 training problems, TP=2, a vLLM replica) plus
@@ -161,6 +162,46 @@ def study_table(study_dir: Path) -> str:
     return "\n".join(lines)
 
 
+STUDY_ADVANTAGES = {
+    "grpo": ("grpo", {}), "dr_grpo": ("dr_grpo", {}), "agpo": ("agpo", {}),
+    "agpo_wpos0.25": ("agpo", {"pos_weight": 0.25}), "agpo_wpos0.5": ("agpo", {"pos_weight": 0.5}),
+    "w_reinforce": ("w_reinforce", {}), "nsr": ("nsr", {}), "psr": ("psr", {}),
+}  # fmt: skip
+"""The study's arms as advantage settings, for the closed noise model."""
+
+
+def snr_vs_loss(study_json: Path, permutations: int = 100_000) -> str:
+    """Each study arm's gradient SNR in the closed noise model (algorithms.diagnostics, at the
+    base policy's pass@1) beside its pass@1 difference to the base, with their Spearman rank
+    correlation and its one-sided permutation p-value."""
+    import json
+
+    from megatron_agpo.algorithms.advantages import resolve
+    from megatron_agpo.algorithms.diagnostics import gradient_snr
+
+    summary = json.loads(study_json.read_text())["summary"]
+    p = summary["base"]["pass"]["1"][0]
+    rows = []
+    for arm, (preset, ovr) in STUDY_ADVANTAGES.items():
+        if arm in summary:
+            snr = gradient_snr(resolve(preset, **ovr), p)["snr"]
+            rows.append((arm, snr, summary[arm]["diff_to_base"]["1"]))
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    snr_r, loss_r = rank([r[1] for r in rows]), rank([r[2][0] for r in rows])
+    rho = float(np.corrcoef(snr_r, loss_r)[0, 1])
+    rng = np.random.default_rng(0)
+    null = np.array(
+        [np.corrcoef(snr_r, rng.permutation(loss_r))[0, 1] for _ in range(permutations)]
+    )
+    lines = [f"| arm | SNR at p = {p:.3f} | pass@1 - base |", "|---|---|---|"]
+    lines += [f"| {a} | {s:.1f} | {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}] |" for a, s, d in rows]
+    lines.append(
+        f"\nSpearman rank correlation {rho:.3f} over {len(rows)} arms; one-sided permutation "
+        f"p = {float(np.mean(null >= rho - 1e-12)):.4f} ({permutations} permutations)."
+    )
+    return "\n".join(lines)
+
+
 def plot(runs: dict[str, list[str]], a: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
@@ -199,8 +240,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "runs" / "stability"))
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--study", metavar="DIR", help="only the table of a study's runs (its --out)")
+    p.add_argument("--snr", metavar="JSON", help="only the study's losses against the noise model")
     a = p.parse_args(argv)
-    if a.study:
+    if a.study or a.snr:
         return a
     a.runs = dict(GRIDS[a.grid]) if a.grid else {}
     for spec in a.run:
@@ -217,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     if a.study:
         print(study_table(Path(a.study)))
+        return
+    if a.snr:
+        print(snr_vs_loss(Path(a.snr)))
         return
     if not a.report_only:
         todo = [(n, x, s) for s in range(a.seeds) for n, x in a.runs.items()]
