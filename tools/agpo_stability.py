@@ -44,7 +44,8 @@ GRIDS: dict[str, dict[str, list[str]]] = {
     # (it damps the normalisation that makes a noisy gradient's step as large as a clean
     # one's), and AGPO's advantages whitened over the batch: the batch mean as the baseline
     # instead of the top reward, the variance source of docs/ALGORITHM.md ("Gradient noise");
-    # it also rebalances them (about -0.2 wrong, +0.9 right at a 0.18 pass rate).
+    # it also rebalances them (about -0.2 wrong, +0.9 right at a 0.18 pass rate). Last, four
+    # times the prompts per step.
     "remedies": {
         f"{arm}_lr3e-4_{tag}": [*ARMS[arm], "optimizer.lr=3e-4", *extra]
         for arm, tag, extra in (
@@ -53,6 +54,8 @@ GRIDS: dict[str, dict[str, list[str]]] = {
             ("agpo", "warmup10", ["scheduler.warmup_steps=10"]),
             ("agpo", "eps1e-4", ["optimizer.adam_eps=1e-4"]),
             ("agpo", "centred", ["algorithm.batch_norm=true"]),
+            # The noise account's own prediction: 4 times the samples per step, 4 times the SNR.
+            ("agpo", "batch64", ["data.prompts_per_step=64"]),
         )
     },
 }  # fmt: skip
