@@ -161,3 +161,61 @@ def test_study_runs_use_the_graded_task(study):
     assert study.eval_n("agpo_wpos0.25", a) == 64 and study.eval_n("grpo", a) == 256
     assert set(study.ARMS) >= {"grpo", "dr_grpo", "agpo", "agpo_wpos0.25", "agpo_wpos0.5",
                                 "w_reinforce", "nsr", "psr"}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the stability tool
+
+
+@pytest.fixture(scope="module")
+def stability(study):
+    sys.path.insert(0, str(REPO / "tools"))  # it imports agpo_study's helpers by name
+    spec = importlib.util.spec_from_file_location(
+        "agpo_stability", REPO / "tools" / "agpo_stability.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stability_summary_of_a_run(stability):
+    # Evaluations before and after, 7 training steps: early = the first 5, late = the last 5;
+    # a polarity with no tokens logs null and is left out of its mean.
+    rows = [{"step": 0, "eval/pass@1": 0.2, "eval/pass@16": 0.8}]
+    for s in range(1, 8):
+        rows.append({"step": s, "reward/pass_rate": s / 10, "neg/entropy": 0.1 * s,
+                     "pos/loss": None if s == 7 else -1.0, "neg/loss": 1.0,
+                     "response/len_mean": 11.0, "grad_norm": 0.5})  # fmt: skip
+    rows.append({"step": 7, "eval/pass@1": 0.09, "eval/pass@16": 0.5})
+    s = stability.summarize(rows)
+    assert s["pass1"] == (0.2, 0.09) and s["passk"] == (0.8, 0.5) and s["k"] == 16
+    assert s["train"] == pytest.approx((0.3, 0.5))  # mean of 1..5 and of 3..7, over 10
+    assert s["neg_entropy"] == pytest.approx(0.5) and s["pos_loss"] == -1.0
+    assert s["collapsed"]  # 0.09 < 0.2 / 2
+    rows[-1]["eval/pass@1"] = 0.11
+    assert not stability.summarize(rows)["collapsed"]
+    assert stability.summarize(rows[:-1]) is None  # no second evaluation yet
+
+
+def test_snr_ranks_against_losses(stability, tmp_path):
+    # Losses ordered exactly as the closed model's SNR: rank correlation 1, and no random
+    # permutation of 8 ranks reaches it but the identity (p = 1/8! in expectation).
+    from megatron_agpo.algorithms.advantages import resolve
+    from megatron_agpo.algorithms.diagnostics import NoiseModel, gradient_snr
+
+    arms = stability.STUDY_ADVANTAGES
+    snr = {a: gradient_snr(resolve(p, **o), 0.2, NoiseModel())["snr"]
+           for a, (p, o) in arms.items()}  # fmt: skip
+    summary = {"base": {"pass": {"1": [0.2, 0.19, 0.21]}}}
+    for a in arms:
+        d = -0.01 / snr[a]
+        summary[a] = {"diff_to_base": {"1": [d, d - 0.01, d + 0.01]}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"summary": summary}))
+    text = stability.snr_vs_loss(path, permutations=2000)
+    assert "Spearman rank correlation 1.000 over 8 arms" in text
+    assert "p = 0.0000" in text or "p = 0.0005" in text
+    # Reversed losses: correlation -1.
+    for a in arms:
+        summary[a]["diff_to_base"]["1"][0] *= -1
+    path.write_text(json.dumps({"summary": summary}))
+    assert "Spearman rank correlation -1.000" in stability.snr_vs_loss(path, permutations=10)
