@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_agpo.algorithms.policy_loss import (
-    PolicyLossConfig,
-    sequence_log_ratio_flat,
-    token_loss,
+from megatron_agpo.algorithms.policy_loss import PolicyLossConfig, token_loss
+from megatron_agpo.ops.fused_agpo_loss import (
+    IGNORE_INDEX,
+    FusedLossOutput,
+    _seq_log_ratio,
+    _tp_info,
 )
-from megatron_agpo.ops.fused_agpo_loss import IGNORE_INDEX, FusedLossOutput, _tp_info
 
 
 class _GatherVocab(torch.autograd.Function):
@@ -61,10 +62,7 @@ def naive_agpo_loss(
     logp = logprobs.gather(1, safe_target[:, None]).squeeze(1)
     entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    slr = None
-    if cfg.ratio_level == "sequence":
-        old = logp if old_logp is None else old_logp.to(dtype)
-        slr = sequence_log_ratio_flat(logp, old, row.long(), valid)
+    slr = _seq_log_ratio(cfg, logp, old_logp, row, valid)
     tl = token_loss(
         logp,
         cast(old_logp),
