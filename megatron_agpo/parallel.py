@@ -146,6 +146,20 @@ def init_parallel(cfg: ParallelConfig | None = None, env: DistEnv | None = None)
     return env
 
 
+def broadcast_bytes(data: bytes | None, src: int, group=None, device=None) -> bytes:
+    """Global rank src's bytes on every rank of group, sent as uint8 tensors (its length, then
+    its content), never pickled. device: where the tensors live, the GPU under NCCL."""
+    device = torch.device("cpu") if device is None else device
+    me = dist.get_rank()
+    size = torch.tensor([len(data) if me == src else 0], dtype=torch.long, device=device)
+    dist.broadcast(size, src=src, group=group)
+    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    if me == src and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buf, src=src, group=group)
+    return data if me == src else buf.cpu().numpy().tobytes()
+
+
 def destroy_parallel() -> None:
     """Tear down megatron groups and the default process group."""
     from megatron.core import parallel_state

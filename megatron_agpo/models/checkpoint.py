@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from megatron_agpo.models.config import ModelConfig
 from megatron_agpo.models.weights import HFWeights, megatron_to_hf_tensors
+from megatron_agpo.parallel import broadcast_bytes
 
 FORMAT = "megatron_agpo/checkpoint-v2"
 MANIFEST = "manifest.json"
@@ -86,14 +87,7 @@ def _broadcast_error(err: str | None) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         nccl = dist.get_backend() == "nccl"
         dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        data = (err or "").encode() if _rank() == 0 else b""
-        size = torch.tensor([len(data)], dtype=torch.long, device=dev)
-        dist.broadcast(size, src=0)
-        buf = torch.zeros(int(size), dtype=torch.uint8, device=dev)
-        if _rank() == 0 and data:
-            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        dist.broadcast(buf, src=0)
-        err = bytes(buf.cpu().tolist()).decode()
+        err = broadcast_bytes((err or "").encode(), 0, device=dev).decode()
     if err:
         raise CheckpointError(err)
 

@@ -37,47 +37,51 @@ def _tp_group():
 
 def _from_last_stage(outputs: list[dict], device: torch.device) -> list[dict]:
     """The last pipeline stage's per-micro-batch outputs (dicts of numbers and tensors) on
-    every stage: the loss and its outputs live there. Sent as tensors with a JSON header
-    (keys, shapes, dtypes), never pickled."""
+    every stage: the loss and its outputs live there. A JSON header (keys, shapes, dtypes),
+    then one float64 payload: the numbers first, then the tensors. Never pickled."""
     from megatron.core import parallel_state as ps
+
+    from megatron_agpo.parallel import broadcast_bytes
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return outputs
     src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
-    sizes = torch.zeros(2, dtype=torch.long, device=device)
-    if ps.is_pipeline_last_stage():
-        spec, parts = [], []
+    last = ps.is_pipeline_last_stage()
+    header = None
+    if last:
+        spec, numbers, tensors = [], [], []
         for out in outputs:
             entry = {}
             for key, v in out.items():
                 if isinstance(v, torch.Tensor):
                     entry[key] = [list(v.shape), str(v.dtype).removeprefix("torch.")]
-                    parts.append(v.detach().reshape(-1).to(device, torch.float64))
+                    tensors.append(v.detach().reshape(-1).to(device, torch.float64))
                 elif isinstance(v, int | float) and not isinstance(v, bool):
                     entry[key] = None  # a number
-                    parts.append(torch.tensor([float(v)], dtype=torch.float64, device=device))
+                    numbers.append(float(v))
                 else:
                     raise TypeError(f"pipeline output {key!r}: {type(v).__name__} is not sent")
             spec.append(entry)
-        header = torch.frombuffer(bytearray(json.dumps(spec).encode()), dtype=torch.uint8)
-        payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-        sizes[0], sizes[1] = header.numel(), payload.numel()
-    dist.broadcast(sizes, src=src, group=group)
-    if not ps.is_pipeline_last_stage():
-        header = torch.empty(int(sizes[0]), dtype=torch.uint8)
-        payload = torch.empty(int(sizes[1]), dtype=torch.float64)
-    header, payload = header.to(device), payload.to(device)
-    dist.broadcast(header, src=src, group=group)
+        header = json.dumps(spec).encode()
+    spec = json.loads(broadcast_bytes(header, src, group, device))
+    metas = [meta for entry in spec for meta in entry.values()]
+    n_numbers = sum(meta is None for meta in metas)
+    if last:
+        numbers_t = torch.tensor(numbers, dtype=torch.float64, device=device)
+        payload = torch.cat([numbers_t, *tensors])
+    else:  # its size follows from the header
+        size = n_numbers + sum(math.prod(m[0]) for m in metas if m is not None)
+        payload = torch.empty(size, dtype=torch.float64, device=device)
     dist.broadcast(payload, src=src, group=group)
-    if ps.is_pipeline_last_stage():
+    if last:
         return outputs
-    result, at = [], 0
-    for entry in json.loads(bytes(header.cpu().tolist()).decode()):
+    numbers = iter(payload[:n_numbers].tolist())  # one device-to-host copy for all of them
+    result, at = [], n_numbers
+    for entry in spec:
         out = {}
         for key, meta in entry.items():
             if meta is None:
-                out[key] = float(payload[at])
-                at += 1
+                out[key] = next(numbers)
             else:
                 shape, dtype = meta
                 n = math.prod(shape)
