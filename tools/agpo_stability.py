@@ -101,15 +101,14 @@ def summarize(rows: list[dict]) -> dict | None:
     if len(evals) < 2 or not train:
         return None
     late = train[-EARLY_LATE:]
-    mean = m
     k = max(int(key.split("@")[1]) for key in evals[-1] if key.startswith("eval/pass@"))
     return {
         "pass1": (evals[0]["eval/pass@1"], evals[-1]["eval/pass@1"]),
         "passk": (evals[0][f"eval/pass@{k}"], evals[-1][f"eval/pass@{k}"]), "k": k,
-        "train": (mean("reward/pass_rate", train[:EARLY_LATE]), mean("reward/pass_rate", late)),
-        "neg_entropy": mean("neg/entropy", late), "len": mean("response/len_mean", late),
-        "grad_norm": mean("grad_norm", late), "pos_loss": mean("pos/loss", late),
-        "neg_loss": mean("neg/loss", late),
+        "train": (m("reward/pass_rate", train[:EARLY_LATE]), m("reward/pass_rate", late)),
+        "neg_entropy": m("neg/entropy", late), "len": m("response/len_mean", late),
+        "grad_norm": m("grad_norm", late), "pos_loss": m("pos/loss", late),
+        "neg_loss": m("neg/loss", late),
         "collapsed": evals[-1]["eval/pass@1"] < 0.5 * evals[0]["eval/pass@1"],
     }  # fmt: skip
 
