@@ -1,6 +1,12 @@
 """The RL math as pure functions on plain tensors: advantages and the policy loss."""
 
-from megatron_agpo.algorithms.advantages import PRESETS, AdvantageConfig, advantages, resolve
+from megatron_agpo.algorithms.advantages import (
+    PRESETS,
+    AdvantageConfig,
+    advantages,
+    resolve,
+    whiten,
+)
 from megatron_agpo.algorithms.filtering import group_rows, informative_groups, overlong_filter
 from megatron_agpo.algorithms.policy_loss import (
     AGG_MODES,
@@ -37,4 +43,5 @@ __all__ = [
     "sequence_log_ratio",
     "sequence_log_ratio_flat",
     "token_loss",
+    "whiten",
 ]

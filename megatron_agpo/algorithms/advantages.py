@@ -8,10 +8,15 @@ Each polarity (negative: r <= tau, positive: r > tau) gets one rule:
 
 mu and sigma are the mean and standard deviation of the rewards of the response's group
 (the G responses to one prompt). With ``baseline="leave_one_out"`` (RLOO) mu is the mean of
-the group's *other* responses. ``batch_norm`` (REINFORCE++ with baseline) then whitens all
-advantages of the batch: ``(A - mean_batch(A)) / (std_batch(A) + eps)``.
+the group's *other* responses. ``batch_norm`` (REINFORCE++ with baseline) then whitens the
+advantages of the batch's groups that carry signal (`whiten`):
+``(A - mean(A)) / (std(A) + eps)`` over those rows only.
 
-A group of one response has no baseline: the group rule gives it 0 (every std mode).
+A group whose rewards are all equal has no signal: the group rule gives it exactly 0 (not the
+1e-17 a float group mean leaves), and whitening leaves a group whose advantages are all 0 at
+exactly 0 and out of its statistics. So dynamic sampling's ``zero_advantage`` filter drops
+exactly those groups, and the kept groups' whitened advantages do not depend on how many were
+dropped. A group of one response has no baseline: the group rule gives it 0 (every std mode).
 See ../../docs/ALGORITHM.md for the formulas and the presets' derivations.
 """
 
@@ -49,9 +54,10 @@ class AdvantageConfig:
     """Baseline the group rule subtracts: the group mean (GRPO), or leave_one_out, the mean
     of the other G - 1 responses (RLOO: A_i = G / (G - 1) * (r_i - mu))."""
     batch_norm: bool = False
-    """Whiten the advantages over the whole batch after the rules (REINFORCE++ with baseline):
-    A <- (A - mean(A)) / (std(A) + eps), std with Bessel's correction over responses. The
-    batch is one call's rewards: the trainer calls once per sampling round."""
+    """Whiten the advantages over the batch after the rules (REINFORCE++ with baseline):
+    A <- (A - mean(A)) / (std(A) + eps), mean and std (Bessel's correction) over the responses
+    of the groups that carry signal; a group whose advantages are all 0 stays exactly 0 and is
+    left out of the statistics (`whiten`). The batch is one call's rewards."""
     pos_adv_max: float | None = None
     """Optional cap on positive advantages (a rare correct path can otherwise get a large one)."""
     tau: float = 0.5
@@ -182,6 +188,9 @@ def advantages(
         if cfg.std != "none":
             sigma = r_GN.std(dim=1, keepdim=True, correction=1 if cfg.std == "bessel" else 0)
             z = z / (sigma + cfg.eps)
+        # All-equal rewards: exactly 0. The float mean of equal values need not equal them
+        # (3 x 0.1 sums to 0.30000000000000004), which left 1e-17 here, 1e-11 after the std.
+        z = z.masked_fill((r_GN == r_GN[:, :1]).all(dim=1, keepdim=True), 0.0)
     else:
         # No group rule, or groups of one response: nothing to compare with, advantage 0.
         z = torch.zeros_like(r_GN)
@@ -199,6 +208,28 @@ def advantages(
     neg = rule(cfg.neg_rule, cfg.neg_weight, -1.0)
     adv = torch.where(positive, pos, neg).view(-1)
     if cfg.batch_norm:
-        sd = adv.std(correction=1) if adv.numel() > 1 else torch.zeros((), dtype=dtype)
-        adv = (adv - adv.mean()) / (sd + cfg.eps)
+        adv = whiten(adv, group_size, cfg)
     return adv
+
+
+def whiten(adv: torch.Tensor, group_size: int, cfg: AdvantageConfig) -> torch.Tensor:
+    """REINFORCE++'s batch whitening over the groups that carry signal.
+
+    adv: [B] per-response advantages before whitening, group by group. A group whose
+    advantages are all exactly 0 (no signal: the zero_advantage filter drops it) stays 0 and
+    is not counted; the other rows get (A - mean) / (std + eps), mean and std (Bessel's
+    correction) over those rows only. Whitening the kept groups of several sampling rounds at
+    once is calling this on their concatenation.
+    """
+    if adv.dim() != 1 or adv.numel() % group_size:
+        raise ValueError(
+            f"advantages {tuple(adv.shape)} must be 1-D and split into groups of {group_size}"
+        )
+    live = (adv.view(-1, group_size) != 0).any(dim=1).repeat_interleave(group_size)
+    vals = adv[live]
+    if vals.numel() == 0:
+        return torch.zeros_like(adv)
+    sd = vals.std(correction=1) if vals.numel() > 1 else torch.zeros((), dtype=adv.dtype)
+    out = torch.zeros_like(adv)
+    out[live] = (vals - vals.mean()) / (sd + cfg.eps)
+    return out

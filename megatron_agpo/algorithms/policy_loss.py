@@ -12,7 +12,9 @@ Shape legend: B sequences, T response tokens (padded), so per-token tensors are 
 With ``ratio_level="sequence"`` (GSPO) rho is the sequence's ratio
 ``s_i = exp(mean_t(logp - old_logp))`` for every token of sequence i, written as GSPO-token
 does: ``exp(logp - sg(logp) + sg(log s_i))``, whose value is s_i and whose gradient in logp_t
-is ``s_i``; under `seq-mean-token-mean` this is GSPO's objective and gradient exactly.
+is ``s_i``; under `seq-mean-token-mean` this is GSPO's objective and gradient exactly. As in
+verl, that log-ratio is clamped at ``GSPO_LOG_RATIO_MAX`` = 10: a row above it has ratio e^10
+and no gradient.
 
 The same `token_loss` is used by the fused vocab-parallel kernel (megatron_agpo.ops), so the
 fused and unfused paths cannot drift apart.
@@ -30,6 +32,10 @@ import torch
 AggMode = str  # one of AGG_MODES
 KLEstimator = str  # "k1" | "k3"
 RatioLevel = str  # "token" | "sequence"
+
+GSPO_LOG_RATIO_MAX = 10.0
+"""GSPO's sequence log-ratio is clamped at this value, with zero gradient above it (verl's
+`compute_policy_loss_gspo`)."""
 
 AGG_MODES = (
     "token-mean",
@@ -56,8 +62,9 @@ class PolicyLossConfig:
     kl_estimator: KLEstimator = "k3"
     """k1 = logp - ref_logp; k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0)."""
     kl_clamp: float | None = None
-    """Clamp the per-token KL estimate to [-kl_clamp, kl_clamp] (verl clamps k3 to [-10, 10]:
-    set 10). A clamped token's KL term has no gradient. None: no clamp."""
+    """Clamp the k3 estimate to [-kl_clamp, kl_clamp] (verl clamps k3 to [-10, 10]: set 10);
+    a clamped token's KL term has no gradient. k1 is never clamped (verl neither). None: no
+    clamp."""
     entropy_coef: float = 0.0
     """Coefficient of the entropy bonus (the loss gets -entropy_coef * H_t)."""
     tis_cap: float | None = 2.0
@@ -172,8 +179,12 @@ def token_loss(
                 "passes per-token inputs only"
             )
         # GSPO-token: value s_i, gradient s_i * d logp_t (the per-token weight 1/|y_i| comes
-        # from the seq-mean-token-mean aggregation).
-        log_ratio = logp - logp.detach() + seq_log_ratio.detach().to(logp.dtype).clamp(-20, 20)
+        # from the seq-mean-token-mean aggregation). Clamped at 10 as verl does, the whole
+        # expression, so a row above it has no gradient: a stale row with a negative advantage
+        # would otherwise push with e^(log s_i) |A| (the GSPO preset has no dual clip).
+        log_ratio = (logp - logp.detach() + seq_log_ratio.detach().to(logp.dtype)).clamp(
+            max=GSPO_LOG_RATIO_MAX
+        )
     else:
         # Clamp the log-ratio before exp: a stale token can otherwise overflow to inf*0 = NaN.
         log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
@@ -209,13 +220,13 @@ def kl_estimate(
     estimator: KLEstimator,
     clamp: float | None = None,
 ) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate from sampled-token log-probs (Schulman's k1 / k3),
-    optionally clamped to [-clamp, clamp] (verl: k3 in [-10, 10])."""
+    """Per-token KL(pi || ref) estimate from sampled-token log-probs (Schulman's k1 / k3).
+    `clamp` bounds k3 to [-clamp, clamp] as verl's low_var_kl does ([-10, 10]); k1 is returned
+    unclamped whatever `clamp` is, as verl's "kl" estimator."""
     if estimator == "k1":
-        kl = logp - ref_logp
-    else:
-        log_r = (ref_logp - logp).clamp(-20.0, 20.0)
-        kl = torch.exp(log_r) - log_r - 1.0
+        return logp - ref_logp
+    log_r = (ref_logp - logp).clamp(-20.0, 20.0)
+    kl = torch.exp(log_r) - log_r - 1.0
     return kl if clamp is None else kl.clamp(-clamp, clamp)
 
 
