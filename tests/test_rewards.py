@@ -57,7 +57,7 @@ def test_find_boxes_nested_and_escaped_braces():
     text = r"a \boxed{\frac{1}{2}} b \fbox{x} c \boxed{\{1, 2\}} d \boxed {7}"
     assert [b.content for b in find_boxes(text)] == [r"\frac{1}{2}", "x", r"\{1, 2\}", "7"]
     assert last_boxed(r"\boxed{\boxed{3}}") == r"\boxed{3}"
-    assert last_boxed(r"\boxed{5} then \boxed{6") == "5"  # the unclosed one is not an answer
+    assert last_boxed(r"\boxed{5} then \boxed{6") is None  # cut off inside its last box
     assert last_boxed(r"\boxedx{5}") is None
     assert last_boxed("no box") is None
 

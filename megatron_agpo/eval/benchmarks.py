@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_agpo.rewards.answer import last_boxed
+
 
 @dataclass(frozen=True)
 class EvalProblem:
@@ -139,25 +141,6 @@ def generic_spec(
         answer_fields=(answer_field,) if answer_field else GENERIC.answer_fields,
         id_fields=(id_field,) if id_field else GENERIC.id_fields,
     )
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced; else None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
 
 
 def _strip_math(s: str) -> str:

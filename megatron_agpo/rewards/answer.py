@@ -5,8 +5,10 @@ The rules, applied in this order; the first that fires decides (see `check_answe
 1. ``echoed_prompt``: a ``prompt`` was given and either the response is nothing but copies of
    it (whitespace collapsed), or the last box lies inside a verbatim copy of it (the "answer"
    was copied from the question, e.g. from a worked example in a few-shot prompt).
-2. ``no_answer``: no ``\\boxed{...}`` / ``\\fbox{...}`` with a closing brace. Unboxed
-   answers ("The answer is 5") score 0: an explicit marker is required.
+2. ``no_answer``: no ``\\boxed{...}`` / ``\\fbox{...}`` with a closing brace, or the last box
+   the response opens never closes (cut off while writing it: "\\boxed{1} then \\boxed{2"
+   has no answer, the earlier box is a draft it moved on from). Unboxed answers ("The answer
+   is 5") score 0: an explicit marker is required.
 3. ``empty_answer``: the last box is empty or whitespace (``\\boxed{}``, ``\\boxed{ }``).
 4. ``competing_answers``: either
    a. the final line (the line on which the last box starts) holds two or more boxes whose
@@ -50,6 +52,11 @@ class Box:
 
 
 def find_boxes(text: str) -> list[Box]:
+    """Every closed box of `text` (`scan_boxes`)."""
+    return scan_boxes(text)[0]
+
+
+def scan_boxes(text: str) -> tuple[list[Box], int]:
     """Every closed ``\\boxed{...}`` / ``\\fbox{...}`` in `text`, in order, nested braces
     balanced. A box whose braces never close is skipped (it is a truncated answer, not an
     answer). Boxes nested inside another box are part of the outer box's content.
@@ -57,12 +64,15 @@ def find_boxes(text: str) -> list[Box]:
     One pass over the text with a stack of open braces: linear in len(text), however many
     unclosed boxes it holds (matching each box from its own brace was quadratic: 140 KB of
     unclosed `\\boxed{` took 136 s). Escaped braces (`\\{`) do not count, so
-    `\\boxed{\\{1, 2\\}}` keeps its set braces."""
+    `\\boxed{\\{1, 2\\}}` keeps its set braces.
+
+    Returns the boxes and the start of the last box opening whose braces never close (-1 when
+    every box closes)."""
     # The brace of each box opening -> where its command starts. That brace is never
     # consumed as an escaped character below: the regex puts a letter or a space before it.
     opens = {m.end() - 1: m.start() for m in _BOX_OPEN.finditer(text)}
     if not opens:
-        return []
+        return [], -1
     closed: list[Box] = []
     stack: list[int] = []
     i, n = min(opens), len(text)
@@ -83,13 +93,28 @@ def find_boxes(text: str) -> list[Box]:
     for b in sorted(closed, key=lambda b: b.start):
         if not boxes or b.start >= boxes[-1].end:
             boxes.append(b)
-    return boxes
+    # Braces still open at the end: the box openings among them never closed.
+    unclosed = max((opens[o] for o in stack if o in opens), default=-1)
+    return boxes, unclosed
+
+
+def final_box(boxes: list[Box], unclosed: int) -> Box | None:
+    """The answer box: the last closed box, unless a box opened after it never closes (a
+    response cut off inside its final box has no answer). An unclosed opening cannot lie
+    inside a closed box (the braces between a box's own are balanced), so comparing starts
+    is enough."""
+    if not boxes or unclosed > boxes[-1].start:
+        return None
+    return boxes[-1]
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last closed box, or None when there is none."""
-    boxes = find_boxes(text)
-    return boxes[-1].content if boxes else None
+    """Content of the last box `text` opens; None when there is no box or that last box never
+    closes ("\\boxed{1} then \\boxed{2" gives None). Nested boxes belong to their outer box.
+    The one copy: the reward (`check_answer`) and the benchmark loader
+    (`eval.benchmarks.parse_record`) both read answers with this rule."""
+    box = final_box(*scan_boxes(text))
+    return box.content if box else None
 
 
 def _collapse(s: str) -> str:
@@ -160,12 +185,11 @@ def check_answer(response: str, ground_truth: str, prompt: str | None = None) ->
     """Apply the zero rules of the module docstring; pure, linear in the response and
     bounded (boxes are looked for in its last `MAX_SCAN_CHARS` characters)."""
     offset = max(0, len(response) - MAX_SCAN_CHARS)
-    boxes = [
-        Box(b.start + offset, b.end + offset, b.content) for b in find_boxes(response[offset:])
-    ]
+    found, unclosed = scan_boxes(response[offset:])
+    boxes = [Box(b.start + offset, b.end + offset, b.content) for b in found]
     if prompt is not None and is_echo(response, prompt, boxes):
         return AnswerCheck(None, "echoed_prompt")
-    if not boxes:
+    if final_box(found, unclosed) is None:
         return AnswerCheck(None, "no_answer")
     last = boxes[-1]
     if not last.content.strip():
