@@ -301,10 +301,10 @@ def test_warm_start_cache_key():
     from megatron_agpo.trainer.config import DataSection, ModelSection
     from megatron_agpo.trainer.warmstart import _key
 
-    # The arithmetic key is the one the default run's cached folder has always had
-    # (README: tiny-arith-3ca2f0f52345); a relevance warm start keys on its pairs and template.
-    assert _key(ModelSection(), DataSection()) == "3ca2f0f52345"
+    # A relevance warm start keys on its pairs and template (code and library versions:
+    # tests/test_warmstart.py).
+    arith = _key(ModelSection(), DataSection())
     rel = _key(ModelSection(), _section())
-    assert rel != "3ca2f0f52345"
+    assert rel != arith
     other = _section(prompt=RelevancePromptConfig(template="{query}>{item}|"))
-    assert _key(ModelSection(), other) not in (rel, "3ca2f0f52345")
+    assert _key(ModelSection(), other) not in (rel, arith)

@@ -3,12 +3,20 @@ warm start on the arithmetic task so that RL starts from a pass rate well above 
 
 The warm start trains transformers' LlamaForCausalLM (plain PyTorch, one process, a minute or
 two on 2 cores) and saves an HF folder; RL then loads that folder into megatron-core and vLLM
-like any other checkpoint. The folder is cached by a hash of everything that shapes it.
+like any other checkpoint. The folder is cached under a key (`_key`) that hashes what shapes
+the weights: the model and warm-start settings, the data (levels and seed; for relevance, the
+warm-start pairs as prompts), the code that builds and trains it (`WEIGHT_CODE`: the syntax
+trees of those modules, so comments and docstrings do not count) and the versions of torch,
+transformers and megatron-core. A changed policy or library is a new cache entry.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
+import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -29,6 +37,71 @@ def response_text(answer: str) -> str:
     return f"\\boxed{{{answer}}}"
 
 
+WEIGHT_CODE = (
+    "megatron_agpo.trainer.warmstart",
+    "megatron_agpo.data.arithmetic",
+    "megatron_agpo.data.char_tokenizer",
+)
+"""The modules whose code shapes the warm-started weights (model construction, training loop,
+data, tokenizer). A relevance warm start adds the module of its examples (`_weight_modules`).
+"""
+
+WEIGHT_LIBRARIES = ("torch", "transformers", "megatron-core")
+"""Distributions whose versions are part of the key (the warm start trains transformers'
+Llama with torch; megatron-core loads the result)."""
+
+
+def _weight_modules(data: DataSection) -> list[str]:
+    names = list(WEIGHT_CODE)
+    if data.kind == "relevance":
+        from megatron_agpo.data.relevance import warmstart_examples
+
+        names.append(warmstart_examples.__module__)
+    return sorted(set(names))
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_digest(sources: dict[str, str]) -> str:
+    """Digest of source texts by name: their syntax trees without docstrings, so a comment,
+    docstring or formatting change keeps the key and any change to the code changes it."""
+    h = hashlib.sha256()
+    for name in sorted(sources):
+        tree = _strip_docstrings(ast.parse(sources[name]))
+        h.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _code_digest(modules: list[str]) -> str:
+    """`code_digest` of the named modules' source files, keyed by module name (not path: the
+    key must not depend on where the checkout lives)."""
+    return code_digest(
+        {m: inspect.getsource(importlib.import_module(m)) for m in modules}
+    )  # fmt: skip
+
+
+def _library_versions() -> dict[str, str]:
+    out = {}
+    for dist in WEIGHT_LIBRARIES:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
 def _key(model: ModelSection, data: DataSection) -> str:
     fields = {
         k: getattr(model, k)
@@ -43,8 +116,10 @@ def _key(model: ModelSection, data: DataSection) -> str:
             "warmstart_batch",
         )
     }
-    fields.update(levels=list(data.warmstart_levels), seed=data.seed, version=2)
-    if data.kind == "relevance":  # the arithmetic key (and its cached folder) stays as it was
+    fields.update(levels=list(data.warmstart_levels), seed=data.seed, version=3)
+    fields.update(code=_code_digest(_weight_modules(data)), libraries=_library_versions())
+    fields["threads"] = WARMSTART_THREADS
+    if data.kind == "relevance":
         from megatron_agpo.data.relevance import warmstart_fingerprint
 
         fields["relevance"] = warmstart_fingerprint(data)
