@@ -1,7 +1,13 @@
 """Rewards: the `Reward` interface and the math answer reward (math-verify under a deadline)."""
 
 from megatron_agpo.rewards.answer import AnswerCheck, check_answer, find_boxes, last_boxed
-from megatron_agpo.rewards.base import Reward, RewardStats
+from megatron_agpo.rewards.base import (
+    Reward,
+    RewardStats,
+    RewardUnavailable,
+    reward_counters,
+    scored_groups,
+)
 from megatron_agpo.rewards.math import (
     MathReward,
     RewardConfig,
@@ -21,6 +27,9 @@ __all__ = [
     "Reward",
     "RewardConfig",
     "RewardStats",
+    "RewardUnavailable",
+    "reward_counters",
+    "scored_groups",
     "WorkerError",
     "build_reward",
     "register_reward",

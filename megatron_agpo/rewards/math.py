@@ -1,10 +1,14 @@
 """Math answer reward: the last boxed answer, checked against the reference by math-verify,
 in worker processes under a deadline.
 
-Scores are 1.0 (correct) or 0.0. The string rules that score 0 before any verification (no
-box, empty box, competing answers, echoed prompt) are in `answer.py`; what is left goes to a
-worker that parses both sides with math-verify and compares them (so "0.5" matches
-"\\frac{1}{2}", and "\\dfrac12" matches "1/2").
+Scores are 1.0 (correct) or 0.0, or NaN for an answer that could not be scored: its
+verification overran the deadline or its worker died (an OOM kill) on every try. A wrong
+answer and a failed verifier are never confused: the trainer drops the groups of unscored
+answers (and counts them), and a batch with too many of them stops the run. The string
+rules that score 0 before any verification (no box, empty box, competing answers, echoed
+prompt) are in `answer.py`; what is left goes to a worker that parses both sides with
+math-verify and compares them (so "0.5" matches "\\frac{1}{2}", and "\\dfrac12" matches
+"1/2").
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from megatron_agpo.rewards.answer import check_answer
-from megatron_agpo.rewards.base import RewardStats
+from megatron_agpo.rewards.base import RewardStats, RewardUnavailable
 from megatron_agpo.rewards.pool import CallTimeout, DeadlinePool, WorkerError
 from megatron_agpo.rewards.registry import register_reward
 
@@ -33,7 +37,14 @@ class RewardConfig:
 
     timeout_s: float = 5.0
     """Deadline for one verification (parse + compare) in a worker. On overrun the worker is
-    killed and replaced, and the response scores 0 (counted in `timeouts`)."""
+    killed and replaced, and the answer is verified again (`retries`)."""
+    retries: int = 2
+    """How many more times an answer is verified, each on a fresh worker, after its worker
+    died or overran the deadline. An answer that fails every try scores NaN (unscored: the
+    trainer drops its group and counts it in reward/unscored)."""
+    max_unscored_fraction: float = 0.1
+    """The run stops (an error naming the counts) when more than this fraction of one batch's
+    answers could not be scored: the verifier is failing, not the answers."""
     num_workers: int = 2
     """Worker processes, and so the most verifications running at once."""
     start_method: str = "spawn"  # str, not Literal: OmegaConf rejects Literal
@@ -50,6 +61,13 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.timeout_s must be > 0, got {self.timeout_s}")
         if self.num_workers < 1:
             raise ValueError(f"RewardConfig.num_workers must be >= 1, got {self.num_workers}")
+        if not 0 <= self.retries <= 10:
+            raise ValueError(f"RewardConfig.retries must be in [0, 10], got {self.retries}")
+        if not 0.0 <= self.max_unscored_fraction <= 1.0:
+            raise ValueError(
+                "RewardConfig.max_unscored_fraction must be in [0, 1], got "
+                f"{self.max_unscored_fraction}"
+            )
         if self.start_method not in ("spawn", "forkserver"):
             raise ValueError(
                 f"RewardConfig.start_method must be spawn or forkserver, got {self.start_method!r}"
@@ -121,6 +139,8 @@ class MathReward:
         self._lock = threading.Lock()
         self._outcomes: Counter[str] = Counter()
         self._calls = 0
+        self._retries = 0
+        self._unscored = 0
         self._threads: ThreadPoolExecutor | None = None
 
     def _record(self, outcome: str) -> None:
@@ -137,20 +157,30 @@ class MathReward:
         args: tuple = (check.answer, ground_truth)
         if not self._custom_fn:
             args += (self.config.float_rounding, self.config.numeric_precision)
-        try:
-            ok = self._pool.call(*args)
-        except CallTimeout:
+        failure = None
+        for attempt in range(self.config.retries + 1):
+            try:
+                ok = self._pool.call(*args)
+                break
+            except CallTimeout:
+                failure = "timeout"
+                why = f"overran {self.config.timeout_s:.1f} s"
+            except WorkerError as e:
+                failure = "error"
+                why = f"failed ({e})"
+            with self._lock:
+                self._retries += attempt < self.config.retries
             logger.warning(
-                "math verification overran %.1f s; answer %.80r scored 0",
-                self.config.timeout_s,
-                check.answer,
-            )
-            self._record("timeout")
-            return 0.0
-        except WorkerError as e:
-            logger.warning("math verification failed (%s); scored 0", e)
-            self._record("error")
-            return 0.0
+                "math verification of answer %.80r %s (try %d of %d)%s",
+                check.answer, why, attempt + 1, self.config.retries + 1,
+                "; retrying on a fresh worker" if attempt < self.config.retries else
+                "; the answer is unscored (dropped, counted in reward/unscored)",
+            )  # fmt: skip
+        else:
+            self._record(failure)
+            with self._lock:
+                self._unscored += 1
+            return float("nan")
         if ok is None:
             logger.warning("ground truth %.80r cannot be parsed; scored 0", ground_truth)
             self._record("unparsable_ground_truth")
@@ -181,7 +211,19 @@ class MathReward:
             threads.submit(self, r, g, prompt=p)
             for r, g, p in zip(responses, ground_truths, ps, strict=True)
         ]
-        return [f.result() for f in futures]
+        scores = [f.result() for f in futures]
+        bad = sum(s != s for s in scores)  # NaN: unscored
+        if bad and bad > self.config.max_unscored_fraction * len(scores):
+            s = self.stats()
+            raise RewardUnavailable(
+                f"math reward: {bad} of {len(scores)} answers in this batch could not be scored "
+                f"(verifier workers died or overran {self.config.timeout_s} s on each of "
+                f"{self.config.retries + 1} tries; so far {s.errors} worker failures, "
+                f"{s.timeouts} timeouts), more than reward.math.max_unscored_fraction="
+                f"{self.config.max_unscored_fraction}: stopping. Check the machine's memory "
+                "(workers killed by the OOM killer) or raise reward.math.timeout_s"
+            )
+        return scores
 
     def stats(self) -> RewardStats:
         pool = self._pool.counters
@@ -190,6 +232,8 @@ class MathReward:
                 calls=self._calls,
                 timeouts=pool.timeouts,
                 errors=pool.errors,
+                retries=self._retries,
+                unscored=self._unscored,
                 outcomes=dict(self._outcomes),
             )
 

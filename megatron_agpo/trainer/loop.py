@@ -33,6 +33,7 @@ from megatron_agpo.algorithms import (
 )
 from megatron_agpo.algorithms.policy_loss import resolve_norm_constant
 from megatron_agpo.ops import IGNORE_INDEX
+from megatron_agpo.rewards.base import RewardUnavailable, reward_counters, scored_groups
 from megatron_agpo.trainer import checkpoint as ckpt
 from megatron_agpo.trainer.batch import TokenBatch, build_token_batch
 from megatron_agpo.trainer.config import TrainConfig
@@ -309,6 +310,15 @@ class Trainer:
         truths = [prompts[s.prompt_id].ground_truth for s in samples]
         texts = [s.text for s in samples]
         rewards = self.reward.score_batch(texts, truths)
+        # NaN: an answer the verifier could not score; its group leaves the batch (counted).
+        keep = scored_groups(rewards, n)
+        if len(keep) < len(samples):
+            if not keep:
+                raise RewardUnavailable(
+                    f"reward: no group of this batch could be scored completely "
+                    f"({sum(r != r for r in rewards)} of {len(rewards)} answers unscored)"
+                )
+            samples, rewards = [samples[i] for i in keep], [rewards[i] for i in keep]
         return ScoredRollouts(
             prompt_ids=[tuple(s.prompt_token_ids) for s in samples],
             response_ids=[tuple(s.response_token_ids) for s in samples],
@@ -510,6 +520,7 @@ class Trainer:
             if every and self.step % every == 0:
                 row.update(self.evaluate())
             if self.rank == 0:
+                row.update(reward_counters(self.reward.stats()))
                 self.metrics.log(row)
             last = row
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
