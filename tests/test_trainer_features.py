@@ -10,7 +10,7 @@ import torch
 from megatron_agpo.algorithms import advantages, group_rows, informative_groups
 from megatron_agpo.data.iterator import PromptIterator
 from megatron_agpo.train import load_config
-from megatron_agpo.trainer.batch import build_token_batch, plan_micro_batches
+from megatron_agpo.trainer.batch import build_token_batch_from_lists, plan_micro_batches
 from megatron_agpo.trainer.loop import Timer, Trainer, build_scheduler
 from megatron_agpo.trainer.records import ScoredRollouts
 
@@ -57,17 +57,29 @@ def test_plan_micro_batches_covers_every_row_within_budget(budget, max_rows):
 
 
 def test_micro_batches_hold_the_rows_trimmed():
-    b = build_token_batch(
+    b = build_token_batch_from_lists(
         [[1, 2], [1], [1, 2, 3]], [[4], [5, 6, 7, 8], [9]], [[-1.0], [-1.0] * 4, [-1.0]],
         torch.tensor([1.0, 2.0, 3.0]), pad_id=0,
     )  # fmt: skip
-    micro = b.micro_batches(max_rows=2, token_budget=8)
+    micro = b.micro_batches(max_rows=2, token_budget=8, packing=False)
     assert [m.rows for m in micro] == [[1], [2, 0]]
-    assert micro[0].batch.input_ids.tolist() == [[1, 5, 6, 7, 8]]
-    assert micro[1].batch.input_ids.tolist() == [[1, 2, 3, 9], [1, 2, 4, 0]]
-    assert micro[1].batch.advantages.tolist() == [3.0, 1.0]
-    plain = b.micro_batches(max_rows=2)
-    assert [m.rows for m in plain] == [[0, 1], [2]] and plain[1].batch.input_ids.shape == (1, 4)
+    assert micro[0].input_ids.tolist() == [[1, 5, 6, 7, 8]]
+    assert micro[1].input_ids.tolist() == [[1, 2, 3, 9], [1, 2, 4, 0]]
+    # Only response positions reach the loss: row 2's token 9 is predicted at t=2, row 0's 4
+    # at t=1 ([T, b] flattened: t * b + row).
+    assert micro[1].advantages.tolist() == [3.0, 1.0]
+    assert micro[1].positions.tolist() == [2 * 2 + 0, 1 * 2 + 1]
+    assert micro[1].target.tolist() == [9, 4]
+    plain = b.micro_batches(max_rows=2, packing=False)
+    assert [m.rows for m in plain] == [[0, 1], [2]] and plain[1].input_ids.shape == (1, 4)
+    # Packed: the sequences back to back in one row, first-fit decreasing within the budget.
+    packed = b.micro_batches(max_rows=2, token_budget=8, packing=True)
+    assert [m.rows for m in packed] == [[1, 0], [2]]
+    assert packed[0].input_ids.tolist() == [[1, 5, 6, 7, 8, 1, 2, 4]]
+    assert packed[0].cu_seqlens.tolist() == [0, 5, 8]
+    assert packed[0].positions.tolist() == [0, 1, 2, 3, 6] and packed[0].target.tolist() == [
+        5, 6, 7, 8, 4,
+    ]  # fmt: skip
 
 
 class _Opt:
@@ -126,15 +138,10 @@ def _stub_trainer(overrides, reward_rounds):
     def score(prompts, samples, n):
         r = next(calls)
         ids = [p for p in prompts for _ in range(n)]
-        return ScoredRollouts(
-            prompt_ids=[(p,) for p in ids],
-            response_ids=[(p, j) for j, p in enumerate(ids)],
-            rollout_logp=[(-1.0, -1.0) for _ in ids],
-            truncated=torch.zeros(len(ids), dtype=torch.bool),
-            rewards=torch.tensor(r, dtype=torch.float64),
-            weight_version=0,
-            group_size=n,
-        )
+        return ScoredRollouts.from_lists(
+            [(p,) for p in ids], [(p, j) for j, p in enumerate(ids)],
+            [(-1.0, -1.0) for _ in ids], [False] * len(ids), r, 0, n,
+        )  # fmt: skip
 
     t.generate = lambda prompts, n, step_seed, round_=0: prompts
     t.score = score
@@ -148,7 +155,7 @@ def test_dynamic_sampling_refills_with_informative_groups_only():
     out, stats = t.collect(Timer())
     rewards, adv = out.rewards, out.advantages
     # Round 1 keeps nothing, round 2 the mixed group (prompt 3), round 3 its two mixed ones.
-    assert [p[0] for p in out.prompt_ids[::4]] == [3, 6, 7]
+    assert out.prompt_tokens[::4].tolist() == [3, 6, 7]
     assert len(rewards) == 12 and stats == {
         "groups/sampled": 9, "sampling/rounds": 3, "groups/kept": 3,
         "reward/mean_sampled": pytest.approx(15 / 36, rel=1e-12),  # all 9 groups, not the kept
@@ -159,10 +166,10 @@ def test_dynamic_sampling_refills_with_informative_groups_only():
     # A round with more informative groups than needed is cut to the step's size.
     t = _stub_trainer(["trainer.dynamic_sampling=identical_rewards"], [m + r + m, m + m + m])
     out, stats = t.collect(Timer())
-    assert [p[0] for p in out.prompt_ids[::4]] == [0, 2, 3] and stats["groups/sampled"] == 6
+    assert out.prompt_tokens[::4].tolist() == [0, 2, 3] and stats["groups/sampled"] == 6
     t = _stub_trainer(["trainer.dynamic_sampling=zero_advantage"], rounds)
     out, stats = t.collect(Timer())
-    assert [p[0] for p in out.prompt_ids[::4]] == [0, 3, 4]  # AGPO keeps all-wrong groups
+    assert out.prompt_tokens[::4].tolist() == [0, 3, 4]  # AGPO keeps all-wrong groups
     assert stats["sampling/rounds"] == 2 and t.data.state_dict()["offset"] == 6
 
 
@@ -183,16 +190,11 @@ def test_collect_without_dynamic_sampling_is_one_round():
 
 def _scored(rows, truncated):
     n = len(rows)
-    return ScoredRollouts(
-        prompt_ids=[(5, 6, 7)] * n,
-        response_ids=rows,
-        rollout_logp=[tuple(-1.0 for _ in r) for r in rows],
-        truncated=torch.tensor(truncated, dtype=torch.bool),
-        rewards=torch.zeros(n, dtype=torch.float64),
-        weight_version=0,
-        group_size=n,
-        advantages=torch.tensor([1.0, -1.0, 0.5, -1.0][:n], dtype=torch.float64),
+    out = ScoredRollouts.from_lists(
+        [(5, 6, 7)] * n, rows, [tuple(-1.0 for _ in r) for r in rows], truncated, [0.0] * n, 0, n
     )
+    out.advantages = torch.tensor([1.0, -1.0, 0.5, -1.0][:n], dtype=torch.float64)
+    return out
 
 
 def _token_mean_loss(batch, logits):
@@ -207,9 +209,10 @@ def test_overlong_filter_takes_truncated_rows_out_of_the_loss(on):
     t = Trainer.__new__(Trainer)
     t.cfg = load_config([f"trainer.overlong_filter={str(on).lower()}"])
     t.tokenizer, t.device, t.seq_multiple = types.SimpleNamespace(pad_token_id=0), "cpu", 1
+    t.norm_constant = 16.0
     rows = [(8, 9, 10), (11, 12, 13, 14), (15, 16), (17, 18, 19)]
     truncated = [False, True, False, True]
-    batch = t.token_batch(_scored(rows, truncated))
+    batch, _ = t.token_batch(_scored(rows, truncated))
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(*batch.input_ids.shape, 24, generator=g, dtype=torch.float64)
     logits.requires_grad_(True)
@@ -219,7 +222,7 @@ def test_overlong_filter_takes_truncated_rows_out_of_the_loss(on):
     if on:
         # The truncated rows get no gradient, and the loss is the kept rows' loss alone.
         assert row_grad[1] == 0 and row_grad[3] == 0 and (row_grad[[0, 2]] > 0).all()
-        kept = t.token_batch(_scored([rows[0], rows[2]], [False, False]))
+        kept, _ = t.token_batch(_scored([rows[0], rows[2]], [False, False]))
         kept.advantages = torch.tensor([1.0, 0.5])
         s = kept.input_ids.shape[1]
         ref = _token_mean_loss(kept, logits.detach()[[0, 2], :s])

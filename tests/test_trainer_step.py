@@ -5,7 +5,7 @@ import torch
 
 from megatron_agpo.algorithms import PolicyLossConfig, advantages, aggregation_weights
 from megatron_agpo.ops import naive_agpo_loss
-from megatron_agpo.trainer.batch import build_token_batch
+from megatron_agpo.trainer.batch import build_token_batch_from_lists
 from tests.dist_utils import run_distributed
 
 
@@ -28,7 +28,19 @@ def make_batch(vocab: int, seed: int = 0, pad_multiple: int = 1):
         lps.append((-torch.rand(len(r), generator=g) * 3).tolist())
     rewards = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 1])
     adv = advantages(rewards, group, "agpo", pos_weight=0.5)
-    return build_token_batch(prompts, responses, lps, adv, pad_id=0, pad_multiple=pad_multiple)
+    return build_token_batch_from_lists(
+        prompts, responses, lps, adv, pad_id=0, pad_multiple=pad_multiple
+    )
+
+
+def hf_logp(hf_dir, batch):
+    """transformers' float64 log-prob of every target token, [B, S] (0 at ignored ones)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float64)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(input_ids=batch.input_ids).logits, -1)
+    return lp.gather(-1, batch.target.clamp(min=0)[..., None]).squeeze(-1) * batch.loss_mask
 
 
 def reference_grads(hf_dir, batch, cfg):
@@ -69,12 +81,12 @@ def gspo_reference_grads(hf_dir, batch, eps_low, eps_high):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=False):
+def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=False, packing=True):
     from megatron.core import parallel_state as ps
 
     from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
     from megatron_agpo.parallel import ParallelConfig, init_parallel, wrap_for_training
-    from megatron_agpo.trainer.step import compute_logp, forward_backward
+    from megatron_agpo.trainer.step import StepShape, compute_logp, forward_backward
 
     pc = ParallelConfig(tensor_parallel=world // pp, pipeline_parallel=pp)
     init_parallel(pc)
@@ -88,12 +100,18 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=Fal
         )  # fmt: skip
     batch = make_batch(mcfg.vocab_size)
     v = mcfg.vocab_size
-    batch.old_logp = compute_logp(ddp, batch, 5, v, token_budget)
-    if token_budget:
-        # Sorted, trimmed, variable-size micro-batches give the same log-probs, in row order.
-        torch.testing.assert_close(
-            batch.old_logp, compute_logp(ddp, batch, 5, v), atol=1e-6, rtol=0
-        )
+    shape = StepShape(5, token_budget, packing)
+    logp = compute_logp(ddp, batch, shape, v)
+    ref_lp = hf_logp(hf_dir, batch)
+    # Sorted, variable-size micro-batches, packed or not, give the same log-probs, in row order.
+    other = compute_logp(ddp, batch, StepShape(5, 0, not packing), v)
+    if ps.is_pipeline_last_stage():  # only the stage that computes the loss gets them
+        torch.testing.assert_close(logp.double(), ref_lp, rtol=0, atol=2e-5)
+        torch.testing.assert_close(logp, other, atol=1e-6, rtol=0)
+    else:
+        assert logp is None and other is None
+    # Every stage needs the same old log-probs for the reference: transformers' own.
+    batch.old_logp = ref_lp.float()
     if kl_coef:
         # Any fixed reference exercises the KL term's gradient; a shifted copy keeps KL > 0.
         batch.ref_logp = (batch.old_logp - 0.2 * torch.cos(batch.old_logp)) * batch.loss_mask
@@ -102,7 +120,7 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=Fal
     batch.old_logp = (batch.old_logp + wiggle.view_as(batch.old_logp)) * batch.loss_mask
     batch.agg_weights = aggregation_weights(batch.loss_mask, mode)
     ddp.zero_grad_buffer()
-    metrics = forward_backward(ddp, batch, cfg, 5, v, token_budget)
+    metrics = forward_backward(ddp, batch, cfg, shape, v).to_dict()
     if kl_coef:
         assert metrics["all/kl"] > 0
     if gspo:  # some sequences clipped, not all: both branches of the sequence clip are used
@@ -127,20 +145,21 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=Fal
 
 @pytest.mark.dist
 @pytest.mark.parametrize(
-    "mode,token_budget,kl_coef,pp,gspo",
+    "mode,token_budget,kl_coef,pp,gspo,packing",
     [
-        ("token-mean", 0, 0.0, 1, False),
-        ("seq-mean-token-mean", 0, 0.0, 1, False),
-        # Dynamic batch size (micro-batches of 1..5 rows by a 24-token budget) and the KL term.
-        ("seq-mean-token-mean", 24, 0.1, 1, False),
-        # Two pipeline stages, variable micro-batch shapes between them.
-        ("token-mean", 24, 0.0, 2, False),
+        ("token-mean", 0, 0.0, 1, False, True),
+        ("seq-mean-token-mean", 0, 0.0, 1, False, False),
+        # Dynamic batch size (micro-batches by a 24-token budget) and the KL term.
+        ("seq-mean-token-mean", 24, 0.1, 1, False, True),
+        # Two pipeline stages, variable micro-batch shapes between them, packed and padded.
+        ("token-mean", 24, 0.0, 2, False, True),
+        ("token-mean", 24, 0.0, 2, False, False),
         # GSPO's sequence ratio against its paper's formula, in token-budget micro-batches.
-        ("seq-mean-token-mean", 24, 0.0, 1, True),
+        ("seq-mean-token-mean", 24, 0.0, 1, True, True),
     ],
 )
 def test_update_gradient_equals_transformers_reference(
-    tiny_hf, mode, token_budget, kl_coef, pp, gspo
+    tiny_hf, mode, token_budget, kl_coef, pp, gspo, packing
 ):
     """TP=2 (pp=1) or PP=2 over two processes."""
-    run_distributed(_body, 2, tiny_hf, mode, token_budget, kl_coef, pp, gspo)
+    run_distributed(_body, 2, tiny_hf, mode, token_budget, kl_coef, pp, gspo, packing)

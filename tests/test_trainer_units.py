@@ -9,7 +9,7 @@ import torch
 from megatron_agpo.ops import IGNORE_INDEX
 from megatron_agpo.train import load_config
 from megatron_agpo.trainer import checkpoint as ckpt
-from megatron_agpo.trainer.batch import build_token_batch
+from megatron_agpo.trainer.batch import build_token_batch_from_lists as build_token_batch
 from megatron_agpo.trainer.loop import sampling_seed
 
 
@@ -30,7 +30,7 @@ def test_token_batch_alignment_by_hand():
         b.rollout_logp, torch.tensor([[0, 0, -0.1, -0.2, -0.3, 0], [0, -0.4, 0, 0, 0, 0]])
     )
     assert b.advantages_per_token[1].tolist() == [-1.0] * 6
-    sub = b.select(slice(1, 2))
+    sub = b.select([1])
     assert sub.input_ids.tolist() == [[1, 7, 3, 0, 0, 0]] and sub.old_logp is None
 
 

@@ -346,17 +346,55 @@ def megatron_to_hf_tensors(
                 yield hf_name, full.to(dtype).contiguous()
 
 
+_WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
+                torch.int32, torch.uint8, torch.bool)  # fmt: skip
+_MAX_DIMS = 8
+
+
+def _send_tensor(name: str | None, t: torch.Tensor | None, dst: int, device) -> None:
+    """One named tensor as plain tensors: an int64 header [name bytes, ndim, dtype, shape...],
+    the name's UTF-8 bytes, the data. No pickling; `name=None` ends the stream."""
+    header = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64, device=device)
+    if name is None:
+        header[0] = -1
+        dist.send(header, dst=dst)
+        return
+    raw = name.encode()
+    header[0], header[1], header[2] = len(raw), t.dim(), _WIRE_DTYPES.index(t.dtype)
+    header[3 : 3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    dist.send(header, dst=dst)
+    dist.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device), dst=dst)
+    dist.send(t.contiguous(), dst=dst)
+
+
+def _recv_tensor(src: int, device) -> tuple[str, torch.Tensor] | None:
+    header = torch.empty(3 + _MAX_DIMS, dtype=torch.int64, device=device)
+    dist.recv(header, src=src)
+    n_name, ndim, code, *shape = header.tolist()
+    if n_name < 0:
+        return None
+    raw = torch.empty(n_name, dtype=torch.uint8, device=device)
+    dist.recv(raw, src=src)
+    t = torch.empty(shape[:ndim], dtype=_WIRE_DTYPES[code], device=device)
+    dist.recv(t, src=src)
+    return raw.cpu().numpy().tobytes().decode(), t
+
+
 def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Every HF tensor of a (TP x PP x DP) model, yielded on global rank 0, one at a time.
 
-    Collective: every rank iterates it to the end. Rank 0 (stage 0) yields its own stage's
-    tensors, then receives the other stages' from the ranks of its pipeline group, one tensor
-    per message, so no rank holds more than one full tensor beyond its own shards. The other
-    ranks yield nothing; they take part in their stage's TP all-gathers and, in rank 0's
-    pipeline group, send.
+    Collective over data-parallel rank 0's model-parallel ranks only (the other DP replicas
+    hold the same weights and return at once): each iterates it to the end. Rank 0 (stage 0)
+    yields its own stage's tensors, then receives the other stages' from the ranks of its
+    pipeline group, one tensor per message (a plain header, the name's bytes, the data; never
+    pickled), so no rank holds more than one full tensor beyond its own shards. The other
+    ranks yield nothing; they take part in their stage's TP all-gathers and send.
     """
     from megatron.core import parallel_state as ps
 
+    replica = dist.is_initialized() and ps.model_parallel_is_initialized()
+    if replica and ps.get_data_parallel_rank() != 0:
+        return  # a replica of DP rank 0's weights: nothing of it is consumed
     own = megatron_to_hf_tensors(model, cfg)
     if ps.get_pipeline_model_parallel_world_size() == 1 or not dist.is_initialized():
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -371,20 +409,12 @@ def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, t
     if rank == 0:
         yield from own
         for src in line[1:]:
-            while True:
-                head: list = [None]
-                dist.recv_object_list(head, src=src, device=device)
-                if head[0] is None:
-                    break
-                name, shape, dtype = head[0]
-                t = torch.empty(shape, dtype=dtype, device=device)
-                dist.recv(t, src=src)
-                yield name, t
+            while (item := _recv_tensor(src, device)) is not None:
+                yield item
     elif line[0] == 0:  # a later stage of rank 0's pipeline: send this stage to rank 0
         for name, t in own:
-            dist.send_object_list([(name, tuple(t.shape), t.dtype)], dst=0, device=device)
-            dist.send(t, dst=0)
-        dist.send_object_list([None], dst=0, device=device)
+            _send_tensor(name, t, 0, device)
+        _send_tensor(None, None, 0, device)
     else:
         for _ in own:
             pass

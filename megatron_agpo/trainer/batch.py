@@ -1,25 +1,69 @@
-"""From rollout samples to the tensors one training step consumes.
+"""From scored rollouts to the tensors one training step consumes, and from those to the
+micro-batches the model reads.
 
-Shape legend: B sequences (prompts x n), S padded length of prompt + response.
+Shape legend: B sequences (rows), S padded length of prompt + response, N response tokens
+(loss positions), T length of a micro-batch's (packed) rows, b rows of a micro-batch.
 
 A sequence is prompt + response; the model reads all of it, and the loss covers the positions
 whose *next* token is a response token: `target[b, t] = seq[b, t + 1]` for
 `t in [len(prompt) - 1, len(seq) - 2]`, IGNORE_INDEX elsewhere.
+
+Two layouts, one contract. `TokenBatch` holds a rank's rows padded to [B, S]: cheap (no
+vocabulary dimension) and convenient for the RL math. The model reads `MicroBatch`es: with
+packing (the default) whole sequences are concatenated into one row with a block-diagonal
+causal attention mask (no token attends across sequences), so padding costs nothing; in
+either layout only the N loss positions reach the output layer and the loss, as flat [N]
+vectors. Every row plan and index is computed on the host from the lengths the host already
+knows (`RowLengths`), so building micro-batches never waits on the device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from megatron_agpo.ops import IGNORE_INDEX
 
 
+@dataclass(frozen=True)
+class RowLengths:
+    """Host-side lengths of a batch's rows (Python ints: planning never touches the device)."""
+
+    prompt: tuple[int, ...]
+    response: tuple[int, ...]
+    loss: tuple[int, ...]
+    """Response tokens each row contributes to the loss (0 for a row the overlong filter
+    removed, else its response length)."""
+
+    @property
+    def seq(self) -> tuple[int, ...]:
+        return tuple(p + r for p, r in zip(self.prompt, self.response, strict=True))
+
+    def select(self, rows: Sequence[int]) -> RowLengths:
+        return RowLengths(
+            tuple(self.prompt[i] for i in rows),
+            tuple(self.response[i] for i in rows),
+            tuple(self.loss[i] for i in rows),
+        )
+
+    def without_loss(self, rows_removed: Sequence[bool]) -> RowLengths:
+        """The same rows, those flagged contributing no loss token."""
+        return RowLengths(
+            self.prompt,
+            self.response,
+            tuple(0 if cut else n for n, cut in zip(self.loss, rows_removed, strict=True)),
+        )
+
+
+_PER_ROW = ("input_ids", "target", "loss_mask", "advantages", "rollout_logp", "old_logp",
+            "ref_logp", "agg_weights")  # fmt: skip
+
+
 @dataclass
 class TokenBatch:
-    """Sequences ready for the policy, with everything the loss needs per token."""
+    """A rank's sequences, padded, with everything the loss needs per token."""
 
     input_ids: torch.Tensor
     """[B, S] prompt + response, right-padded with the pad id."""
@@ -31,100 +75,208 @@ class TokenBatch:
     """[B] one advantage per sequence."""
     rollout_logp: torch.Tensor
     """[B, S] the engine's log-prob of each target token (0 elsewhere)."""
-    seq_lens: torch.Tensor | None = None
-    """[B] prompt + response length of each row (the rest is padding)."""
+    lengths: RowLengths
+    """Host-side lengths of every row (the micro-batch plans are made from these)."""
     old_logp: torch.Tensor | None = None
     """[B, S] the trainer's log-probs before the update (recompute mode), else None."""
     ref_logp: torch.Tensor | None = None
     """[B, S] the reference policy's log-probs (only when the KL term is on)."""
     agg_weights: torch.Tensor | None = None
-    """[B, S] w with loss = sum(w * L_t) over the whole mini-batch (set per mini-batch)."""
+    """[B, S] w with loss = sum(w * L_t) over the whole (global) mini-batch."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, idx: torch.Tensor | slice) -> TokenBatch:
-        """Rows idx of every per-sequence tensor."""
-        return TokenBatch(
-            **{
-                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
-                for f in fields(self)
-            }
-        )
+    def select(self, rows: Sequence[int]) -> TokenBatch:
+        """Rows `rows` (host ints) of every per-sequence tensor."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device="cpu").to(self.input_ids.device)
+        kw = {k: (None if getattr(self, k) is None else getattr(self, k)[idx]) for k in _PER_ROW}
+        return TokenBatch(lengths=self.lengths.select(rows), **kw)
 
     def to(self, device: torch.device | str) -> TokenBatch:
         """Every tensor on `device` (the model's: the step creates nothing elsewhere)."""
-        return TokenBatch(
-            **{
-                f.name: (
-                    None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                )
-                for f in fields(self)
-            }
-        )
-
-    def trimmed(self, multiple: int = 1) -> TokenBatch:
-        """The same rows without the padding columns no row needs; the length is rounded up to
-        a multiple of `multiple` (sequence parallelism splits it over the TP ranks)."""
-        if self.seq_lens is None:
-            return self
-        s = -(-int(self.seq_lens.max()) // multiple) * multiple
-        if s > self.input_ids.shape[1]:
-            raise ValueError(
-                f"batch length {self.input_ids.shape[1]} is not a multiple of {multiple}: build "
-                "it with build_token_batch(..., pad_multiple=...)"
-            )
-        return TokenBatch(
-            **{
-                f.name: (t[:, :s] if t is not None and t.dim() == 2 else t)
-                for f in fields(self)
-                for t in [getattr(self, f.name)]
-            }
-        )
-
-    def micro_batches(
-        self, max_rows: int, token_budget: int = 0, multiple: int = 1
-    ) -> list[MicroBatch]:
-        """Split for forward/backward: at most max_rows sequences per micro-batch and, with a
-        token budget, at most token_budget padded tokens (rows x longest row); each trimmed
-        to its longest row, rounded up to `multiple`."""
-        if self.seq_lens is None or token_budget <= 0:
-            plan = [
-                list(range(s, min(s + max_rows, len(self)))) for s in range(0, len(self), max_rows)
-            ]
-        else:
-            plan = plan_micro_batches(self.seq_lens.tolist(), max_rows, token_budget)
-        device = self.input_ids.device
-        return [
-            MicroBatch(self.select(torch.tensor(rows, device=device)).trimmed(multiple), rows)
-            for rows in plan
-        ]
+        kw = {
+            k: (None if getattr(self, k) is None else getattr(self, k).to(device)) for k in _PER_ROW
+        }
+        return TokenBatch(lengths=self.lengths, **kw)
 
     @property
     def advantages_per_token(self) -> torch.Tensor:
         return self.advantages[:, None].expand_as(self.loss_mask)
 
+    def micro_batches(
+        self, max_rows: int, token_budget: int = 0, multiple: int = 1, packing: bool = True
+    ) -> list[MicroBatch]:
+        """Split for forward/backward. Without a token budget, `max_rows` sequences per
+        micro-batch, in row order; with one, at most `token_budget` tokens each (packed: the
+        sequences' tokens; padded: rows x longest row), longest first so that rows of similar
+        length share a micro-batch. A sequence longer than the budget gets one of its own
+        (it is never cut). Row lengths are rounded up to `multiple` (sequence parallelism
+        splits them over the TP ranks)."""
+        seq = self.lengths.seq
+        plan = plan_micro_batches(seq, max_rows, token_budget, packed=packing)
+        return [MicroBatch.build(self, rows, multiple, packing) for rows in plan]
+
 
 @dataclass
 class MicroBatch:
-    """A micro-batch and the rows of the parent batch it holds (in its order)."""
+    """What one forward/backward reads: model input rows, and the loss's tokens as flat [N]
+    vectors (prompt and padding positions are not among them)."""
 
-    batch: TokenBatch
+    input_ids: torch.Tensor
+    """[b, T] token ids: b packed rows (packing) or b padded sequences."""
+    attention_mask: torch.Tensor | None
+    """[b, 1, T, T] bool, True = masked (megatron's convention): block-diagonal causal over
+    the packed sequences; None for padded rows (the model's own causal mask)."""
+    cu_seqlens: torch.Tensor | None
+    """[n + 1] int32 sequence boundaries in the packed row (Transformer Engine's THD layout);
+    None for padded rows."""
+    positions: torch.Tensor
+    """[N] index of each loss position in the model output flattened as [T * b] (sequence
+    first, megatron's [T, b, H] layout): t * b + row."""
+    target: torch.Tensor
+    """[N] the response token predicted at each position."""
+    advantages: torch.Tensor
+    """[N] the advantage of the token's sequence."""
+    rollout_logp: torch.Tensor
+    """[N] the engine's log-prob."""
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    agg_weights: torch.Tensor | None
+    """[N] aggregation weights (global normalisation)."""
+    seq_index: torch.Tensor
+    """[N] which of the micro-batch's sequences (0..n-1) the token belongs to (GSPO)."""
     rows: list[int]
+    """The parent batch's rows this micro-batch holds, in order."""
+    max_seqlen: int
+    """The longest sequence (host int, for Transformer Engine's THD attention)."""
+    source: torch.Tensor
+    """[N] index of each token in the parent's [B, S] flattened (row * S + col): where its
+    log-prob goes back."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions the model runs (rows x length)."""
+        return self.input_ids.numel()
+
+    @staticmethod
+    def build(parent: TokenBatch, rows: list[int], multiple: int, packed: bool) -> MicroBatch:
+        """Vectorised gathers from the parent's [B, S] tensors; every index is made on the
+        host from `parent.lengths` and moved once."""
+        dev, s_parent = parent.input_ids.device, parent.input_ids.shape[1]
+        lens = parent.lengths.select(rows)
+        seq, prompt, loss = lens.seq, lens.prompt, lens.loss
+        rows_t = torch.tensor(rows, dtype=torch.long, device="cpu")
+        seq_t = torch.tensor(seq, dtype=torch.long, device="cpu")
+        n_seq = len(rows)
+        if packed:
+            b, t_len = 1, _round_up(sum(seq), multiple)
+            starts = torch.cumsum(seq_t, 0) - seq_t  # where each sequence starts in the row
+        else:
+            b, t_len = n_seq, _round_up(max(seq), multiple)
+            starts = torch.zeros(n_seq, dtype=torch.long, device="cpu")
+        # Every real token: (its sequence, its column in the sequence).
+        tok_seq = torch.repeat_interleave(torch.arange(n_seq, device="cpu"), seq_t)
+        tok_col = torch.arange(int(sum(seq)), device="cpu") - torch.repeat_interleave(
+            torch.cumsum(seq_t, 0) - seq_t, seq_t
+        )
+        # Loss positions: column prompt-1 .. prompt+loss-2 of each sequence.
+        loss_t = torch.tensor(loss, dtype=torch.long, device="cpu")
+        n_loss = int(sum(loss))
+        pos_seq = torch.repeat_interleave(torch.arange(n_seq, device="cpu"), loss_t)
+        pos_col = (
+            torch.arange(n_loss, device="cpu")
+            - torch.repeat_interleave(torch.cumsum(loss_t, 0) - loss_t, loss_t)
+            + torch.tensor(prompt, dtype=torch.long, device="cpu")[pos_seq]
+            - 1
+        )
+        if packed:
+            out_row, out_t = torch.zeros_like(pos_seq), starts[pos_seq] + pos_col
+            in_row, in_t = torch.zeros_like(tok_seq), starts[tok_seq] + tok_col
+        else:
+            out_row, out_t, in_row, in_t = pos_seq, pos_col, tok_seq, tok_col
+        # One transfer of all indices to the model's device.
+        src_tok = rows_t[tok_seq] * s_parent + tok_col
+        dst_tok = in_row * t_len + in_t
+        src_pos = rows_t[pos_seq] * s_parent + pos_col
+        idx = torch.cat([src_tok, dst_tok, src_pos, out_t * b + out_row, pos_seq]).to(dev)
+        n_tok = src_tok.numel()
+        src_tok, dst_tok = idx[:n_tok], idx[n_tok : 2 * n_tok]
+        src_pos = idx[2 * n_tok : 2 * n_tok + n_loss]
+        positions, seq_index = idx[2 * n_tok + n_loss : 2 * n_tok + 2 * n_loss], idx[-n_loss:]
+        if not n_loss:
+            seq_index = idx[:0]
+        pad_id = 0  # any id: padding positions are never read by a loss position
+        input_ids = torch.full((b * t_len,), pad_id, dtype=torch.long, device=dev)
+        input_ids[dst_tok] = parent.input_ids.reshape(-1)[src_tok]
+        flat = lambda t: None if t is None else t.reshape(-1)[src_pos]  # noqa: E731
+        mask = cu = None
+        if packed:
+            mask = packed_causal_mask(seq, t_len, dev)
+            bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(seq_t, 0)])
+            cu = bounds.to(device=dev, dtype=torch.int32)
+        return MicroBatch(
+            input_ids=input_ids.view(b, t_len),
+            attention_mask=mask,
+            cu_seqlens=cu,
+            positions=positions,
+            target=flat(parent.target),
+            advantages=parent.advantages[rows_t.to(dev)][seq_index],
+            rollout_logp=flat(parent.rollout_logp),
+            old_logp=flat(parent.old_logp),
+            ref_logp=flat(parent.ref_logp),
+            agg_weights=flat(parent.agg_weights),
+            seq_index=seq_index,
+            rows=rows,
+            max_seqlen=max(seq),
+            source=src_pos,
+        )
 
 
-def plan_micro_batches(lengths: Sequence[int], max_rows: int, token_budget: int) -> list[list[int]]:
-    """Dynamic batch size: group row indices so that each group's padded size
-    (len(group) x its longest row) stays within token_budget and len(group) <= max_rows.
+def _round_up(n: int, multiple: int) -> int:
+    return -(-max(n, 1) // multiple) * multiple
 
-    Rows are taken longest first, so rows of similar length share a micro-batch and little of
-    it is padding. A row longer than the budget gets a micro-batch of its own (it cannot be
-    split without changing the sequence); nothing is dropped or cut.
-    """
-    if max_rows < 1 or token_budget < 1:
-        raise ValueError(f"max_rows={max_rows} and token_budget={token_budget} must be >= 1")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+def packed_causal_mask(seq_lens: Sequence[int], length: int, device) -> torch.Tensor:
+    """[1, 1, T, T] bool, True = masked: each token sees the earlier tokens of its own
+    sequence only. Padding after the last sequence forms one more block (its outputs are
+    never read; a block keeps every softmax row non-empty)."""
+    ids = torch.repeat_interleave(
+        torch.arange(len(seq_lens) + 1, device="cpu"),
+        torch.tensor([*seq_lens, length - sum(seq_lens)], dtype=torch.long, device="cpu"),
+    ).to(device)
+    same = ids[:, None] == ids[None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return ~(same & causal)[None, None]
+
+
+def plan_micro_batches(
+    lengths: Sequence[int], max_rows: int, token_budget: int, packed: bool = False
+) -> list[list[int]]:
+    """Group row indices into micro-batches. Without a token budget (<= 0): `max_rows`
+    consecutive rows each. With one: at most `max_rows` rows and `token_budget` tokens each,
+    counted as the sum of lengths (packed) or rows x the longest (padded); rows are taken
+    longest first (first-fit decreasing when packed, so the bins fill up), and a row longer
+    than the budget gets a micro-batch of its own (nothing is dropped or cut)."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows} must be >= 1")
+    n = len(lengths)
+    if token_budget <= 0:
+        return [list(range(s, min(s + max_rows, n))) for s in range(0, n, max_rows)]
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
     plan: list[list[int]] = []
+    if packed:
+        used: list[int] = []
+        for i in order:
+            for k, group in enumerate(plan):
+                if len(group) < max_rows and used[k] + lengths[i] <= token_budget:
+                    group.append(i)
+                    used[k] += lengths[i]
+                    break
+            else:
+                plan.append([i])
+                used.append(lengths[i])
+        return plan
     for i in order:
         # Longest first: the group's first row is its longest, so its cost is rows x that.
         if (
@@ -138,7 +290,125 @@ def plan_micro_batches(lengths: Sequence[int], max_rows: int, token_budget: int)
     return plan
 
 
+def balanced_partition(weights: Sequence[int], parts: int) -> list[list[int]]:
+    """Split item indices into `parts` groups of near-equal total weight (the
+    Karmarkar-Karp largest-differencing method, as verl's `get_seqlen_balanced_partitions`),
+    each group sorted. Groups differ in size by at most what the weights force; with fewer
+    items than parts some groups are empty."""
+    import heapq
+
+    if parts < 1:
+        raise ValueError(f"parts={parts} must be >= 1")
+    # Each heap entry: a partial solution of `parts` groups, sorted by total; the key is the
+    # spread (largest - smallest total), largest first.
+    heap = []
+    for i, w in enumerate(weights):
+        groups = [(0, [])] * (parts - 1) + [(w, [i])]
+        heapq.heappush(heap, (-w, i, groups))
+    if not heap:
+        return [[] for _ in range(parts)]
+    counter = len(weights)
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        # Pair a's largest with b's smallest, and so on.
+        merged = [(ta + tb, ia + ib) for (ta, ia), (tb, ib) in zip(a, reversed(b), strict=True)]
+        merged.sort(key=lambda g: g[0])
+        counter += 1
+        heapq.heappush(heap, (-(merged[-1][0] - merged[0][0]), counter, merged))
+    return [sorted(g) for _, g in heap[0][2]]
+
+
+def row_scales(loss_lens: Sequence[int], mode: str, norm_constant: float | None) -> torch.Tensor:
+    """[B] the aggregation weight of each row's loss tokens over a whole mini-batch whose
+    rows have `loss_lens` loss tokens: `aggregation_weights` (every mode is a per-row
+    constant times the mask) read off a [B, max len] mask, so a rank holding some of the rows
+    weighs them exactly as the whole mini-batch would (B and N are the mini-batch's)."""
+    from megatron_agpo.algorithms import aggregation_weights
+
+    lens = torch.tensor(list(loss_lens), dtype=torch.long, device="cpu")
+    width = max([1, *loss_lens])
+    mask = (torch.arange(width, device="cpu")[None, :] < lens[:, None]).float()
+    return aggregation_weights(mask, mode, norm_constant)[:, 0]
+
+
 def build_token_batch(
+    prompt_tokens: torch.Tensor,
+    prompt_lens: Sequence[int],
+    response_tokens: torch.Tensor,
+    response_lens: Sequence[int],
+    rollout_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    pad_id: int,
+    pad_multiple: int = 1,
+    truncated: Sequence[bool] | None = None,
+) -> TokenBatch:
+    """Pad B sequences given flat (concatenated) prompt and response tokens and their
+    lengths, with vectorised scatters on the CPU (move the result with `.to(device)`); the
+    padded length is a multiple of `pad_multiple`. `truncated` rows (DAPO's overlong filter)
+    keep their tokens but leave the loss. Raises naming the row when lengths disagree."""
+    prompt_lens, response_lens = tuple(map(int, prompt_lens)), tuple(map(int, response_lens))
+    b = len(prompt_lens)
+    if not (len(response_lens) == b == advantages.shape[0]):
+        raise ValueError(
+            f"{b} prompt lengths, {len(response_lens)} response lengths and "
+            f"{advantages.shape[0]} advantages: one of each per sequence"
+        )
+    for name, flat, lens in (("prompt", prompt_tokens, prompt_lens),
+                             ("response", response_tokens, response_lens)):  # fmt: skip
+        if flat.dim() != 1 or flat.shape[0] != sum(lens):
+            raise ValueError(
+                f"{name} tokens{list(flat.shape)} must be flat [{sum(lens)}] (the sum of the "
+                f"{name} lengths)"
+            )
+    if rollout_logp.shape != response_tokens.shape:
+        raise ValueError(
+            f"rollout log-probs{list(rollout_logp.shape)} must match the response tokens"
+            f"{list(response_tokens.shape)}: one per response token"
+        )
+    for i, p in enumerate(prompt_lens):
+        if p < 1:
+            raise ValueError(f"sequence {i}: empty prompt")
+    cpu = torch.device("cpu")
+    p_len = torch.tensor(prompt_lens, dtype=torch.long, device=cpu)
+    r_len = torch.tensor(response_lens, dtype=torch.long, device=cpu)
+    s = _round_up(max((p + r for p, r in zip(prompt_lens, response_lens, strict=True)),
+                      default=1), pad_multiple)  # fmt: skip
+    rows = torch.arange(b, device=cpu)
+    # Column of every prompt token and every response token in its row.
+    p_row = torch.repeat_interleave(rows, p_len)
+    p_col = torch.arange(p_row.numel(), device=cpu) - torch.repeat_interleave(
+        torch.cumsum(p_len, 0) - p_len, p_len
+    )
+    r_row = torch.repeat_interleave(rows, r_len)
+    r_j = torch.arange(r_row.numel(), device=cpu) - torch.repeat_interleave(
+        torch.cumsum(r_len, 0) - r_len, r_len
+    )
+    r_col = p_len[r_row] + r_j
+    input_ids = torch.full((b, s), pad_id, dtype=torch.long, device=cpu)
+    input_ids[p_row, p_col] = prompt_tokens.to(cpu, torch.long)
+    input_ids[r_row, r_col] = response_tokens.to(cpu, torch.long)
+    target = torch.full((b, s), IGNORE_INDEX, dtype=torch.long, device=cpu)
+    logp = torch.zeros(b, s, device=cpu)
+    # The position predicting response token j is the one before it.
+    keep = torch.ones(r_row.numel(), dtype=torch.bool, device=cpu)
+    cut = tuple(bool(x) for x in truncated) if truncated is not None else (False,) * b
+    if any(cut):
+        keep = ~torch.tensor(cut, dtype=torch.bool, device=cpu)[r_row]
+    target[r_row[keep], r_col[keep] - 1] = response_tokens.to(cpu, torch.long)[keep]
+    logp[r_row, r_col - 1] = rollout_logp.to(cpu, torch.float32)
+    lengths = RowLengths(prompt_lens, response_lens, response_lens).without_loss(cut)
+    return TokenBatch(
+        input_ids=input_ids,
+        target=target,
+        loss_mask=(target != IGNORE_INDEX).float(),
+        advantages=advantages.to(device=cpu, dtype=torch.float32),
+        rollout_logp=logp,
+        lengths=lengths,
+    )
+
+
+def build_token_batch_from_lists(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     rollout_logprobs: Sequence[Sequence[float]],
@@ -146,41 +416,19 @@ def build_token_batch(
     pad_id: int,
     pad_multiple: int = 1,
 ) -> TokenBatch:
-    """Pack B (prompt, response) pairs, on the CPU (move the result with `.to(device)`); the
-    padded length is a multiple of `pad_multiple`. Raises naming the row when lengths
-    disagree."""
-    b = len(prompts)
-    if not (len(responses) == len(rollout_logprobs) == b == advantages.shape[0]):
-        raise ValueError(
-            f"{b} prompts, {len(responses)} responses, {len(rollout_logprobs)} log-prob lists "
-            f"and {advantages.shape[0]} advantages: one of each per sequence"
-        )
-    for i, (p, r, lp) in enumerate(zip(prompts, responses, rollout_logprobs, strict=True)):
-        if not p:
-            raise ValueError(f"sequence {i}: empty prompt")
+    """`build_token_batch` from per-row lists (tests and tools; the trainer's records are
+    flat already). Raises naming the row when a row's log-probs and tokens disagree."""
+    for i, (r, lp) in enumerate(zip(responses, rollout_logprobs, strict=True)):
         if len(lp) != len(r):
             raise ValueError(f"sequence {i}: {len(lp)} rollout log-probs for {len(r)} tokens")
-    s = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    s = -(-s // pad_multiple) * pad_multiple
-    input_ids = torch.full((b, s), pad_id, dtype=torch.long, device="cpu")
-    target = torch.full((b, s), IGNORE_INDEX, dtype=torch.long, device="cpu")
-    rollout = torch.zeros(b, s, device="cpu")
-    for i, (p, r, lp) in enumerate(zip(prompts, responses, rollout_logprobs, strict=True)):
-        seq = list(p) + list(r)
-        input_ids[i, : len(seq)] = torch.tensor(seq, device="cpu")
-        if r:
-            first = len(p) - 1  # position whose next token is the first response token
-            target[i, first : first + len(r)] = torch.tensor(list(r), device="cpu")
-            rollout[i, first : first + len(r)] = torch.tensor(
-                list(lp), dtype=torch.float32, device="cpu"
-            )
-    return TokenBatch(
-        input_ids=input_ids,
-        target=target,
-        loss_mask=(target != IGNORE_INDEX).float(),
-        advantages=advantages.to(device="cpu", dtype=torch.float32),
-        rollout_logp=rollout,
-        seq_lens=torch.tensor(
-            [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], device="cpu"
-        ),
-    )
+    if not (len(prompts) == len(responses) == advantages.shape[0]):
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(responses)} responses, {len(rollout_logprobs)} "
+            f"log-prob lists and {advantages.shape[0]} advantages: one of each per sequence"
+        )
+    cat = lambda seqs, dt: torch.tensor([x for s in seqs for x in s], dtype=dt, device="cpu")  # noqa: E731
+    return build_token_batch(
+        cat(prompts, torch.long), [len(p) for p in prompts],
+        cat(responses, torch.long), [len(r) for r in responses],
+        cat(rollout_logprobs, torch.float32), advantages, pad_id, pad_multiple,
+    )  # fmt: skip

@@ -189,8 +189,14 @@ class TrainerSection:
     micro_batch_size: int = 32
     """Sequences per forward/backward micro-batch (at most, with a token budget)."""
     token_budget: int = 0
-    """Dynamic batch size: padded tokens (rows x longest row) per micro-batch; rows are sorted
-    by length and packed greedily, a longer row runs alone. 0: micro_batch_size rows each."""
+    """Dynamic batch size: tokens per micro-batch (packed: the sequences' tokens; padded: rows
+    x longest row); sequences are taken longest first and packed first-fit, a longer one runs
+    alone. 0: micro_batch_size sequences each."""
+    packing: bool = True
+    """Pack a micro-batch's sequences into one row with exact attention boundaries (a
+    block-diagonal causal mask; Transformer Engine's THD layout on GPUs), so no padding is
+    computed. false: one padded row per sequence. Either way only response tokens reach the
+    output layer and the loss."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1
@@ -282,6 +288,17 @@ class LoggingSection:
     wandb_mode: str = "auto"
     """online, offline (files under run_dir/wandb, `wandb sync` them later) or auto (online
     when a W&B API key is configured and the W&B host answers, else offline)."""
+    existing: str = "refuse"
+    """When a run starts at step 0 (checkpoint.resume=none, or nothing to resume) in a run_dir
+    holding an earlier run's metrics.jsonl lines or checkpoints: refuse (exit 2), archive
+    (move them to run_dir/archive/<time>/) or overwrite (delete them)."""
+
+    def __post_init__(self) -> None:
+        if self.existing not in ("refuse", "archive", "overwrite"):
+            raise ValueError(
+                f"LoggingSection.existing must be refuse, archive or overwrite, got "
+                f"{self.existing!r}"
+            )
 
 
 @dataclass

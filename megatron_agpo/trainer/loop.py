@@ -26,21 +26,26 @@ import torch.distributed as dist
 
 from megatron_agpo.algorithms import advantages as compute_advantages
 from megatron_agpo.algorithms import (
-    aggregation_weights,
     group_rows,
     informative_groups,
-    overlong_filter,
 )
 from megatron_agpo.algorithms.policy_loss import resolve_norm_constant
-from megatron_agpo.ops import IGNORE_INDEX
 from megatron_agpo.rewards.base import RewardUnavailable, reward_counters, scored_groups
 from megatron_agpo.trainer import checkpoint as ckpt
-from megatron_agpo.trainer.batch import TokenBatch, build_token_batch
+from megatron_agpo.trainer import rundir
+from megatron_agpo.trainer.batch import (
+    TokenBatch,
+    balanced_partition,
+    build_token_batch,
+    row_scales,
+)
 from megatron_agpo.trainer.config import TrainConfig
 from megatron_agpo.trainer.metrics import MetricsWriter, plot_run, wandb_settings
 from megatron_agpo.trainer.records import ScoredRollouts, broadcast_scored
 from megatron_agpo.trainer.step import (
+    StepShape,
     compute_logp,
+    dp_size_and_rank,
     forward_backward,
     grads_are_finite,
     model_device,
@@ -61,18 +66,43 @@ def sampling_seed(run_seed: int, step: int, index: int, round_: int = 0) -> int:
 
 
 class Timer:
-    """Seconds per stage of one step (`with t("rollout"): ...`), summed over repeats."""
+    """Seconds per stage of one step (`with t("rollout"): ...`), summed over repeats.
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    On CUDA a stage's time is measured between CUDA events recorded on the current stream,
+    so work the host only enqueued is counted where the GPU runs it; the events are read
+    (one synchronisation) when the step's metrics are logged, not inside the step."""
+
+    def __init__(self, cuda: bool = False) -> None:
+        self._host: dict[str, float] = {}
+        self._events: list[tuple[str, object, object]] = []
+        self.cuda = cuda
 
     @contextmanager
     def __call__(self, name: str):
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((name, start, end))
+            return
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self._host[name] = self._host.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        out = dict(self._host)
+        if self._events:
+            self._events[-1][2].synchronize()
+            for name, start, end in self._events:
+                out[name] = out.get(name, 0.0) + start.elapsed_time(end) / 1e3
+        return out
 
 
 def ensure_policy_dir(cfg: TrainConfig, log=print) -> Path:
@@ -143,6 +173,8 @@ class Trainer:
         self.model, self.optimizer = wrap_for_training(model, cfg.parallel, cfg.optimizer)
         self.device = model_device(self.model)
         self.seq_multiple = sequence_multiple(self.model)
+        tr = cfg.trainer
+        self.step_shape = StepShape(tr.micro_batch_size, tr.token_budget, tr.packing)
         # seq-sum-constant's fixed divisor (Dr. GRPO: the maximum response length), never the
         # batch's padded length, which changes from step to step.
         self.norm_constant = resolve_norm_constant(cfg.algorithm.loss, cfg.rollout.max_new_tokens)
@@ -216,14 +248,17 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        c = self.cfg.checkpoint
-        if self.rank == 0:  # a run killed mid-write leaves a torn last metrics line
-            ckpt.repair_metrics(self.run_dir / "metrics.jsonl")
+        c, log = self.cfg.checkpoint, lambda m: print(m, flush=True)
         try:
+            # One run per folder (exit 2 naming the holder); then a torn metrics line cut.
+            self.run_lock = rundir.claim(self.run_dir, log=log)
+            rundir.collective(lambda: ckpt.repair_metrics(self.run_dir / "metrics.jsonl"))
             found = ckpt.resume(
                 self.run_dir / "checkpoints", c.resume, c.resume_fallback, self.model,
-                self.optimizer, self.mcfg, log=lambda m: print(m, flush=True),
+                self.optimizer, self.mcfg, log=log,
             )  # fmt: skip
+            if found is None:  # step 0: an earlier run's history is refused, or archived
+                rundir.fresh_start(self.run_dir, self.cfg.logging.existing, c.resume, log=log)
         except ckpt.CheckpointError as e:  # the same verdict on every rank
             if self.rank == 0:
                 print(f"agpo-train: error: {e}", file=sys.stderr, flush=True)
@@ -263,13 +298,13 @@ class Trainer:
     # ----------------------------------------------------------------- the step
     def train_step(self) -> dict:
         """One RL step, the stages of docs/TRAINING.md in order."""
-        cfg, t = self.cfg, Timer()
+        cfg, t = self.cfg, Timer(cuda=self.device.type == "cuda")
         scored, sampling = self.collect(t)  # 1-4: rollout, reward, broadcast, advantages
-        batch = self.token_batch(scored)  # the overlong filter; on the model's device
+        batch, minis = self.token_batch(scored)  # this rank's rows, on the model's device
         with t("logprob"):
             self.fill_logprobs(batch)  # 5: old (and reference) log-probs
         with t("update"):
-            metrics, updated = self.update(batch)  # 6-7: optimizer steps, inf/NaN skips
+            metrics, updated = self.update(batch, minis)  # 6-7: optimizer steps, inf/NaN skips
         if self.skipped_in_row >= cfg.trainer.max_skipped_steps:
             raise FloatingPointError(
                 f"{self.skipped_in_row} consecutive updates skipped for non-finite gradients"
@@ -319,14 +354,14 @@ class Trainer:
                     f"({sum(r != r for r in rewards)} of {len(rewards)} answers unscored)"
                 )
             samples, rewards = [samples[i] for i in keep], [rewards[i] for i in keep]
-        return ScoredRollouts(
-            prompt_ids=[tuple(s.prompt_token_ids) for s in samples],
-            response_ids=[tuple(s.response_token_ids) for s in samples],
-            rollout_logp=[tuple(s.logprobs) for s in samples],
-            truncated=torch.tensor([s.truncated for s in samples], dtype=torch.bool, device="cpu"),
-            rewards=torch.tensor(rewards, dtype=torch.float64, device="cpu"),
-            weight_version=batch.weight_version,
-            group_size=n,
+        return ScoredRollouts.from_lists(
+            [s.prompt_token_ids for s in samples],
+            [s.response_token_ids for s in samples],
+            [s.logprobs for s in samples],
+            [s.truncated for s in samples],
+            rewards,
+            batch.weight_version,
+            n,
         )
 
     def collect(self, t: Timer) -> tuple[ScoredRollouts, dict]:
@@ -378,28 +413,52 @@ class Trainer:
             )
         return ScoredRollouts.concat(kept), stats
 
-    def token_batch(self, scored: ScoredRollouts) -> TokenBatch:
-        """The scored rollouts as token tensors on the model's device, with DAPO's overlong
-        filter applied when on (truncated rows leave the loss)."""
+    def token_batch(self, scored: ScoredRollouts) -> tuple[TokenBatch, list[range]]:
+        """This data-parallel rank's rows as token tensors on the model's device, and the
+        mini-batches as ranges of them, with their aggregation weights.
+
+        The batch's rows split into trainer.mini_batches contiguous mini-batches (as the
+        optimizer steps see them); each mini-batch's rows are shared over the DP ranks
+        balanced by token count, and each rank builds only its share. Aggregation weights
+        normalise over the whole mini-batch (every rank knows every row's length), so the
+        gradient equals DP=1's. DAPO's overlong filter (when on) takes truncated rows out of
+        the loss."""
+        cfg = self.cfg
+        dp_size, dp_rank = dp_size_and_rank()
+        seq_lens = (scored.prompt_lens + scored.response_lens).tolist()  # host bookkeeping
+        cut = scored.truncated.tolist() if cfg.trainer.overlong_filter else [False] * len(seq_lens)
+        loss_lens = [0 if c else r for c, r in zip(cut, scored.response_lens.tolist(), strict=True)]
+        mine, cut_mine, minis, weights, self._mini_sizes = [], [], [], [], []
+        for rows in torch.arange(len(scored), device="cpu").tensor_split(cfg.trainer.mini_batches):
+            rows = rows.tolist()
+            self._mini_sizes.append(len(rows))
+            share = balanced_partition([seq_lens[i] for i in rows], dp_size)[dp_rank]
+            scale = row_scales([loss_lens[i] for i in rows], cfg.algorithm.loss.agg_mode,
+                               self.norm_constant)  # fmt: skip
+            phantom = rows and not share
+            if phantom:
+                # Fewer rows than DP ranks: this rank runs one row with no loss token, so it
+                # still joins the step's collectives (DDP's gradient reduction).
+                share, scale = [0], torch.zeros(len(rows))
+            minis.append(range(len(mine), len(mine) + len(share)))
+            mine += [rows[i] for i in share]
+            cut_mine += [phantom or cut[rows[i]] for i in share]
+            weights.append(scale[share])
+        local = scored.select(torch.tensor(mine, dtype=torch.long, device="cpu"))
         batch = build_token_batch(
-            scored.prompt_ids,
-            scored.response_ids,
-            scored.rollout_logp,
-            scored.advantages,
-            self.tokenizer.pad_token_id,
-            pad_multiple=self.seq_multiple,
-        )
-        if self.cfg.trainer.overlong_filter:
-            batch.loss_mask, batch.target = overlong_filter(
-                batch.loss_mask, batch.target, scored.truncated, IGNORE_INDEX
-            )
-        return batch.to(self.device)
+            local.prompt_tokens, local.prompt_lens.tolist(), local.response_tokens,
+            local.response_lens.tolist(), local.rollout_logp, local.advantages,
+            self.tokenizer.pad_token_id, pad_multiple=self.seq_multiple, truncated=cut_mine,
+        )  # fmt: skip
+        w = torch.cat(weights) if weights else torch.zeros(0)
+        batch.agg_weights = batch.loss_mask * w.to(batch.loss_mask.dtype)[:, None]
+        return batch.to(self.device), minis
 
     def fill_logprobs(self, batch: TokenBatch) -> None:
         """Old log-probs (recomputed by the trainer, or the engine's) and, with a KL term, the
         reference model's; each data-parallel rank computes its shard of the rows."""
         tr, fuse = self.cfg.trainer, self.cfg.algorithm.loss.fuse_output_layer
-        args = (tr.micro_batch_size, self.vocab_size, tr.token_budget, fuse)
+        args = (self.step_shape, self.vocab_size, fuse)
         batch.old_logp = (
             compute_logp(self.model, batch, *args)
             if tr.old_logp == "recompute"
@@ -408,38 +467,35 @@ class Trainer:
         if self.ref_model is not None:
             batch.ref_logp = compute_logp(self.ref_model, batch, *args)
 
-    def update(self, batch: TokenBatch) -> tuple[dict, bool]:
-        """trainer.ppo_epochs passes of trainer.mini_batches optimizer steps over the batch;
-        returns the last update's metrics and whether any update was applied.
-
-        Aggregation weights are computed over the whole mini-batch before forward_backward
-        shards its rows over the data-parallel ranks, so the gradient equals DP=1's."""
-        cfg, loss_cfg = self.cfg.trainer, self.cfg.algorithm.loss
-        metrics, updated = {}, False
-        for _ in range(cfg.ppo_epochs):
-            for rows in torch.arange(len(batch), device="cpu").tensor_split(cfg.mini_batches):
-                if not len(rows):  # a short dynamic-sampling batch
+    def update(self, batch: TokenBatch, minis: list[range]) -> tuple[dict, bool]:
+        """trainer.ppo_epochs passes of trainer.mini_batches optimizer steps over the batch
+        (this rank's rows of each mini-batch, `minis`); returns the last update's metrics
+        and whether any update was applied. The metrics stay on the device until the step
+        logs them (one host copy)."""
+        loss_cfg = self.cfg.algorithm.loss
+        last, extra, updated = None, {}, False
+        for _ in range(self.cfg.trainer.ppo_epochs):
+            for k, rows in enumerate(minis):
+                if not self._mini_sizes[k]:  # a short dynamic-sampling batch
                     continue
-                mini = batch.select(rows.to(self.device))
-                mini.agg_weights = aggregation_weights(
-                    mini.loss_mask, loss_cfg.agg_mode, self.norm_constant
-                )
+                mini = batch.select(list(rows))
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                metrics = forward_backward(
-                    self.model, mini, loss_cfg, cfg.micro_batch_size, self.vocab_size,
-                    cfg.token_budget,
-                )  # fmt: skip
-                if not grads_are_finite(self.model):  # the same answer on every rank
+                last = forward_backward(
+                    self.model, mini, loss_cfg, self.step_shape, self.vocab_size
+                )
+                # Host decision: skip the update or not (the same answer on every rank).
+                if not grads_are_finite(self.model):
                     self.skipped_in_row += 1
                     continue
-                metrics["lr"] = self.optimizer.param_groups[0]["lr"]  # this update's
-                ok, grad_norm, _ = self.optimizer.step()
+                extra = {"lr": self.optimizer.param_groups[0]["lr"]}  # this update's
+                ok, grad_norm, _ = self.optimizer.step()  # megatron reads its grad norm
                 self.scheduler.step(1)
                 updated |= bool(ok)
-                metrics["grad_norm"] = float(grad_norm or 0.0)
+                extra["grad_norm"] = float(grad_norm or 0.0)
                 self.skipped_in_row = 0
-        return metrics, updated
+        metrics = {} if last is None else last.to_dict()  # the update's one host copy
+        return {**metrics, **extra}, updated
 
     def sync_weights(self, version: int) -> None:
         """Collective: stream the sharded policy (TP shards, PP stages) as HF tensors into the
@@ -479,7 +535,7 @@ class Trainer:
         }
         total = sum(t.seconds.values())
         # Tokens the step processed (prompt + response, padding excluded) per second of it.
-        row["tokens_per_s"] = float(batch.seq_lens.sum()) / total
+        row["tokens_per_s"] = float((scored.prompt_lens + scored.response_lens).sum()) / total
         if self.cfg.trainer.overlong_filter:
             row["response/overlong_filtered"] = truncated
         return row
@@ -564,4 +620,6 @@ class Trainer:
             self.reward.close()
         if self.metrics is not None:
             self.metrics.close()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
         destroy_parallel()

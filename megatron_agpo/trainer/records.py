@@ -1,10 +1,12 @@
 """The typed record that crosses the trainer's stages: one step's scored rollouts.
 
 rollout (engine samples) -> reward (scores) -> advantages -> filters -> token batch. Rank 0
-fills it from the engine and the reward; `broadcast_scored` sends it to every rank as plain
-tensors (no pickling between ranks), so all ranks build identical batches.
+fills it from the engine and the reward; `broadcast_scored` sends it to every rank as a few
+flat tensors (no pickling between ranks, no per-row Python objects), and each rank builds the
+token batch of its own rows from it with vectorised ops.
 
-Shape legend: B samples (groups x group_size, group order), L total response/prompt tokens.
+Shape legend: B samples (groups x group_size, group order), P / R total prompt / response
+tokens (the rows' tokens concatenated in row order).
 """
 
 from __future__ import annotations
@@ -16,18 +18,37 @@ import torch
 import torch.distributed as dist
 
 
+def _offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """[B + 1] start of each row in the flat tokens, and the end."""
+    return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+
+def _gather_rows(flat: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The flat tokens of `rows` (in that order), by one vectorised gather."""
+    starts = _offsets(lengths)[:-1][rows]
+    n = lengths[rows]
+    index = torch.repeat_interleave(starts - (torch.cumsum(n, 0) - n), n) + torch.arange(
+        int(n.sum()), device=flat.device
+    )
+    return flat[index]
+
+
 @dataclass
 class ScoredRollouts:
     """Samples of whole groups (a prompt's `group_size` samples are adjacent), their rewards
-    and, once computed, advantages. Host-side (CPU) tensors: the batch builder moves what the
-    model reads onto its device."""
+    and, once computed, advantages. Host-side (CPU) flat tensors: the batch builder moves
+    what the model reads onto its device."""
 
-    prompt_ids: list[tuple[int, ...]]
-    """[B] prompt token ids of each sample."""
-    response_ids: list[tuple[int, ...]]
-    """[B] sampled response token ids."""
-    rollout_logp: list[tuple[float, ...]]
-    """[B] the engine's log-prob of each response token."""
+    prompt_tokens: torch.Tensor
+    """[P] int64 every sample's prompt tokens, concatenated."""
+    prompt_lens: torch.Tensor
+    """[B] int64."""
+    response_tokens: torch.Tensor
+    """[R] int64 every sample's response tokens, concatenated."""
+    response_lens: torch.Tensor
+    """[B] int64."""
+    rollout_logp: torch.Tensor
+    """[R] float32 the engine's log-prob of each response token."""
     truncated: torch.Tensor
     """[B] bool: the response hit the token limit."""
     rewards: torch.Tensor
@@ -40,7 +61,7 @@ class ScoredRollouts:
     """[B] float64, set by the advantages stage."""
 
     def __len__(self) -> int:
-        return len(self.response_ids)
+        return self.response_lens.shape[0]
 
     @property
     def num_groups(self) -> int:
@@ -48,15 +69,46 @@ class ScoredRollouts:
 
     @property
     def response_lengths(self) -> torch.Tensor:
-        return torch.tensor([len(r) for r in self.response_ids], dtype=torch.float64, device="cpu")
+        return self.response_lens.to(torch.float64)
+
+    @staticmethod
+    def from_lists(
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        logprobs: Sequence[Sequence[float]],
+        truncated: Sequence[bool],
+        rewards: Sequence[float],
+        weight_version: int,
+        group_size: int,
+    ) -> ScoredRollouts:
+        """From the engine's per-sample lists (rank 0, once per batch). Raises naming the
+        sample whose log-probs and tokens disagree."""
+        for i, (r, lp) in enumerate(zip(responses, logprobs, strict=True)):
+            if len(r) != len(lp):
+                raise ValueError(f"sample {i}: {len(lp)} log-probs for {len(r)} response tokens")
+        cpu = torch.device("cpu")
+        flat = lambda seqs, dt: torch.tensor([x for s in seqs for x in s], dtype=dt, device=cpu)  # noqa: E731
+        lens = lambda seqs: torch.tensor([len(s) for s in seqs], dtype=torch.int64, device=cpu)  # noqa: E731
+        return ScoredRollouts(
+            prompt_tokens=flat(prompts, torch.int64),
+            prompt_lens=lens(prompts),
+            response_tokens=flat(responses, torch.int64),
+            response_lens=lens(responses),
+            rollout_logp=flat(logprobs, torch.float32),
+            truncated=torch.tensor(list(truncated), dtype=torch.bool, device=cpu),
+            rewards=torch.tensor(list(rewards), dtype=torch.float64, device=cpu),
+            weight_version=weight_version,
+            group_size=group_size,
+        )
 
     def select(self, rows: torch.Tensor) -> ScoredRollouts:
-        """The samples at `rows` (whole groups, in order)."""
-        idx = rows.tolist()
+        """The samples at `rows` (whole groups, in order): vectorised gathers."""
         return ScoredRollouts(
-            prompt_ids=[self.prompt_ids[i] for i in idx],
-            response_ids=[self.response_ids[i] for i in idx],
-            rollout_logp=[self.rollout_logp[i] for i in idx],
+            prompt_tokens=_gather_rows(self.prompt_tokens, self.prompt_lens, rows),
+            prompt_lens=self.prompt_lens[rows],
+            response_tokens=_gather_rows(self.response_tokens, self.response_lens, rows),
+            response_lens=self.response_lens[rows],
+            rollout_logp=_gather_rows(self.rollout_logp, self.response_lens, rows),
             truncated=self.truncated[rows],
             rewards=self.rewards[rows],
             weight_version=self.weight_version,
@@ -70,28 +122,19 @@ class ScoredRollouts:
         concatenating changes none of them)."""
         first = parts[0]
         has_adv = all(p.advantages is not None for p in parts)
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
         return ScoredRollouts(
-            prompt_ids=[x for p in parts for x in p.prompt_ids],
-            response_ids=[x for p in parts for x in p.response_ids],
-            rollout_logp=[x for p in parts for x in p.rollout_logp],
-            truncated=torch.cat([p.truncated for p in parts]),
-            rewards=torch.cat([p.rewards for p in parts]),
+            prompt_tokens=cat("prompt_tokens"),
+            prompt_lens=cat("prompt_lens"),
+            response_tokens=cat("response_tokens"),
+            response_lens=cat("response_lens"),
+            rollout_logp=cat("rollout_logp"),
+            truncated=cat("truncated"),
+            rewards=cat("rewards"),
             weight_version=first.weight_version,
             group_size=first.group_size,
-            advantages=torch.cat([p.advantages for p in parts]) if has_adv else None,
+            advantages=cat("advantages") if has_adv else None,
         )
-
-
-def _flat(seqs: Sequence[Sequence], dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor([x for s in seqs for x in s], dtype=dtype, device="cpu")
-
-
-def _split(flat: torch.Tensor, lengths: list[int]) -> list[tuple]:
-    out, at = [], 0
-    for n in lengths:
-        out.append(tuple(flat[at : at + n].tolist()))
-        at += n
-    return out
 
 
 def broadcast_scored(
@@ -100,50 +143,49 @@ def broadcast_scored(
     """rank src's record on every rank, as tensors over the default group.
 
     On NCCL every tensor must live on the GPU, hence `device` (the model's); gloo takes CPU
-    tensors. Two rounds: the sizes, then the payload, so receivers allocate exactly."""
+    tensors. Two rounds: a header with the sizes, then one int64 and one float64 payload, so
+    receivers allocate exactly; the result is on the CPU (host-side bookkeeping)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         assert scored is not None
         return scored
     me = dist.get_rank()
     if me == src:
         assert scored is not None
-        p_len = [len(p) for p in scored.prompt_ids]
-        r_len = [len(r) for r in scored.response_ids]
         header = torch.tensor(
-            [len(scored), sum(p_len), sum(r_len), scored.group_size, scored.weight_version],
-            dtype=torch.int64,
-            device=device,
-        )
+            [len(scored), scored.prompt_tokens.numel(), scored.response_tokens.numel(),
+             scored.group_size, scored.weight_version],
+            dtype=torch.int64, device=device,
+        )  # fmt: skip
     else:
         header = torch.zeros(5, dtype=torch.int64, device=device)
     dist.broadcast(header, src)
     b, n_prompt, n_resp, group_size, version = header.tolist()
+    n_int = 2 * b + n_prompt + n_resp
     if me == src:
-        lengths = torch.tensor([p_len, r_len], dtype=torch.int64, device=device)
-        prompts = _flat(scored.prompt_ids, torch.int64).to(device)
-        responses = _flat(scored.response_ids, torch.int64).to(device)
-        logp = _flat(scored.rollout_logp, torch.float32).to(device)
-        per_sample = torch.stack(
-            [scored.rewards.to(torch.float64), scored.truncated.to(torch.float64)]
-        ).to(device)
+        ints = torch.cat(
+            [scored.prompt_lens, scored.response_lens, scored.prompt_tokens,
+             scored.response_tokens]
+        ).to(device)  # fmt: skip
+        floats = torch.cat(
+            [scored.rewards.to(torch.float64), scored.truncated.to(torch.float64),
+             scored.rollout_logp.to(torch.float64)]
+        ).to(device)  # fmt: skip
     else:
-        lengths = torch.zeros(2, b, dtype=torch.int64, device=device)
-        prompts = torch.zeros(n_prompt, dtype=torch.int64, device=device)
-        responses = torch.zeros(n_resp, dtype=torch.int64, device=device)
-        logp = torch.zeros(n_resp, dtype=torch.float32, device=device)
-        per_sample = torch.zeros(2, b, dtype=torch.float64, device=device)
-    for t in (lengths, prompts, responses, logp, per_sample):
-        dist.broadcast(t, src)
+        ints = torch.empty(n_int, dtype=torch.int64, device=device)
+        floats = torch.empty(2 * b + n_resp, dtype=torch.float64, device=device)
+    dist.broadcast(ints, src)
+    dist.broadcast(floats, src)
     if me == src:
         return scored
-    p_len, r_len = lengths.cpu().tolist()
-    per_sample = per_sample.cpu()
+    ints, floats = ints.cpu(), floats.cpu()
     return ScoredRollouts(
-        prompt_ids=_split(prompts.cpu(), p_len),
-        response_ids=_split(responses.cpu(), r_len),
-        rollout_logp=_split(logp.cpu(), r_len),
-        truncated=per_sample[1].bool(),
-        rewards=per_sample[0],
+        prompt_lens=ints[:b],
+        response_lens=ints[b : 2 * b],
+        prompt_tokens=ints[2 * b : 2 * b + n_prompt],
+        response_tokens=ints[2 * b + n_prompt :],
+        rollout_logp=floats[2 * b :].to(torch.float32),
+        truncated=floats[b : 2 * b].bool(),
+        rewards=floats[:b],
         weight_version=version,
         group_size=group_size,
     )
