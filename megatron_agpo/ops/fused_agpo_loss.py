@@ -1,7 +1,8 @@
 """The AGPO policy loss fused into the vocab-parallel cross-entropy path.
 
-Shape legend: N tokens (flattened micro-batch), V the full vocabulary, Vl = V / TP the slice
-this rank holds, H the hidden size.
+Shape legend: N tokens (the response tokens of a micro-batch, flat), V the full vocabulary,
+Vl = V / TP the slice this rank holds, c <= Vl its real (unpadded) columns, C tokens of one
+chunk, Vc vocabulary columns of one chunk, H the hidden size.
 
 Per token the loss needs only ``logp = z[y] - logsumexp(z)`` (and the entropy, as a metric or
 a term). Its gradient with respect to the logits is
@@ -9,52 +10,62 @@ a term). Its gradient with respect to the logits is
     dLoss/dz = a * (onehot(y) - p) - b * p * (log p + H)
 
 with ``a = dLoss/dlogp`` and ``b = dLoss/dH`` known per token once the forward has the
-ratio, the advantage and the clip masks. So, like megatron's ``vocab_parallel_cross_entropy``:
+ratio, the advantage and the clip masks. The per-token surrogate is
+`megatron_agpo.algorithms.token_loss` itself; its derivative in logp is taken by autograd on
+``[N]`` vectors, so the fused and unfused paths share one definition of the objective.
 
-- the max and three per-token sums (sum exp, sum exp*z for the entropy, the target logit)
-  are all-reduced over the TP group: O(N) traffic, never the vocabulary;
-- one ``[N, Vl]`` buffer of exp(z - max) is kept (written over the logits when
-  ``inplace=True``) and the backward turns it into the gradient in place, one elementwise
-  pass per chunk;
-- tokens are processed in chunks so the temporaries are ``[chunk, Vl]``, whatever N is.
+Which path runs where. This module is the pure-PyTorch implementation; it runs on every
+device (CPU, CUDA, and the meta device, which the tests use to prove it never reads a value
+on the host) and is the reference for any faster producer:
 
-``fused_output_layer_agpo_loss`` goes one step further and takes the hidden states and the
-vocab-parallel output weight: logits exist only chunk by chunk (recomputed in the backward),
-so nothing of size ``[N, Vl]`` is ever allocated.
+- No host synchronisation in forward or backward: every branch is decided on the host from
+  the config and the shapes; the target-range check is a device-side assert
+  (``torch._assert_async``; on CUDA a bad id stops the process at the next sync with the
+  message below, on CPU it raises at once). ``validate=True`` adds a host check that names
+  the offending token indices: it syncs, so the trainer's hot path does not pass it.
+- Chunking is per device: a ``[C, c]`` float32 temporary of ``CHUNK_BYTES`` (64 MiB) on the
+  CPU, where it stays near the caches, and of ``CUDA_CHUNK_BYTES`` (2 GiB) on CUDA, where a
+  chunk must be large enough that launches do not dominate (4 to 8 chunks at N = 16k,
+  V = 152k; one chunk below about 3.5k tokens).
+- Tensor parallelism costs two collectives per call in the forward, whatever the chunk count:
+  each rank keeps its own per-token max, and the statistics are combined once at the end
+  (one MAX all-reduce of ``[N]``, one SUM all-reduce of a stacked ``[3, N]``); the output-layer
+  backward adds one all-reduce of dLoss/dhidden. Traffic is O(N), never the vocabulary.
+- bf16/fp16 logits are never copied to float32 as a whole: the saved softmax numerator
+  ``exp(z - max)`` is stored in the logits' own dtype (over the logits with ``inplace=True``,
+  else in a workspace of that dtype), and the arithmetic is float32 chunk by chunk.
 
-The per-token surrogate is `megatron_agpo.algorithms.token_loss` itself; its derivative in
-logp is taken by autograd on ``[N]`` vectors, so the fused and unfused paths share one
-definition of the objective.
+``fused_output_layer_agpo_loss`` takes the hidden states and the vocab-parallel output weight
+instead, so nothing of size ``[N, Vl]`` is ever allocated: the forward computes the logits
+token chunk by token chunk; the backward recomputes them vocabulary chunk by vocabulary chunk,
+so each row block of the weight gradient is produced by one GEMM and added to megatron's
+float32 ``main_grad`` once per call (on CUDA by apex's ``wgrad_gemm_accum_fp32``, megatron's
+gradient-accumulation-fusion kernel, where it is installed, else by ``torch.addmm`` with a
+float32 output from bf16 inputs; on the CPU by ``addmm_`` into the float32 buffer).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_agpo.algorithms.policy_loss import (
-    PolicyLossConfig,
-    check_same_shape,
-    sequence_log_ratio_flat,
-    token_loss,
-)
+from megatron_agpo.algorithms.policy_loss import PolicyLossConfig, check_same_shape, token_loss
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 2**20
-"""Default size of one [chunk, Vl] float32 temporary: the chunk's token count follows from it,
-so extra memory is bounded whatever the micro-batch and the vocabulary."""
-
-
-def _chunk_tokens(chunk_size: int | None, v_local: int) -> int:
-    if chunk_size is None:
-        return max(1, CHUNK_BYTES // (4 * v_local))
-    return chunk_size
+"""CPU: size of one [C, c] float32 temporary; the chunk's token count follows from it, so
+extra memory is bounded whatever the micro-batch and the vocabulary."""
+CUDA_CHUNK_BYTES = 2 * 2**30
+"""CUDA: the same bound, large enough that a micro-batch takes a handful of chunks."""
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 class FusedLossOutput(NamedTuple):
-    """Per-token results, each ``[N]`` float32 (0 at ignored tokens)."""
+    """Per-token results, each ``[N]`` in the compute dtype (float64 for float64 inputs, else
+    float32; 0 at ignored tokens)."""
 
     loss: torch.Tensor
     """L_t: aggregate it with `megatron_agpo.algorithms.aggregate` (or any weights)."""
@@ -62,6 +73,18 @@ class FusedLossOutput(NamedTuple):
     """log pi(y_t) under the current policy (differentiable)."""
     entropy: torch.Tensor
     """Entropy of the full-vocabulary distribution (differentiable)."""
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The per-chunk float32 temporary's size on this device (see the module docstring)."""
+    return CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
+
+
+def chunk_tokens(chunk_size: int | None, cols: int, device: torch.device) -> int:
+    """Tokens per chunk: `chunk_size`, or as many as fit the device's chunk bytes."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, chunk_bytes(device) // (4 * max(cols, 1)))
 
 
 def _tp_info(tp_group) -> tuple[int, int]:
@@ -75,7 +98,13 @@ def _all_reduce(t: torch.Tensor, op, tp_group, tp_size: int) -> None:
         dist.all_reduce(t, op=op, group=tp_group)
 
 
-def _check_inputs(n, vocab, target, advantages, old_logp, ref_logp, rollout_logp):
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 in, float64 throughout (for exact checks); otherwise float32 statistics."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(n, vocab, target, advantages, old_logp, ref_logp, rollout_logp, validate):
+    """Shapes on the host; the id range on the device (a host check only with `validate`)."""
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must be an integer tensor, got {target.dtype}")
     check_same_shape(
@@ -88,18 +117,30 @@ def _check_inputs(n, vocab, target, advantages, old_logp, ref_logp, rollout_logp
     if target.dim() != 1 or target.shape[0] != n:
         raise ValueError(f"target{list(target.shape)} must be [N] with N = logits rows = {n}")
     bad = (target >= vocab) | ((target < 0) & (target != IGNORE_INDEX))
-    if bad.any():
-        idx = bad.nonzero().flatten()[:8].tolist()
-        raise ValueError(
-            f"target ids out of range [0, {vocab}) at token "
-            f"index {idx}: values {target[idx].tolist()} (use {IGNORE_INDEX} for padding)"
-        )
+    if validate:  # host sync: names the tokens, for debugging
+        if bad.any():
+            idx = bad.nonzero().flatten()[:8].tolist()
+            raise ValueError(
+                f"target ids out of range [0, {vocab}) at token "
+                f"index {idx}: values {target[idx].tolist()} (use {IGNORE_INDEX} for padding)"
+            )
+        return
+    torch._assert_async(
+        torch.logical_not(bad.any()),
+        f"target ids out of range [0, {vocab}) (use {IGNORE_INDEX} for padding; "
+        "validate=True names the tokens)",
+    )
 
 
-def _seq_log_ratio(cfg, logp, old_logp, row, valid):
-    """GSPO's per-token sequence log-ratio (None for a token-level ratio). The rows' tokens
-    are all in this call: the trainer's micro-batches hold whole rows, and with TP every rank
-    has every token's log-prob after the vocabulary reduction."""
+def _seq_log_ratio(cfg, logp, old_logp, row, valid, num_rows=None):
+    """GSPO's per-token sequence log-ratio (None for a token-level ratio), [N], detached.
+
+    The rows' tokens are all in this call: the trainer's micro-batches hold whole rows, and
+    with TP every rank has every token's log-prob after the vocabulary reduction. Without a
+    host sync: with `num_rows`, row ids index a [num_rows] buffer directly (any order);
+    without it, a row's tokens must be contiguous (the flat layout) and are numbered by where
+    the id changes, so the buffer is [N]. Both conditions are device-side asserts.
+    """
     if cfg.ratio_level != "sequence":
         return None
     if row is None:
@@ -109,18 +150,37 @@ def _seq_log_ratio(cfg, logp, old_logp, row, valid):
         )
     if row.shape != logp.shape:
         raise ValueError(f"row{list(row.shape)} must match the tokens [{logp.shape[0]}]")
+    n = logp.shape[0]
+    row = row.long()
+    if num_rows is not None:
+        torch._assert_async(
+            ((row >= 0) & (row < num_rows)).all(), f"row ids must be in [0, num_rows={num_rows})"
+        )
+        seg, size = row, num_rows
+    else:
+        torch._assert_async(
+            (row[1:] >= row[:-1]).all(),
+            "row ids must be non-decreasing (a row's tokens contiguous); or pass num_rows",
+        )
+        change = torch.ones_like(row)
+        change[1:] = (row[1:] != row[:-1]).long()
+        seg, size = torch.cumsum(change, 0) - 1, n
     old = logp if old_logp is None else old_logp.to(logp.dtype)
-    return sequence_log_ratio_flat(logp, old, row.long(), valid)
+    diff = torch.where(valid, (logp - old).detach(), torch.zeros_like(logp))
+    zeros = torch.zeros(size, dtype=logp.dtype, device=logp.device)
+    num = zeros.index_add(0, seg, diff)
+    den = zeros.index_add(0, seg, valid.to(logp.dtype))
+    return (num / den.clamp(min=1.0)).index_select(0, seg)
 
 
 def _token_coefficients(
-    logp, entropy, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row=None
+    logp, entropy, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row, num_rows
 ):
     """L_t and its derivatives in logp (g) and in H (h), by autograd on [N] vectors. With
     GSPO's sequence ratio the ratio's value is the (detached) sequence mean and its gradient
     the token's own log-prob's, so the coefficients stay per token."""
     cast = lambda t: None if t is None else t.to(logp.dtype)  # noqa: E731
-    slr = _seq_log_ratio(cfg, logp, old_logp, row, valid)
+    slr = _seq_log_ratio(cfg, logp, old_logp, row, valid, num_rows)
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(True)
         ent = entropy.detach().requires_grad_(cfg.needs_entropy_grad)
@@ -142,72 +202,95 @@ def _token_coefficients(
     return torch.where(valid, tl.loss.detach(), zero), g, h
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 in, float64 throughout (for exact checks); otherwise float32 statistics."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+class _Workspace:
+    """Compute-dtype temporaries of at most `elems` elements each, allocated once per call (a
+    fresh chunk-sized allocation per chunk would be returned to the OS and page-faulted back
+    in every time). `get` returns a contiguous [rows, cols] view of one of them."""
+
+    def __init__(self, elems: int, dtype: torch.dtype, device: torch.device):
+        self.elems, self.dtype, self.device = elems, dtype, device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        if name not in self._bufs:
+            self._bufs[name] = torch.empty(self.elems, dtype=self.dtype, device=self.device)
+        return self._bufs[name][: rows * cols].view(rows, cols)
 
 
-def _chunk_stats(z_CV, tgt_C, vocab_start, tp_group, tp_size, exp_out, want_entropy, work):
-    """Max-shifted exp of one chunk and the per-token all-reduced stats.
+def _chunk_stats(z_CV, store_CV, idx_C, in_range_C, want_entropy, cdt, ws: _Workspace):
+    """Local statistics of one chunk of logits (any float dtype), relative to its own max.
 
-    Returns (max [C], sum_exp [C], target_logit_shifted [C], entropy [C] or None, exp [C, Vl]).
-    The exp is written to `exp_out` (the saved buffer; it may be `z_CV` itself, in place),
-    or over `z_CV` when `exp_out` is None. Per element that is max, shift, exp, sum: the passes
-    megatron's cross entropy makes. The entropy adds a dot product and a copy through `work`, a
-    [C, Vl] workspace allocated once per call (a fresh chunk-sized allocation per chunk would be
-    returned to the OS and page-faulted back in every time).
+    Returns (max m [C], sum e [C], sum e * (z - m) [C] or None, z[y] - m [C], 0 off-slice)
+    with e = exp(z - m), computed in `cdt`. e is left in `store_CV` (rounded to its dtype;
+    it may be `z_CV` itself, in place) for the backward; `store_CV` None discards it and may
+    overwrite `z_CV` when that is already in `cdt`. Per element: max, shift, exp, sum (the
+    passes megatron's cross entropy makes); the entropy adds an exp into a workspace and a
+    batched dot product.
     """
-    mx = z_CV.max(dim=-1).values
-    _all_reduce(mx, dist.ReduceOp.MAX, tp_group, tp_size)
-    out = z_CV if exp_out is None else exp_out
-    zs = torch.sub(z_CV, mx[:, None], out=out)
-    local = tgt_C - vocab_start
-    in_range = (local >= 0) & (local < z_CV.shape[1])
-    pred = zs.gather(1, local.clamp(0, z_CV.shape[1] - 1)[:, None]).squeeze(1)
-    pred = torch.where(in_range, pred, torch.zeros_like(pred))
-    stats = torch.empty(3, z_CV.shape[0], dtype=z_CV.dtype, device=z_CV.device)
+    c, cols = z_CV.shape
+    m = z_CV.amax(dim=1).to(cdt)
+    if z_CV.dtype == cdt:
+        zs = torch.sub(z_CV, m[:, None], out=z_CV if store_CV is None else store_CV)
+    else:  # bf16/fp16: float32 arithmetic in a chunk-sized workspace
+        zs = torch.sub(z_CV, m[:, None], out=ws.get("a", c, cols))
+    pred = zs.gather(1, idx_C[:, None]).squeeze(1)
+    pred = torch.where(in_range_C, pred, torch.zeros_like(pred))
     if want_entropy:
-        # sum(e * (z - max)), the entropy's numerator, as one batched dot product (no
-        # [C, Vl] product tensor); the exp then moves into the buffer.
-        e = torch.exp(zs, out=work)
-        stats[2] = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1)
-        e = zs.copy_(e)
+        # sum(e * (z - m)), the entropy's numerator, as one batched dot product (no [C, c]
+        # product tensor).
+        e = torch.exp(zs, out=ws.get("b", c, cols))
+        sez = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1)
     else:
-        e = zs.exp_()
-        stats[2] = 0.0
-    stats[0] = e.sum(dim=-1)
-    stats[1] = pred
-    _all_reduce(stats, dist.ReduceOp.SUM, tp_group, tp_size)
-    sum_exp, pred, sez = stats[0], stats[1], stats[2]
-    ent = torch.log(sum_exp) - sez / sum_exp if want_entropy else None
-    return mx, sum_exp, pred, ent, e
+        e, sez = zs.exp_(), None
+    se = e.sum(dim=1)
+    if store_CV is not None and e is not store_CV:
+        store_CV.copy_(e)
+    return m, se, sez, pred
 
 
-def _chunk_logits(h_CH, w_VH, out_CV, cdt) -> torch.Tensor:
-    """h @ w^T for one chunk, into the reused workspace when the dtypes allow it."""
-    if h_CH.dtype == cdt and w_VH.dtype == cdt:
-        return torch.mm(h_CH, w_VH.t(), out=out_CV)
-    return (h_CH @ w_VH.t()).to(cdt)
+def _combine_stats(m, se, sez, pred, in_range, want_entropy, tp_group, tp_size):
+    """Every rank's per-token statistics into global ones: one MAX and one SUM all-reduce
+    per call. Returns (logp, entropy, lse, scale) with p = exp(z - m) * scale on this rank."""
+    if tp_size > 1:
+        gm = m.clone()
+        _all_reduce(gm, dist.ReduceOp.MAX, tp_group, tp_size)
+        shift = m - gm  # <= 0: rescales this rank's sums to the global max
+        c = torch.exp(shift)
+        ent_num = c * (sez + shift * se) if want_entropy else torch.zeros_like(se)
+        # pred is 0 on the ranks that do not hold the target; the owner adds z[y] - gm.
+        stats = torch.stack([c * se, ent_num, torch.where(in_range, pred + shift, pred)])
+        _all_reduce(stats, dist.ReduceOp.SUM, tp_group, tp_size)
+        sum_exp, ent_num, pred = stats[0], stats[1], stats[2]
+    else:
+        gm, c, sum_exp = m, None, se
+        ent_num = sez if want_entropy else torch.zeros_like(se)
+    log_s = torch.log(sum_exp)
+    logp = pred - log_s
+    ent = log_s - ent_num / sum_exp
+    scale = 1.0 / sum_exp if c is None else c / sum_exp
+    return logp, ent, gm + log_s, scale
 
 
-def _grad_from_exp(e_CV, sum_exp, ent, a, b, tgt_C, vocab_start) -> torch.Tensor:
-    """In place: e = exp(z - max) becomes a*(onehot - p) - b*p*(log p + H), p = e / sum_exp."""
-    if bool((b != 0).any()):
-        e_CV.div_(sum_exp[:, None])  # now p
-        plogp = torch.xlogy(e_CV, e_CV)  # 0 where p underflowed to 0, not NaN
+def _grad_in_place(e_CV, scale, ent, a, b, idx, in_range, entropy_grad, ws: _Workspace):
+    """In place: e = p / scale becomes a*(onehot - p) - b*p*(log p + H) (scale None: e is p).
+    `entropy_grad` is decided on the host (the config, and whether the entropy output got a
+    gradient), never from b's values."""
+    if entropy_grad:
+        p = e_CV if scale is None else e_CV.mul_(scale[:, None])
+        plogp = torch.xlogy(p, p, out=ws.get("b", *p.shape))  # 0 where p underflowed to 0
         plogp.mul_(b[:, None])
-        e_CV.mul_(-(a + b * ent)[:, None]).sub_(plogp)
+        p.mul_(-(a + b * ent)[:, None]).sub_(plogp)
     else:
-        e_CV.mul_((-a / sum_exp)[:, None])
-    local = tgt_C - vocab_start
-    in_range = (local >= 0) & (local < e_CV.shape[1])
-    rows = in_range.nonzero().squeeze(1)
-    e_CV[rows, local[rows]] += a[rows].to(e_CV.dtype)
-    return e_CV
+        e_CV.mul_((-a if scale is None else -a * scale)[:, None])
+    # The onehot term: a scatter into the target column (0 added off this rank's slice), not
+    # an index of the in-range rows, which would need their count on the host.
+    add = torch.where(in_range, a, torch.zeros_like(a)).to(e_CV.dtype)
+    return e_CV.scatter_add_(1, idx[:, None], add[:, None])
 
 
 def _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, dtype):
-    """a = dLoss/dlogp and b = dLoss/dH per token, from the output grads and the saved g, h."""
+    """a = dLoss/dlogp and b = dLoss/dH per token, from the output grads and the saved g, h.
+    An output that got no gradient arrives as None (materialize_grads is off)."""
     zeros = torch.zeros(ctx.g.shape[0], dtype=dtype, device=ctx.g.device)
     as_cdt = lambda t: zeros if t is None else t.to(dtype)  # noqa: E731
     gl = as_cdt(grad_loss)
@@ -233,106 +316,97 @@ def _local_columns(vocab_size, vocab_start: int, v_local: int, tp_size: int) -> 
     return cols
 
 
-def _check_options(cfg: PolicyLossConfig, chunk_size: int, compute_entropy: bool) -> None:
+def _check_options(cfg, chunk_size, compute_entropy, num_rows, dtype, name) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float64, float32, bfloat16 or float16, got {dtype}")
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None: from CHUNK_BYTES)")
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (or None: per device)")
+    if num_rows is not None and num_rows < 1:
+        raise ValueError(f"num_rows={num_rows} must be >= 1 (or None: rows contiguous)")
     if not compute_entropy and cfg.needs_entropy_grad:
         raise ValueError(
             f"compute_entropy=False but entropy_coef={cfg.entropy_coef}: the entropy term needs it"
         )
 
 
+def _target_columns(target, vocab_start, cols):
+    """Each token's column on this rank (clamped into range) and whether this rank holds it."""
+    local = target - vocab_start
+    in_range = (local >= 0) & (local < cols)
+    return local.clamp(0, cols - 1), in_range
+
+
 class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        logits,
-        target,
-        advantages,
-        old_logp,
-        ref_logp,
-        rollout_logp,
-        row,
-        cfg,
-        tp_group,
-        chunk_size,
-        inplace,
-        vocab_start,
-        vocab_size,
-        compute_entropy,
-    ):
+    def forward(ctx, logits, target, advantages, old_logp, ref_logp, rollout_logp, row, opts):
+        (cfg, tp_group, chunk_size, inplace, vocab_start, vocab_size, compute_entropy,
+         num_rows, validate) = opts  # fmt: skip
+        ctx.set_materialize_grads(False)
         tp_size, tp_rank = _tp_info(tp_group)
         n, v_local = logits.shape
         if vocab_start is None:
             vocab_start = tp_rank * v_local
         cols = _local_columns(vocab_size, vocab_start, v_local, tp_size)
-        chunk_size = _chunk_tokens(chunk_size, v_local)
+        chunk = chunk_tokens(chunk_size, cols, logits.device)
         _check_inputs(
-            n,
-            vocab_size or v_local * tp_size,
-            target,
-            advantages,
-            old_logp,
-            ref_logp,
-            rollout_logp,
-        )
-        # The saved buffer holds exp(z - max). In place it reuses the logits' storage (their
-        # only other consumer, the output layer's matmul, saves its inputs, not its output).
-        cdt = _compute_dtype(logits)
-        inplace = inplace and logits.dtype == cdt
-        dev = logits.device
-        buf = logits if inplace else torch.empty(n, v_local, dtype=cdt, device=dev)
+            n, vocab_size or v_local * tp_size, target, advantages, old_logp, ref_logp,
+            rollout_logp, validate,
+        )  # fmt: skip
+        cdt, dev = _compute_dtype(logits), logits.device
+        # The saved buffer holds exp(z - max) in the logits' dtype. In place it reuses the
+        # logits' storage (their only other consumer, the output layer's matmul, saves its
+        # inputs, not its output); otherwise a workspace of the same dtype, never float32
+        # for bf16 logits.
+        buf = logits if inplace else torch.empty_like(logits)
         target = target.long()
-        sum_exp, pred, ent = (torch.empty(n, dtype=cdt, device=dev) for _ in range(3))
-        rows_w = min(chunk_size, n) if compute_entropy else 0
-        work = torch.empty(rows_w, cols, dtype=cdt, device=dev)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = logits[s:e, :cols].to(cdt)  # a view when already cdt: never written to
-            _, se, pr, en, _ = _chunk_stats(
-                z,
-                target[s:e],
-                vocab_start,
-                tp_group,
-                tp_size,
-                buf[s:e, :cols],
-                compute_entropy,
-                work[: e - s],
-            )
-            if cols < v_local:
-                buf[s:e, cols:] = 0.0  # padded vocabulary: no probability, no gradient
-            sum_exp[s:e], pred[s:e] = se, pr
-            ent[s:e] = en if compute_entropy else 0.0
-        valid = target != IGNORE_INDEX
-        logp = torch.where(valid, pred - torch.log(sum_exp), torch.zeros_like(pred))
-        ent = torch.where(valid, ent, torch.zeros_like(ent))
-        loss, g, h = _token_coefficients(
-            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row
+        idx, in_range = _target_columns(target, vocab_start, cols)
+        m, se, sez, pred = (torch.empty(n, dtype=cdt, device=dev) for _ in range(4))
+        ws = _Workspace(min(chunk, n) * cols, cdt, dev)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            cm, cse, csez, cpred = _chunk_stats(
+                logits[s:e, :cols], buf[s:e, :cols], idx[s:e], in_range[s:e],
+                compute_entropy, cdt, ws,
+            )  # fmt: skip
+            m[s:e], se[s:e], pred[s:e] = cm, cse, cpred
+            if compute_entropy:
+                sez[s:e] = csez
+        if cols < v_local:
+            buf[:, cols:] = 0.0  # padded vocabulary: no probability, no gradient
+        logp, ent, _, scale = _combine_stats(
+            m, se, sez, pred, in_range, compute_entropy, tp_group, tp_size
         )
-        ctx.buf, ctx.sum_exp, ctx.ent, ctx.g, ctx.h = buf, sum_exp, ent, g, h
-        ctx.target, ctx.valid, ctx.vocab_start, ctx.cols = target, valid, vocab_start, cols
-        ctx.chunk_size, ctx.out_dtype = chunk_size, logits.dtype
+        valid = target != IGNORE_INDEX
+        zero = torch.zeros_like(logp)
+        logp, ent = torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+        loss, g, h = _token_coefficients(
+            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row, num_rows
+        )
+        ctx.buf, ctx.scale, ctx.ent, ctx.g, ctx.h, ctx.valid = buf, scale, ent, g, h, valid
+        ctx.idx, ctx.in_range, ctx.cols, ctx.chunk, ctx.cdt = idx, in_range, cols, chunk, cdt
+        ctx.entropy_term = cfg.needs_entropy_grad
         return loss, logp, ent
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logp, grad_ent):
-        buf = ctx.buf
-        a, b = _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, buf.dtype)
+        buf, cdt = ctx.buf, ctx.cdt
+        a, b = _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, cdt)
+        entropy_grad = ctx.entropy_term or grad_ent is not None
         n = buf.shape[0]
-        for s in range(0, n, ctx.chunk_size):
-            e = min(s + ctx.chunk_size, n)
-            _grad_from_exp(
-                buf[s:e, : ctx.cols],
-                ctx.sum_exp[s:e],
-                ctx.ent[s:e],
-                a[s:e],
-                b[s:e],
-                ctx.target[s:e],
-                ctx.vocab_start,
-            )
-        grad = buf if buf.dtype == ctx.out_dtype else buf.to(ctx.out_dtype)
+        ws = _Workspace(min(ctx.chunk, n) * ctx.cols, cdt, buf.device)
+        for s in range(0, n, ctx.chunk):
+            e = min(s + ctx.chunk, n)
+            stored = buf[s:e, : ctx.cols]
+            # bf16: the gradient is formed in float32 and rounded once, into the same storage.
+            work = stored if stored.dtype == cdt else ws.get("a", e - s, ctx.cols).copy_(stored)
+            _grad_in_place(
+                work, ctx.scale[s:e], ctx.ent[s:e], a[s:e], b[s:e], ctx.idx[s:e],
+                ctx.in_range[s:e], entropy_grad, ws,
+            )  # fmt: skip
+            if work is not stored:
+                stored.copy_(work)
         ctx.buf = None
-        return (grad,) + (None,) * 13
+        return buf, None, None, None, None, None, None, None
 
 
 def fused_vocab_parallel_agpo_loss(
@@ -351,168 +425,177 @@ def fused_vocab_parallel_agpo_loss(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     compute_entropy: bool = True,
+    num_rows: int | None = None,
+    validate: bool = False,
 ) -> FusedLossOutput:
-    """Per-token AGPO loss from vocab-parallel logits ``[N, Vl]``.
+    """Per-token AGPO loss from vocab-parallel logits ``[N, Vl]`` (float64/32, bf16, fp16).
+
+    Pure PyTorch, any device, no host sync (see the module docstring for what runs where).
+    N is any set of tokens: the trainer passes only response tokens, flat.
 
     target: ``[N]`` global token ids, IGNORE_INDEX (-100) for padding. advantages, old_logp,
     ref_logp, rollout_logp: ``[N]`` (old_logp None: on-policy). row: ``[N]`` each token's
     sequence index, needed by GSPO's sequence ratio (cfg.ratio_level="sequence"); every token
-    of a sequence must be in the call. tp_group: the tensor-parallel
-    group the vocabulary is split over (None: no TP). inplace: write the softmax and then the
-    gradient over the logits, as megatron's cross entropy does; only for fp32 logits that
-    nothing else reads afterwards. vocab_size: the real vocabulary; columns at or past it are
-    TP padding, left out of the softmax (their gradient is 0). compute_entropy=False saves a
-    multiply-add pass; the entropy output is then 0 and cfg.entropy_coef must be 0.
-    chunk_size: tokens per chunk; None sizes a chunk's [chunk, Vl] float32 temporary to
-    CHUNK_BYTES.
+    of a sequence must be in the call, and a row's tokens contiguous unless num_rows (an upper
+    bound on the row ids) is given. tp_group: the tensor-parallel group the vocabulary is split
+    over (None: no TP). inplace: write the softmax and then the gradient over the logits, as
+    megatron's cross entropy does (any dtype); only for logits nothing else reads afterwards.
+    vocab_size: the real vocabulary; columns at or past it are TP padding, left out of the
+    softmax (their gradient is 0). compute_entropy=False saves an exp pass and a workspace;
+    the entropy output is then 0 and cfg.entropy_coef must be 0. chunk_size: tokens per
+    chunk; None sizes a chunk's float32 temporary per device (`chunk_bytes`). validate: check
+    the target ids on the host and name the bad tokens (a host sync; for debugging).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V/TP], got shape {tuple(logits.shape)}")
-    _check_options(cfg, chunk_size, compute_entropy)
+    _check_options(cfg, chunk_size, compute_entropy, num_rows, logits.dtype, "logits")
+    opts = (cfg, tp_group, chunk_size, inplace, vocab_start, vocab_size, compute_entropy,
+            num_rows, validate)  # fmt: skip
     out = _FusedVocabParallelAGPOLoss.apply(
-        logits,
-        target,
-        advantages,
-        old_logp,
-        ref_logp,
-        rollout_logp,
-        row,
-        cfg,
-        tp_group,
-        chunk_size,
-        inplace,
-        vocab_start,
-        vocab_size,
-        compute_entropy,
+        logits, target, advantages, old_logp, ref_logp, rollout_logp, row, opts
     )
     return FusedLossOutput(*out)
 
 
+_WGRAD_KERNEL = None
+# apex's extension: megatron's gradient-accumulation-fusion kernel (CUDA builds only).
+with contextlib.suppress(ImportError):
+    import fused_weight_gradient_mlp_cuda as _WGRAD_KERNEL  # type: ignore[no-redef]
+
+
+def _gemm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, accumulated in acc's dtype (float32 main_grad from bf16 inputs).
+
+    CUDA, bf16/fp16 inputs: one tensor-core GEMM whose output is the float32 buffer itself
+    (torch.addmm with out_dtype, beta = 1). Elsewhere, or for inputs already in acc's dtype,
+    addmm_ in acc's dtype (the CPU has no mixed-precision addmm; the inputs are cast, a
+    [rows, k] copy, never [rows, cols] of acc)."""
+    if a.dtype != acc.dtype and acc.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _weight_grad_accumulate(main_grad_VH, dz_NV, hidden_NH) -> None:
+    """main_grad += dz^T @ hidden: megatron's fused kernel where apex provides it."""
+    if (
+        _WGRAD_KERNEL is not None
+        and main_grad_VH.is_cuda
+        and main_grad_VH.dtype == torch.float32
+        and dz_NV.dtype in (torch.bfloat16, torch.float16)
+        and main_grad_VH.is_contiguous()
+    ):
+        _WGRAD_KERNEL.wgrad_gemm_accum_fp32(hidden_NH, dz_NV.contiguous(), main_grad_VH)
+        return
+    _gemm_accumulate(main_grad_VH, dz_NV.t(), hidden_NH)
+
+
 class _FusedOutputLayerAGPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        target,
-        advantages,
-        old_logp,
-        ref_logp,
-        rollout_logp,
-        row,
-        cfg,
-        tp_group,
-        chunk_size,
-        vocab_start,
-        reduce_hidden_grad,
-        vocab_size,
-        compute_entropy,
-    ):
+    def forward(ctx, hidden, weight, target, advantages, old_logp, ref_logp, rollout_logp, row,
+                opts):  # fmt: skip
+        (cfg, tp_group, chunk_size, vocab_chunk_size, vocab_start, reduce_hidden_grad,
+         vocab_size, compute_entropy, num_rows, validate) = opts  # fmt: skip
+        ctx.set_materialize_grads(False)
         tp_size, tp_rank = _tp_info(tp_group)
         n = hidden.shape[0]
         v_local = weight.shape[0]
-        if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-            raise ValueError(
-                f"hidden{list(hidden.shape)} must be [N, H] and weight{list(weight.shape)} "
-                "[V/TP, H] with the same H"
-            )
         if vocab_start is None:
             vocab_start = tp_rank * v_local
         cols = _local_columns(vocab_size, vocab_start, v_local, tp_size)
-        chunk_size = _chunk_tokens(chunk_size, v_local)
+        chunk = chunk_tokens(chunk_size, cols, hidden.device)
         _check_inputs(
-            n,
-            vocab_size or v_local * tp_size,
-            target,
-            advantages,
-            old_logp,
-            ref_logp,
-            rollout_logp,
-        )
+            n, vocab_size or v_local * tp_size, target, advantages, old_logp, ref_logp,
+            rollout_logp, validate,
+        )  # fmt: skip
         target = target.long()
-        cdt = _compute_dtype(hidden)
+        cdt, dev = _compute_dtype(hidden), hidden.device
         w_valid = weight[:cols]
-        # [chunk, Vl] workspaces (logits; x log x for the entropy), reused by every chunk.
-        dev = hidden.device
-        zbuf = torch.empty(min(chunk_size, n), cols, dtype=cdt, device=dev)
-        rows_w = min(chunk_size, n) if compute_entropy else 0
-        work = torch.empty(rows_w, cols, dtype=cdt, device=dev)
-        lse, pred, ent = (torch.empty(n, dtype=cdt, device=dev) for _ in range(3))
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            z = _chunk_logits(hidden[s:e], w_valid, zbuf[: e - s], cdt)
-            mx, se, pr, en, _ = _chunk_stats(
-                z,
-                target[s:e],
-                vocab_start,
-                tp_group,
-                tp_size,
-                None,
-                compute_entropy,
-                work[: e - s],
+        idx, in_range = _target_columns(target, vocab_start, cols)
+        # The chunk's logits, in the weights' dtype (a bf16 GEMM gives bf16 logits, as
+        # megatron's output layer does); the statistics are float32 either way.
+        zbuf = torch.empty(min(chunk, n), cols, dtype=hidden.dtype, device=dev)
+        ws = _Workspace(min(chunk, n) * cols, cdt, dev)
+        m, se, sez, pred = (torch.empty(n, dtype=cdt, device=dev) for _ in range(4))
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = torch.mm(hidden[s:e], w_valid.t(), out=zbuf[: e - s])
+            cm, cse, csez, cpred = _chunk_stats(
+                z, None, idx[s:e], in_range[s:e], compute_entropy, cdt, ws
             )
-            lse[s:e] = mx + torch.log(se)
-            pred[s:e] = pr + mx
-            ent[s:e] = en if compute_entropy else 0.0
-            del z
+            m[s:e], se[s:e], pred[s:e] = cm, cse, cpred
+            if compute_entropy:
+                sez[s:e] = csez
+        del zbuf, ws
+        logp, ent, lse, _ = _combine_stats(
+            m, se, sez, pred, in_range, compute_entropy, tp_group, tp_size
+        )
         valid = target != IGNORE_INDEX
-        logp = torch.where(valid, pred - lse, torch.zeros_like(pred))
-        ent = torch.where(valid, ent, torch.zeros_like(ent))
+        zero = torch.zeros_like(logp)
+        logp, ent = torch.where(valid, logp, zero), torch.where(valid, ent, zero)
         loss, g, h = _token_coefficients(
-            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row
+            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row, num_rows
         )
         ctx.save_for_backward(hidden, weight)
-        ctx.lse, ctx.ent, ctx.g, ctx.h, ctx.target, ctx.valid = lse, ent, g, h, target, valid
-        ctx.vocab_start, ctx.chunk_size, ctx.cols = vocab_start, chunk_size, cols
+        ctx.lse, ctx.ent, ctx.g, ctx.h, ctx.valid = lse, ent, g, h, valid
+        ctx.local, ctx.cols, ctx.cdt = target - vocab_start, cols, cdt
+        ctx.vocab_chunk = vocab_chunk_size or chunk_tokens(None, n, dev)  # [N, Vc] per chunk
         ctx.tp_group, ctx.tp_size, ctx.reduce_hidden_grad = tp_group, tp_size, reduce_hidden_grad
+        ctx.entropy_term = cfg.needs_entropy_grad
         return loss, logp, ent
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logp, grad_ent):
         hidden, weight = ctx.saved_tensors
-        n = hidden.shape[0]
-        cdt = _compute_dtype(hidden)
+        n, cdt, cols, dev = hidden.shape[0], ctx.cdt, ctx.cols, hidden.device
         a, b = _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, cdt)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        want_w = ctx.needs_input_grad[1]
+        entropy_grad = ctx.entropy_term or grad_ent is not None
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         main_grad = getattr(weight, "main_grad", None) if want_w else None
-        # Megatron's DDP gives parameters a `main_grad` buffer (gradient accumulation fusion):
-        # accumulating there avoids a second [Vl, H] tensor.
+        # Megatron's DDP gives parameters a float32 `main_grad` (gradient accumulation
+        # fusion): the weight gradient is added there, and no second [Vl, H] tensor exists.
         grad_weight = None
-        if want_w:
-            grad_weight = main_grad if main_grad is not None else torch.zeros_like(weight)
-        w_valid = weight[: ctx.cols]  # padded vocabulary rows get no gradient
-        zbuf = torch.empty(min(ctx.chunk_size, n), ctx.cols, dtype=cdt, device=hidden.device)
-        for s in range(0, n, ctx.chunk_size):
-            e = min(s + ctx.chunk_size, n)
-            h_c = hidden[s:e]
-            z = _chunk_logits(h_c, w_valid, zbuf[: e - s], cdt)
-            z.sub_(ctx.lse[s:e, None]).exp_()  # p, normalised: lse is already global
-            dz = _grad_from_exp(
-                z,
-                torch.ones(e - s, dtype=cdt, device=hidden.device),
-                ctx.ent[s:e],
-                a[s:e],
-                b[s:e],
-                ctx.target[s:e],
-                ctx.vocab_start,
-            ).to(hidden.dtype)
-            if grad_hidden is not None:
-                torch.mm(dz, w_valid, out=grad_hidden[s:e])
-            if want_w:
-                grad_weight[: ctx.cols].addmm_(
-                    dz.t().to(grad_weight.dtype), h_c.to(grad_weight.dtype)
-                )
-        if grad_hidden is not None and ctx.reduce_hidden_grad:
-            # Each rank's logits slice contributes a partial dLoss/dhidden; the hidden states
-            # were replicated over TP, so their gradient is the sum.
-            _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group, ctx.tp_size)
-        if main_grad is not None:
-            # Accumulated into main_grad above; no autograd grad. grad_added_to_main_grad is
-            # left alone: with tied embeddings the same parameter also gets the embedding
-            # lookup's ordinary .grad, which megatron's DDP hook would skip if it were set.
-            grad_weight = None
-        return (grad_hidden, grad_weight) + (None,) * 13
+        if want_w and main_grad is None:
+            grad_weight = torch.zeros_like(weight)  # padded rows stay 0
+        # dLoss/dhidden sums over vocabulary chunks: accumulated in the compute dtype.
+        dh = torch.zeros(n, hidden.shape[1], dtype=cdt, device=dev) if want_h else None
+        vc = min(ctx.vocab_chunk, cols)
+        ws = _Workspace(n * vc, cdt, dev)
+        low = None if hidden.dtype == cdt else _Workspace(n * vc, hidden.dtype, dev)
+        # Vocabulary chunks: each weight row block gets its gradient from one GEMM, added to
+        # main_grad once per call; every chunk needs only per-token [N] statistics.
+        for v0 in range(0, cols, vc):
+            v1 = min(v0 + vc, cols)
+            w_c = weight[v0:v1]
+            z = ws.get("a", n, v1 - v0)
+            if low is None:
+                torch.mm(hidden, w_c.t(), out=z)
+            else:  # a bf16 GEMM (tensor cores), then float32 arithmetic
+                z.copy_(torch.mm(hidden, w_c.t(), out=low.get("z", n, v1 - v0)))
+            z.sub_(ctx.lse[:, None]).exp_()  # p, normalised: lse is already global
+            local = ctx.local - v0
+            in_c = (local >= 0) & (local < v1 - v0)
+            idx = local.clamp(0, v1 - v0 - 1)
+            dz = _grad_in_place(z, None, ctx.ent, a, b, idx, in_c, entropy_grad, ws)
+            if low is not None:  # rounded once, for the bf16 GEMMs
+                dz = low.get("z", n, v1 - v0).copy_(dz)
+            if dh is not None:
+                _gemm_accumulate(dh, dz, w_c)
+            if main_grad is not None:
+                _weight_grad_accumulate(main_grad[v0:v1], dz, hidden)
+            elif grad_weight is not None:
+                torch.mm(dz.t(), hidden, out=grad_weight[v0:v1])
+        grad_hidden = None
+        if dh is not None:
+            grad_hidden = dh if dh.dtype == hidden.dtype else dh.to(hidden.dtype)
+            if ctx.reduce_hidden_grad:
+                # Each rank's logits slice contributes a partial dLoss/dhidden; the hidden
+                # states were replicated over TP, so their gradient is the sum.
+                _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group, ctx.tp_size)
+        # With main_grad, no autograd grad; grad_added_to_main_grad is left alone: with tied
+        # embeddings the same parameter also gets the embedding lookup's ordinary .grad,
+        # which megatron's DDP hook would skip if it were set.
+        return (grad_hidden, grad_weight) + (None,) * 7
 
 
 def fused_output_layer_agpo_loss(
@@ -532,30 +615,36 @@ def fused_output_layer_agpo_loss(
     reduce_hidden_grad: bool = True,
     vocab_size: int | None = None,
     compute_entropy: bool = True,
+    num_rows: int | None = None,
+    validate: bool = False,
+    vocab_chunk_size: int | None = None,
 ) -> FusedLossOutput:
     """Per-token AGPO loss from hidden states ``[N, H]`` and the output weight ``[Vl, H]``.
 
-    Logits are computed chunk by chunk in the forward and again in the backward (one extra
-    matmul), never as a whole. reduce_hidden_grad: all-reduce dLoss/dhidden over the TP group
-    here; pass False when the caller's own TP region (megatron's
-    ``copy_to_tensor_model_parallel_region``) already does it.
+    Pure PyTorch, any device, no host sync. Logits are computed token chunk by token chunk in
+    the forward and vocabulary chunk by vocabulary chunk in the backward (four GEMMs of
+    N x Vl x H in all, against the unfused path's three), never as a whole. hidden and weight
+    share one dtype; with bf16 the GEMMs run in bf16 and dLoss/dhidden and the weight gradient
+    accumulate in float32 (into ``weight.main_grad`` when megatron's DDP gave it one, else
+    into a bf16 ``.grad`` written once per row block). reduce_hidden_grad: all-reduce
+    dLoss/dhidden over the TP group here; pass False when the caller's own TP region
+    (megatron's ``copy_to_tensor_model_parallel_region``, or sequence parallelism's gather)
+    already does it. vocab_chunk_size: columns per backward chunk (None: a float32 [N, Vc]
+    temporary of the device's chunk bytes). Other arguments: `fused_vocab_parallel_agpo_loss`.
     """
-    _check_options(cfg, chunk_size, compute_entropy)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden{list(hidden.shape)} must be [N, H] and weight{list(weight.shape)} "
+            "[V/TP, H] with the same H"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: cast one")
+    _check_options(cfg, chunk_size, compute_entropy, num_rows, hidden.dtype, "hidden")
+    if vocab_chunk_size is not None and vocab_chunk_size < 1:
+        raise ValueError(f"vocab_chunk_size={vocab_chunk_size} must be >= 1 (or None)")
+    opts = (cfg, tp_group, chunk_size, vocab_chunk_size, vocab_start, reduce_hidden_grad,
+            vocab_size, compute_entropy, num_rows, validate)  # fmt: skip
     out = _FusedOutputLayerAGPOLoss.apply(
-        hidden,
-        weight,
-        target,
-        advantages,
-        old_logp,
-        ref_logp,
-        rollout_logp,
-        row,
-        cfg,
-        tp_group,
-        chunk_size,
-        vocab_start,
-        reduce_hidden_grad,
-        vocab_size,
-        compute_entropy,
+        hidden, weight, target, advantages, old_logp, ref_logp, rollout_logp, row, opts
     )
     return FusedLossOutput(*out)
