@@ -353,6 +353,7 @@ def _load_missing_key(rank, world, hf, path):
         fmt.load_state_strict(model.module, sd, Path(path))
 
 
+@pytest.mark.e2e
 @pytest.mark.dist  # one gloo process per conversion
 def test_crafted_metadata_does_not_run_in_the_export_tool(tiny_hf, tmp_path):
     import subprocess

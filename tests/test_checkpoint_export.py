@@ -43,6 +43,8 @@ def _hf_logits(path) -> torch.Tensor:
         return model(torch.tensor(IDS)).logits
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_trained_run_exports_and_evaluates(tmp_path):
     run = tmp_path / "run"

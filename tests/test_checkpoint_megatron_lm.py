@@ -46,6 +46,7 @@ def _write_megatron_lm(rank, world, hf, root):
     (Path(root) / "latest_checkpointed_iteration.txt").write_text("10")
 
 
+@pytest.mark.e2e
 @pytest.mark.dist  # one gloo process each
 def test_megatron_lm_checkpoint_exports(tmp_path):
     from transformers import AutoModelForCausalLM

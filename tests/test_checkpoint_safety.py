@@ -47,6 +47,7 @@ def tiny_hf(tmp_path_factory):
     return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
 
 
+@pytest.mark.e2e
 @pytest.mark.dist
 def test_crafted_extra_state_is_refused_at_resume_and_export(tiny_hf, tmp_path):
     run_distributed(_save_tp1, 1, tiny_hf, str(tmp_path))

@@ -63,6 +63,7 @@ def test_cfg_job_prints_the_resolved_config(capsys):
     assert "${" not in out  # resolved (the preset's hf_path uses ${oc.env:HOME})
 
 
+@pytest.mark.e2e
 def test_console_script_exit_codes():
     """The real entry point, in a subprocess: 0 for --help, 2 and one line for a typo."""
     ok = subprocess.run(
@@ -245,6 +246,7 @@ _IMPORT_MEGATRON = (
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("quiet", [True, False])
 def test_megatron_fallback_warnings_are_summarised(quiet):
     """In a fresh interpreter, as a rank starts: without configure_logging megatron-core prints

@@ -45,6 +45,7 @@ def _export_and_check(src: Path, ckpt: Path, out: Path) -> None:
     assert torch.equal(ref, got)
 
 
+@pytest.mark.e2e
 @pytest.mark.dist
 def test_roundtrip_fp32_llama_tp1(tmp_path):
     src = tiny_hf_model(tmp_path / "hf", "LlamaForCausalLM", dtype=torch.float32)
@@ -55,6 +56,7 @@ def test_roundtrip_fp32_llama_tp1(tmp_path):
     _export_and_check(src, tmp_path / "ck", tmp_path / "out")
 
 
+@pytest.mark.e2e
 @pytest.mark.dist
 @pytest.mark.slow
 def test_roundtrip_bf16_qwen2_saved_at_tp2_exported_at_tp1(tmp_path):

@@ -34,6 +34,8 @@ def run_default(run_dir: Path) -> list[dict]:
     return [{k: r.get(k) for k in KEYS_EXACT + KEYS_CLOSE} for r in rows]
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_default_run_matches_stored_curve(tmp_path):
     rows = run_default(tmp_path / "run")

@@ -659,6 +659,7 @@ def test_cli_with_injected_engine_and_compare(tmp_path, capsys):
         cli.main(["--model", "m", "--data", "math500", "--out", str(tmp_path / "x")])
 
 
+@pytest.mark.engine
 @pytest.mark.slow
 def test_cli_vllm_tiny_model(tmp_path):
     pytest.importorskip("vllm")
@@ -823,6 +824,7 @@ def test_one_engine_builder_cpu_settings(monkeypatch):
         assert vllm_engine.cpu_kvcache_gib(cfg, {}) == expected
 
 
+@pytest.mark.engine
 @pytest.mark.slow
 def test_cli_vllm_long_prompts_large_n(tmp_path, capsys):
     """Long prompts with many samples each, through the CLI's own engine (the trainer's

@@ -24,6 +24,8 @@ SCRIPT = REPO / "examples" / "smollm2_arithmetic" / "run.sh"
 pytest.importorskip("gguf")
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_smollm2_example_two_steps(tmp_path):
     from megatron_agpo.models.pretrained import smollm2_gguf_path

@@ -151,6 +151,7 @@ def test_train_config_reports_fp8_problems_by_key():
     assert section.precision_problems()[0].startswith("model.fp8='e5m2'")
 
 
+@pytest.mark.e2e
 def test_agpo_train_fp8_on_cpu_exits_with_one_line():
     res = subprocess.run(
         [sys.executable, "-m", "megatron_agpo.train", "model.fp8=hybrid"],

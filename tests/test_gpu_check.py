@@ -23,10 +23,12 @@ def _run(*args, env=None, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.e2e
 def test_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
 
 
+@pytest.mark.e2e
 def test_dry_run_skips_every_gpu_step_and_writes_the_report(tmp_path):
     (tmp_path / "train_step.json").write_text('{"stale": true}')  # from an "earlier run"
     res = _run(tmp_path, env={"GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable})
@@ -47,6 +49,7 @@ def test_dry_run_skips_every_gpu_step_and_writes_the_report(tmp_path):
     assert md.rstrip().endswith("Result: ok")
 
 
+@pytest.mark.e2e
 def test_without_cuda_each_gpu_step_says_so(tmp_path):
     import torch
 
@@ -78,6 +81,7 @@ def _junit(tmp_path: Path) -> Path:
     return xml
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_report_from_real_step_outputs(tmp_path):
     """The report reads what the benchmarks and pytest really write (run small on CPU)."""

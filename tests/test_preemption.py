@@ -131,6 +131,7 @@ def _reap(proc: subprocess.Popen, tree: set[int]) -> None:
     proc.wait()
 
 
+@pytest.mark.e2e
 def test_launcher_forwards_sigterm_to_the_ranks_and_exits_75(tmp_path):
     proc = _launcher(tmp_path / "ready")
     rank = int(_wait_file(tmp_path / "ready"))
@@ -144,6 +145,7 @@ def test_launcher_forwards_sigterm_to_the_ranks_and_exits_75(tmp_path):
         _reap(proc, tree)
 
 
+@pytest.mark.e2e
 def test_killed_launcher_takes_torchrun_and_ranks_down(tmp_path):
     proc = _launcher(tmp_path / "ready")
     rank = int(_wait_file(tmp_path / "ready"))
@@ -160,6 +162,8 @@ def test_killed_launcher_takes_torchrun_and_ranks_down(tmp_path):
         _reap(proc, tree)
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resume_counts_each_step_once(tmp_path):
     run = tmp_path / "run"
@@ -190,6 +194,8 @@ def test_sigterm_saves_exits_75_and_resume_counts_each_step_once(tmp_path):
     assert _steps(run) == [1, 2, 3, 4, 5, 6]  # every step once
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_killed_launcher_leaves_no_orphans(tmp_path):
     run = tmp_path / "run"

@@ -125,6 +125,7 @@ def test_run_config_and_errors(tmp_path, tok):
         run(args, generate_fn=engine, tokenizer=tok)
 
 
+@pytest.mark.e2e
 def test_help_documents_inputs():
     out = subprocess.run(
         [sys.executable, "-m", "megatron_agpo.relevance.annotate", "--help"],

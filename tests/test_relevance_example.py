@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_search_relevance_smoke(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -305,6 +305,7 @@ def test_split_is_contiguous_and_balanced():
 # ---------------------------------------------------------------- colocated engine
 
 
+@pytest.mark.engine
 def test_colocated_generate_logprobs_match_transformers(colocated, tokenizer, hf_model):
     prompts = _prompts(tokenizer, ["1+1=", "hello there", "count: 1 2 3", "x"])
     # Temperature and top-p below 1: the engine's log-probs must still be the raw ones.
@@ -334,6 +335,7 @@ def test_colocated_generate_logprobs_match_transformers(colocated, tokenizer, hf
     ]
 
 
+@pytest.mark.engine
 def test_colocated_prompt_too_long_refused_with_index(colocated):
     ok = RolloutRequest([5] * 10, max_new_tokens=8)
     long = RolloutRequest([5] * (MAX_MODEL_LEN - 7), max_new_tokens=8)
@@ -342,6 +344,7 @@ def test_colocated_prompt_too_long_refused_with_index(colocated):
     assert (e.value.index, e.value.length, e.value.limit) == (1, 505, 504)
 
 
+@pytest.mark.engine
 def test_colocated_leaves_host_process_groups_alone(colocated):
     """vLLM's worker made its process groups in the engine's own c10d state: the host still
     has no default group (a trainer keeps its own; tests/test_trainer_colocated.py), and
@@ -353,6 +356,7 @@ def test_colocated_leaves_host_process_groups_alone(colocated):
     assert len(colocated.prompt_logprobs([[3, 4, 5, 6]])[0][0]) == 3
 
 
+@pytest.mark.engine
 def test_colocated_sync_parity(colocated, tokenizer, hf_model):
     probes = _probe_ids(tokenizer)
     new = copy.deepcopy(hf_model)
@@ -379,6 +383,7 @@ def test_colocated_sync_parity(colocated, tokenizer, hf_model):
         colocated.update_weights(tu.hf_named_tensors(new), version)
 
 
+@pytest.mark.engine
 def test_sync_check_catches_wrong_reference(colocated, tokenizer, hf_model):
     """The built-in check fails loudly when the reference is for other weights."""
     probes = _probe_ids(tokenizer)
@@ -399,6 +404,7 @@ def test_sync_check_catches_wrong_reference(colocated, tokenizer, hf_model):
 # ------------------------------------------------------------------------- replicas
 
 
+@pytest.mark.engine
 def test_replicas_generate_in_order(pool, tokenizer, hf_model):
     prompts = _prompts(tokenizer, ["a", "bb", "ccc", "dddd", "eeeee"])
     reqs = [RolloutRequest(p, n=3, max_new_tokens=12, seed=10 + i) for i, p in enumerate(prompts)]
@@ -412,6 +418,7 @@ def test_replicas_generate_in_order(pool, tokenizer, hf_model):
     assert max_gap < TOL
 
 
+@pytest.mark.engine
 def test_replicas_too_long_refused_before_sending(pool, monkeypatch):
     sent = []
     monkeypatch.setattr(pool, "_send", lambda *a, **k: sent.append(a))
@@ -422,6 +429,7 @@ def test_replicas_too_long_refused_before_sending(pool, monkeypatch):
     assert sent == []
 
 
+@pytest.mark.engine
 def test_replicas_sync_parity(pool, tokenizer, hf_model):
     probes = _probe_ids(tokenizer)
     new = copy.deepcopy(hf_model)
@@ -435,6 +443,7 @@ def test_replicas_sync_parity(pool, tokenizer, hf_model):
     assert pool.weight_versions == [v, v]
 
 
+@pytest.mark.engine
 def test_tied_output_layer_follows_the_sync(tmp_path_factory, tokenizer):
     """A model whose output layer is its input embedding (SmolLM2, Qwen2.5-1.5B): the sync
     sends only the embedding, as the trainer does, and the engine's logits must follow it.
@@ -463,6 +472,7 @@ def test_tied_output_layer_follows_the_sync(tmp_path_factory, tokenizer):
     assert parity.max_abs_diff < TOL and parity.max_change_from_before > 1e-2
 
 
+@pytest.mark.engine
 def test_replicas_mixed_versions_refused(pool, tokenizer, hf_model):
     new = copy.deepcopy(hf_model)
     tu.perturb_(new, scale=0.3, seed=4)
@@ -485,6 +495,7 @@ def _slow_requests(n_prompts=8):
     ]
 
 
+@pytest.mark.engine
 def test_slow_replica_is_not_reported(pool):
     """A generation that takes several heartbeat timeouts is not a silent replica: the
     worker's heartbeat thread keeps it alive."""
@@ -508,6 +519,7 @@ class _Touch:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.engine
 def test_hostile_peers_refused_and_get_nothing(pool, tokenizer, hf_model, tmp_path):
     """Processes without the run's secret connect to the trainer's socket and send messages,
     among them a pickle that creates a marker file when unpickled: plain TCP, ZMQ without
@@ -576,6 +588,7 @@ def test_hostile_peers_refused_and_get_nothing(pool, tokenizer, hf_model, tmp_pa
 # The failure tests break replicas; the `pool` fixture builds a new pool for the next test.
 
 
+@pytest.mark.engine
 def test_replica_killed_mid_request_fails_fast(pool, tokenizer):
     prompts = _prompts(tokenizer, [f"problem {i}" for i in range(8)])
     # Seeded and longer than one step's token budget: also covers chunked-prefill settings.
@@ -596,6 +609,7 @@ def test_replica_killed_mid_request_fails_fast(pool, tokenizer):
         pool.generate([RolloutRequest([5, 6], max_new_tokens=2)])
 
 
+@pytest.mark.engine
 def test_silent_replica_times_out(pool, hf_model):
     victim = pool.processes[0]
     victim.send_signal(signal.SIGSTOP)  # alive but silent
@@ -611,6 +625,7 @@ def test_silent_replica_times_out(pool, hf_model):
     assert 3.0 <= elapsed < 6.0
 
 
+@pytest.mark.engine
 def test_stopped_replica_reported_by_heartbeat(pool):
     """A SIGSTOPped replica (alive, silent) is reported within heartbeat_timeout_s, long
     before the request's own deadline (request_timeout_s=120)."""
@@ -631,6 +646,7 @@ def test_stopped_replica_reported_by_heartbeat(pool):
 # ------------------------------------------------------ replicas, collective channel
 
 
+@pytest.mark.engine
 def test_collective_sync_parity(collective_pool, tokenizer, hf_model):
     """Bytes over the private gloo group, headers over ZMQ, while this process holds its own
     default group (a trainer's), which the sync neither uses nor disturbs."""
@@ -656,6 +672,7 @@ def test_collective_sync_parity(collective_pool, tokenizer, hf_model):
     assert pool.weight_versions == [v, v]
 
 
+@pytest.mark.engine
 def test_collective_rolling_update(collective_pool, tokenizer, hf_model):
     """A subset sync goes point-to-point over the same group (the others are not involved)."""
     pool = collective_pool
@@ -675,6 +692,7 @@ def test_collective_rolling_update(collective_pool, tokenizer, hf_model):
     assert compare_logprobs(got, ref)[0] < TOL
 
 
+@pytest.mark.engine
 def test_collective_killed_replica_fails_within_timeout(collective_pool, hf_model):
     """A replica SIGKILLed in the middle of a collective sync: `update_weights` names it well
     within `sync_timeout_s` (the gloo send sees the closed connection, the pool sees the exit),

@@ -109,6 +109,8 @@ def _start_trainer(cfg: RolloutConfig, log_dir: Path) -> tuple[subprocess.Popen,
     return proc, json.loads(line)
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 def test_external_replica_end_to_end(tiny_dir, tmp_path):
     """A replica started by hand with the run's secret file finds the trainer through the
     endpoint file, gets its engine settings over the channel, serves a weight sync and
@@ -156,6 +158,8 @@ def test_external_replica_end_to_end(tiny_dir, tmp_path):
     assert not (tmp_path / "rollout_endpoint.json").exists()
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_spawned_replica_dies_with_its_trainer(tiny_dir, tmp_path):
     """SIGKILL the trainer: the replica it spawned goes at once (PR_SET_PDEATHSIG), no orphan
@@ -169,6 +173,8 @@ def test_spawned_replica_dies_with_its_trainer(tiny_dir, tmp_path):
     assert elapsed < 5.0
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_external_replica_exits_when_its_trainer_dies(tiny_dir, tmp_path):
     """SIGKILL the trainer of an external replica: the replica's heartbeat connection drops

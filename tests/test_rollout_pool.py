@@ -129,6 +129,7 @@ def _reference_sum(weights) -> float:
     return sum(float(t.double().sum()) for _, t in weights)
 
 
+@pytest.mark.dist
 def test_pool_serves_through_the_real_worker(run):
     """Prompts split over two replicas come back in order; a weight sync in several buckets
     delivers every byte (the replicas' float64 sums equal ours); the endpoint file names
@@ -149,6 +150,7 @@ def test_pool_serves_through_the_real_worker(run):
     assert not (run.dir / "rollout_endpoint.json").exists()
 
 
+@pytest.mark.dist
 def test_hostile_peers_beside_a_working_pool(run, tmp_path):
     """A crafted pickle over plain TCP, ZMQ without CURVE, and a CURVE impostor posing as
     replica 0: refused, logged, given nothing while the pool syncs and generates; the marker
@@ -199,6 +201,7 @@ def test_hostile_peers_beside_a_working_pool(run, tmp_path):
     assert sum("not a ZMQ CURVE peer" in r for r in refused) >= 2
 
 
+@pytest.mark.dist
 def test_stopped_replica_reported_within_heartbeat_timeout(run):
     """SIGSTOP one replica: the call fails after heartbeat_timeout_s (2 s), not after
     request_timeout_s (60 s)."""
@@ -213,6 +216,7 @@ def test_stopped_replica_reported_within_heartbeat_timeout(run):
     assert 2.0 <= elapsed < 3.5
 
 
+@pytest.mark.dist
 def test_slow_replica_not_reported(tmp_path):
     """A replica whose generation takes 4 s, with heartbeat_timeout_s=1: answered, since its
     heartbeat thread keeps it alive."""

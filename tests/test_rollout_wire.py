@@ -204,6 +204,7 @@ def test_peers_without_the_secret_are_refused_and_get_nothing(caplog):
         ctx.term()
 
 
+@pytest.mark.dist
 def test_replica_refuses_a_trainer_without_the_secret(tmp_path):
     """A replica pointed at a server of another secret (say, an endpoint file rewritten by
     someone else) fails the CURVE handshake and exits, telling why; it never sends its hello
@@ -239,6 +240,7 @@ while True:  # the main thread busy in Python (a replica's generate), holding th
 """
 
 
+@pytest.mark.dist
 def test_heartbeats_from_a_busy_replica_and_exit_when_the_trainer_is_gone():
     """The worker's heartbeat thread (no vLLM here) sends every heartbeat_s while the main
     thread is busy, and ends the process (code 3) once the trainer's socket has been gone

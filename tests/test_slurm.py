@@ -71,6 +71,7 @@ def _overrides(cmd: list[str]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- dry runs
+@pytest.mark.e2e
 def test_70b_dry_run_layout():
     res = _dry_run("agpo_70b.sh", "trainer.steps=7", "parallel.pipeline_parallel=4")
     assert res.returncode == 0, res.stderr
@@ -102,6 +103,7 @@ def test_70b_dry_run_layout():
     assert "NCCL_CUMEM_ENABLE=0" in res.stdout and "NCCL_IB_TIMEOUT=22" in res.stdout
 
 
+@pytest.mark.e2e
 def test_70b_dry_run_other_layouts_and_errors():
     # Two rollout nodes with TP4 replicas: two replicas per node; 10 training nodes.
     res = _dry_run("agpo_70b.sh", ROLLOUT_NODES="2", ROLLOUT_TP="4")
@@ -129,6 +131,7 @@ def test_70b_dry_run_other_layouts_and_errors():
     assert res.returncode == 2 and "unknown option --bogus" in res.stderr
 
 
+@pytest.mark.e2e
 def test_tiny_dry_run():
     res = _dry_run("agpo_tiny.sh", "trainer.steps=2")
     assert res.returncode == 0, res.stderr
@@ -139,6 +142,7 @@ def test_tiny_dry_run():
     assert "NCCL" not in res.stdout
 
 
+@pytest.mark.e2e
 def test_70b_plan_check():
     if not (REPO / "megatron_agpo" / "plan" / "__main__.py").exists():
         pytest.skip("megatron_agpo.plan is not here")
@@ -188,6 +192,7 @@ def _job(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
+@pytest.mark.e2e
 @pytest.mark.slurm
 @slurm
 def test_70b_job_accepted_by_the_controller(tmp_path):
@@ -256,6 +261,8 @@ def _batch_log(tmp_path: Path, job_id: str) -> str:
     return (tmp_path / f"agpo-tiny-{job_id}.out").read_text()
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slurm
 @pytest.mark.slow
 @slurm
@@ -280,6 +287,8 @@ def test_tiny_job_runs_with_a_replica_step(tmp_path):
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "0"
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slurm
 @pytest.mark.slow
 @slurm
@@ -318,6 +327,7 @@ def test_usr1_saves_requeues_and_resumes_every_step_once(tmp_path):
     assert metrics.read_text().startswith(first[0]) and len(first[0].splitlines()) == k
 
 
+@pytest.mark.e2e
 @pytest.mark.slurm
 @slurm
 def test_usr1_reaches_the_ranks_only_and_the_job_requeues(tmp_path):

@@ -70,6 +70,7 @@ def _body(rank: int, world: int, run_dir: str) -> None:
                     service.close()
 
 
+@pytest.mark.engine
 @pytest.mark.dist
 def test_colocated_trainer_sync_parity_tp2(tmp_path):
     """2 steps at TP=2 with vLLM in rank 0: after each sync the trainer's recomputed

@@ -96,6 +96,8 @@ def _train(run_dir: Path, steps: int, *extra: str) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(tmp_path):
     """4 steps == 2 steps, a restart, 2 more (world size 2, TP=2, real vLLM replica), with a
@@ -126,6 +128,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert len(gaps) == 8 and max(gaps) < 1e-4, gaps
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.dist
 def test_pipeline_parallel_trainer_syncs_the_engine(tmp_path):
     """PP=2 (two stages, one process each): the weight sync gathers both stages into the vLLM
