@@ -16,8 +16,8 @@ is ``s_i``; under `seq-mean-token-mean` this is GSPO's objective and gradient ex
 verl, that log-ratio is clamped at ``GSPO_LOG_RATIO_MAX`` = 10: a row above it has ratio e^10
 and no gradient.
 
-The same `token_loss` is used by the fused vocab-parallel kernel (megatron_agpo.ops), so the
-fused and unfused paths cannot drift apart.
+The same `token_loss` is used by the fused vocab-parallel loss (megatron_agpo.ops, autograd
+Functions in plain PyTorch), so the fused and unfused paths cannot drift apart.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def sequence_log_ratio(
 def sequence_log_ratio_flat(
     logp: torch.Tensor, old_logp: torch.Tensor, row: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
-    """`sequence_log_ratio` for flat token vectors [N] (the fused kernel's layout): row[i] is
+    """`sequence_log_ratio` for flat token vectors [N] (the fused ops' layout): row[i] is
     the sequence of token i, valid[i] whether it is a response token. Returns [N], detached;
     a fully invalid row gives 0. The rows' tokens must all be in this call."""
     check_same_shape(logp=logp, old_logp=old_logp, row=row, valid=valid)
