@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from megatron_agpo.data.arithmetic import GRADED_LEVELS, GRADED_VERSION  # noqa: E402
 from megatron_agpo.eval.passk import bootstrap_pass_at_k  # noqa: E402
+from megatron_agpo.eval.results import portable_paths  # noqa: E402
 
 ARMS: dict[str, list[str]] = {
     "grpo": ["algorithm=grpo"],
@@ -350,6 +351,8 @@ def report(a: StudyArgs) -> str:
             "total_wall_s": wall,
         },
     }
+    # Committed results name no folder of this machine: repository-relative or ~ paths.
+    record = portable_paths(record)
     (docs / "study_graded.json").write_text(json.dumps(record, indent=1))
     text = table(summary)
     text += f"\n\nRuns: {sum(len(r) for r in col.evals.values())}; total CPU {cpu / 3600:.2f} h, "

@@ -230,6 +230,11 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["examples/search_relevance/run.sh", *(argv or sys.argv[1:])]),
     }
+    # Committed (docs/results/relevance.json): repository-relative or ~ paths, not this
+    # machine's folders.
+    from megatron_agpo.eval.results import portable_paths
+
+    results = portable_paths(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     md = report.write_report(results, out)
     log(f"report: {md} (total {times['total']:.0f} s)")

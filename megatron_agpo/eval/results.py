@@ -165,6 +165,38 @@ def plot_curves(summary: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout this package runs from (what `portable_paths` makes paths relative to)."""
+
+
+def portable_paths(obj: Any, repo: str | Path | None = None, home: str | Path | None = None):
+    """`obj` (JSON-like: dicts, lists, strings, numbers) with the machine's folders taken out
+    of every string, for results that get committed: a path in the repository becomes relative
+    to it ("runs/study"; the repository itself "."), one in the home folder starts with "~"
+    ("~/.cache/megatron_agpo/..."). Paths inside longer strings (a recorded command) are
+    rewritten too; other absolute paths are left as they are."""
+    repo_s = str(Path(repo or REPO_ROOT).resolve())
+    home_s = str(Path(home or os.path.expanduser("~")).resolve())
+
+    def fix(s: str) -> str:
+        if s in (repo_s, home_s):
+            return "." if s == repo_s else "~"
+        # The repository first: it may lie inside the home folder.
+        s = s.replace(repo_s + "/", "")
+        if home_s != "/":
+            s = s.replace(home_s + "/", "~/")
+        return s
+
+    if isinstance(obj, str):
+        return fix(obj)
+    if isinstance(obj, Mapping):
+        return {fix(k) if isinstance(k, str) else k: portable_paths(v, repo_s, home_s)
+                for k, v in obj.items()}  # fmt: skip
+    if isinstance(obj, (list, tuple)):
+        return [portable_paths(v, repo_s, home_s) for v in obj]
+    return obj
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text to path through a temporary file and a rename, so a reader or a crash never
     sees half a file."""
