@@ -97,7 +97,7 @@ def test_tp1_float64_equals_naive(mode, seed, shape, chunk, full):
 def _rel_err(x, ref):
     """Largest error relative to the reference's largest entry (bf16 rounds each entry to
     about 2^-9 of itself, so this is the scale on which its error is judged)."""
-    return float((x.double() - ref).abs().max() / ref.abs().max())
+    return float((x.detach().double() - ref).abs().max() / ref.abs().max())
 
 
 def test_fp32_inplace_close_to_float64():

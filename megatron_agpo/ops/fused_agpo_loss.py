@@ -409,6 +409,59 @@ class _FusedVocabParallelAGPOLoss(torch.autograd.Function):
         return buf, None, None, None, None, None, None, None
 
 
+class _TritonVocabParallelAGPOLoss(torch.autograd.Function):
+    """The same loss with the one-pass Triton producer (`triton_agpo`): logits are read once
+    forward and once backward; statistics, TP combination and surrogate are shared."""
+
+    @staticmethod
+    def forward(ctx, logits, target, advantages, old_logp, ref_logp, rollout_logp, row, opts):
+        from megatron_agpo.ops import triton_agpo
+
+        (cfg, tp_group, _, inplace, vocab_start, vocab_size, compute_entropy, num_rows,
+         validate) = opts  # fmt: skip
+        ctx.set_materialize_grads(False)
+        tp_size, tp_rank = _tp_info(tp_group)
+        n, v_local = logits.shape
+        if vocab_start is None:
+            vocab_start = tp_rank * v_local
+        cols = _local_columns(vocab_size, vocab_start, v_local, tp_size)
+        _check_inputs(
+            n, vocab_size or v_local * tp_size, target, advantages, old_logp, ref_logp,
+            rollout_logp, validate,
+        )  # fmt: skip
+        target = target.long()
+        idx, in_range = _target_columns(target, vocab_start, cols)
+        m, se, sez, pred = triton_agpo.local_stats(logits, cols, idx, in_range, compute_entropy)
+        logp, ent, lse, _ = _combine_stats(
+            m, se, sez, pred, in_range, compute_entropy, tp_group, tp_size
+        )
+        valid = target != IGNORE_INDEX
+        zero = torch.zeros_like(logp)
+        logp, ent = torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+        loss, g, h = _token_coefficients(
+            logp, ent, valid, advantages, old_logp, ref_logp, rollout_logp, cfg, row, num_rows
+        )
+        ctx.logits, ctx.inplace = logits, inplace  # unchanged until the backward writes it
+        ctx.lse, ctx.ent, ctx.g, ctx.h, ctx.valid = lse, ent, g, h, valid
+        ctx.idx, ctx.in_range, ctx.cols = idx, in_range, cols
+        ctx.entropy_term = cfg.needs_entropy_grad
+        return loss, logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp, grad_ent):
+        from megatron_agpo.ops import triton_agpo
+
+        z = ctx.logits
+        a, b = _backward_coefficients(ctx, grad_loss, grad_logp, grad_ent, torch.float32)
+        grad = z if ctx.inplace else torch.empty_like(z)
+        triton_agpo.logits_grad(
+            z, grad, ctx.cols, ctx.lse, ctx.ent, a, b, ctx.idx, ctx.in_range,
+            ctx.entropy_term or grad_ent is not None,
+        )  # fmt: skip
+        ctx.logits = None
+        return grad, None, None, None, None, None, None, None
+
+
 def fused_vocab_parallel_agpo_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -427,6 +480,7 @@ def fused_vocab_parallel_agpo_loss(
     compute_entropy: bool = True,
     num_rows: int | None = None,
     validate: bool = False,
+    producer: str = "torch",
 ) -> FusedLossOutput:
     """Per-token AGPO loss from vocab-parallel logits ``[N, Vl]`` (float64/32, bf16, fp16).
 
@@ -445,16 +499,38 @@ def fused_vocab_parallel_agpo_loss(
     the entropy output is then 0 and cfg.entropy_coef must be 0. chunk_size: tokens per
     chunk; None sizes a chunk's float32 temporary per device (`chunk_bytes`). validate: check
     the target ids on the host and name the bad tokens (a host sync; for debugging).
+    producer: "torch" (this module, every device) or "triton" (`triton_agpo`: one pass over
+    the logits each way; CUDA, or the CPU under TRITON_INTERPRET=1; chunk_size is unused).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V/TP], got shape {tuple(logits.shape)}")
     _check_options(cfg, chunk_size, compute_entropy, num_rows, logits.dtype, "logits")
     opts = (cfg, tp_group, chunk_size, inplace, vocab_start, vocab_size, compute_entropy,
             num_rows, validate)  # fmt: skip
-    out = _FusedVocabParallelAGPOLoss.apply(
-        logits, target, advantages, old_logp, ref_logp, rollout_logp, row, opts
-    )
+    fn = _FusedVocabParallelAGPOLoss
+    if producer == "triton":
+        fn = _triton_function(logits)
+    elif producer != "torch":
+        raise ValueError(f"producer={producer!r}: must be 'torch' or 'triton'")
+    out = fn.apply(logits, target, advantages, old_logp, ref_logp, rollout_logp, row, opts)
     return FusedLossOutput(*out)
+
+
+def _triton_function(logits: torch.Tensor):
+    """The Triton autograd function, or a one-line error saying what is missing."""
+    try:
+        from megatron_agpo.ops import triton_agpo
+    except ImportError as e:
+        raise RuntimeError(
+            f"producer='triton' needs the triton package, not in the default set-up ({e})"
+        ) from None
+    if not triton_agpo.available_on(logits):
+        raise RuntimeError(
+            "producer='triton' needs CUDA logits (or TRITON_INTERPRET=1 to run it on the CPU)"
+        )
+    if logits.stride(1) != 1:
+        raise ValueError("producer='triton' needs logits with contiguous rows (stride 1)")
+    return _TritonVocabParallelAGPOLoss
 
 
 _WGRAD_KERNEL = None
