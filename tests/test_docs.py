@@ -207,3 +207,21 @@ def test_config_keys_in_the_docs_exist():
         if key not in known and key not in NOT_KEYS and not _python_name(key)
     ]
     assert not missing, "keys the docs name that the config does not have:\n" + "\n".join(missing)
+
+
+def test_docs_list_every_preset():
+    # The presets are the files of conf/algorithm/ (and algorithms.PRESETS); where the docs
+    # list them, they list them all.
+    from megatron_agpo.algorithms import PRESETS
+
+    presets = sorted(p.stem for p in (CONF / "algorithm").glob("*.yaml"))
+    assert presets == sorted(PRESETS)
+    algorithm_md = (REPO / "docs" / "ALGORITHM.md").read_text()
+    block = algorithm_md.split("| preset |", 1)[1].split("\n\n", 1)[0]
+    table = set(re.findall(r"^\| `([a-z_]+)` \|", block, re.MULTILINE))
+    assert table == set(presets), table ^ set(presets)
+    training = " ".join((REPO / "docs" / "TRAINING.md").read_text().split())
+    listed = re.search(r"The presets \(`algorithm=`.*?\): (.*?); their rules", training)
+    assert listed, "TRAINING.md's list of presets"
+    assert sorted(re.findall(r"`([a-z_]+)`", listed.group(1))) == presets
+    assert f"any of the {len(presets)} presets" in training
