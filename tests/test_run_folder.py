@@ -39,6 +39,7 @@ def _holder(run_dir: Path, ready: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.dist  # a second process holds the lock
 def test_second_run_is_refused_and_a_stale_lock_taken_over(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
