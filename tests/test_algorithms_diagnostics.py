@@ -37,3 +37,27 @@ def test_negative_dominant_gradients_are_noisier_at_low_pass_rate():
     )
     # W-REINFORCE's expected gradient: 1 (negatives) + 0.1 (positives) times grad p.
     assert gradient_snr("w_reinforce", 0.16, MODEL)["along"] == pytest.approx(1.1, abs=0.06)
+
+
+def test_reinforce_pp_is_whitened_per_batch():
+    # The trainer whitens one batch at a time; the noise model must too. Reference: the same
+    # samples, each batch's advantages computed by its own `advantages` call.
+    from megatron_agpo.algorithms import advantages
+
+    m, p = NoiseModel(batches=300), 0.16
+    pi = torch.full((m.answers,), (1 - p) / (m.answers - 1), dtype=torch.float64)
+    pi[0] = p
+    gen = torch.Generator().manual_seed(m.seed)
+    n, bg = m.batches, m.groups * m.group_size
+    y = torch.multinomial(pi, n * bg, replacement=True, generator=gen).view(n, bg)
+    grads = []
+    for row in y:
+        adv = advantages((row == 0).double(), m.group_size, "reinforce_pp")
+        onehot = torch.nn.functional.one_hot(row, m.answers).double()
+        grads.append(((onehot - pi) * adv[:, None]).sum(0) / bg)
+    g = torch.stack(grads)
+    mean = g.mean(0)
+    snr = float(mean @ mean) / float(((g - mean) ** 2).sum(1).mean())
+    got = gradient_snr("reinforce_pp", p, m)["snr"]
+    assert got == pytest.approx(snr, rel=1e-9)
+    assert got != pytest.approx(gradient_snr("dr_grpo", p, m)["snr"], rel=1e-3)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_agpo.algorithms.advantages import AdvantageConfig, advantages
+from megatron_agpo.algorithms.advantages import AdvantageConfig, advantages, resolve, whiten
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,12 @@ def gradient_snr(
     gen = torch.Generator().manual_seed(model.seed)
     y = torch.multinomial(pi, n * b * g, replacement=True, generator=gen)  # [N*B*G]
     rewards = (y == 0).to(torch.float64)
-    adv = advantages(rewards, g, algorithm).view(n, b * g)
+    cfg = resolve(algorithm)
+    # Batch whitening (REINFORCE++) is over one batch, as the trainer does it, not over all
+    # N batches at once (which would be one constant scale, changing no SNR).
+    adv = advantages(rewards, g, cfg, batch_norm=False).view(n, b * g)
+    if cfg.batch_norm:
+        adv = torch.stack([whiten(row, g, cfg) for row in adv])
     # sum_i A_i (e_{y_i} - pi) per batch, without materialising the one-hot vectors
     weighted = torch.zeros(n, m, dtype=torch.float64).scatter_add_(1, y.view(n, b * g), adv)
     grads = (weighted - adv.sum(dim=1, keepdim=True) * pi) / (b * g)  # [N, M]
