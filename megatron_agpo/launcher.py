@@ -31,12 +31,14 @@ FORWARDED_TO_RANKS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _child_setup() -> None:
-    """preexec_fn of torchrun: die with the launcher; ignore the signals meant for the ranks
-    (the ranks install their own handlers, which replace the inherited SIG_IGN)."""
+    """preexec_fn of torchrun: die with the launcher; block the signals meant for the ranks.
+    Blocked, not ignored: torchrun never acts on them (a SIGTERM to every process of the job
+    leaves it running), and the ranks inherit the mask, so a signal sent to a rank before its
+    handler exists stays pending until the rank's first line (early_signals.catch_early)
+    records it. An ignored one would be lost."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    for sig in FORWARDED_TO_RANKS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_TO_RANKS)
 
 
 def children_of(pid: int) -> list[int]:
@@ -74,24 +76,39 @@ def run_ranks(cmd: list[str], env: dict[str, str]) -> int:
         # torchrun must not turn SIGTERM into "kill the ranks in 30 s"; the ranks handle it.
         "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT",
     }
+    from megatron_agpo.early_signals import take_pending
+
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, start_new_session=True)
+    # Signals for the ranks that came before the ranks exist (during the warm start, or
+    # while torchrun starts them): delivered as soon as they do.
+    pending = [s for s in take_pending() if s in FORWARDED_TO_RANKS]
+
+    def deliver() -> None:
+        ranks = children_of(proc.pid)
+        while pending and ranks:
+            signum = pending.pop(0)
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
     def forward(signum, _frame):
         if signum in FORWARDED_TO_RANKS:
-            for pid in children_of(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signum)
+            pending.append(signum)
+            deliver()
         else:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signum)
 
     handled = (*FORWARDED_TO_RANKS, signal.SIGINT)
     previous = {sig: signal.signal(sig, forward) for sig in handled}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_TO_RANKS)
     try:
         while True:
             try:
-                rc = proc.wait()
+                rc = proc.wait(timeout=0.2)  # a short wait: pending signals go out soon
                 break
+            except subprocess.TimeoutExpired:
+                deliver()
             except InterruptedError:  # pragma: no cover - PEP 475 retries; belt and braces
                 continue
     finally:

@@ -451,6 +451,10 @@ def _fail(e: UsageError, under: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program (not a caller in-process): signals count from now on
+        from megatron_agpo.early_signals import catch_early
+
+        catch_early()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("AGPO_DEBUG", "") not in ("", "0")
     under = _under_launcher()

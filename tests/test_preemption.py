@@ -97,6 +97,8 @@ from megatron_agpo.trainer.preemption import die_with_parent
 die_with_parent()
 got = []
 signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+# As a real rank does (Preemption.install): the launcher starts torchrun with these blocked.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGUSR1))
 Path(os.environ["READY"]).write_text(str(os.getpid()))
 while not got:
     time.sleep(0.05)

@@ -332,6 +332,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.parent_pid:
         die_with_parent(args.parent_pid)
+        # Spawned by a rank: the rank decides when it stops (and it dies with the rank). A
+        # scheduler's SIGTERM/SIGUSR1 to every process of the job is the rank's to act on
+        # (finish the step, save); a replica that exited on it would fail that step.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
     try:
         if args.secret_file:
             secret = wire.read_secret(args.secret_file)

@@ -556,6 +556,8 @@ class Trainer:
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
         cfg = self.cfg
+        if self.preemption.should_stop(0.0):  # signalled while starting (collective)
+            self._preempted_at_start()
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
             self.metrics.write(
@@ -599,6 +601,18 @@ class Trainer:
             plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             self.metrics.write(f"done: metrics {self.run_dir / 'metrics.jsonl'}, plot {plot}")
         return last
+
+    def _preempted_at_start(self) -> None:
+        """A preemption signal (or the job's end) before the first step: nothing was trained
+        since the last checkpoint, so nothing is saved; exit 75 all the same (requeue)."""
+        if self.rank == 0:
+            from megatron_agpo.launcher import write_exit_status
+
+            last = f"the checkpoint of step {self.step} is current" if self.step else "no step ran"
+            write_exit_status(ckpt.EXIT_PREEMPTED, step=self.step, path=None)
+            print(f"preempted ({self.preemption.describe()}) before the first step: nothing to "
+                  f"save ({last}); exit {ckpt.EXIT_PREEMPTED}", flush=True)  # fmt: skip
+        raise ckpt.Preempted()
 
     def _log_eval(self) -> None:
         row = {"step": self.step, **self.evaluate()}

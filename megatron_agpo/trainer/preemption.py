@@ -58,9 +58,16 @@ class Preemption:
     def install(self) -> None:
         """Main thread only. A handler that records the signal, restartable system calls (a
         signal must not fail a gloo/NCCL call in flight with EINTR)."""
+        from megatron_agpo.early_signals import take_pending
+
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
             signal.siginterrupt(sig, False)
+        # Signals caught since the process started (early_signals), and any still blocked
+        # since the launcher started torchrun: from now on they are this run's.
+        for sig in take_pending():
+            self._handle(sig, None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def uninstall(self) -> None:
         for sig, prev in self._previous.items():
