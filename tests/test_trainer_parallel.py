@@ -158,11 +158,15 @@ def test_step_creates_no_tensor_off_the_model_device(tiny_hf):
     run_distributed(_meta_body, 1, tiny_hf)
 
 
+@pytest.mark.engine
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_data_parallel_run_with_dynamic_sampling_and_token_budget(tmp_path):
-    """The whole trainer at DP=2 (TP=1, two ranks, a vLLM replica): dynamic sampling refills to
-    the full batch, token-budget micro-batches run on each rank's shard, and after every sync
-    the engine's log-probs equal the trainer's (the DP ranks stayed in step)."""
+    """The whole trainer at DP=2 (TP=1, two ranks, a vLLM replica): dynamic sampling drops the
+    groups without signal and refills to the full batch (GRPO: all-wrong and all-right groups
+    have advantage 0; at the warm-started policy's pass rate, about 0.13, a round of 6 groups
+    of 8 keeps about 4), token-budget micro-batches run on each rank's shard, and after every
+    sync the engine's log-probs equal the trainer's (the DP ranks stayed in step)."""
     import json
     import os
     import subprocess
@@ -172,9 +176,8 @@ def test_data_parallel_run_with_dynamic_sampling_and_token_budget(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     run = tmp_path / "dp2"
     cmd = [
-        sys.executable, "-m", "megatron_agpo.train", "trainer.steps=2",
-        "parallel.tensor_parallel=1", "model.warmstart_steps=30", "trainer.eval_every=0",
-        "data.prompts_per_step=6",
+        sys.executable, "-m", "megatron_agpo.train", "trainer.steps=2", "algorithm=grpo",
+        "parallel.tensor_parallel=1", "trainer.eval_every=0", "data.prompts_per_step=6",
         "trainer.dynamic_sampling=zero_advantage", "trainer.token_budget=200",
         f"logging.run_dir={run}", "logging.progress=false", "checkpoint.save_final=false",
     ]  # fmt: skip
@@ -183,8 +186,13 @@ def test_data_parallel_run_with_dynamic_sampling_and_token_budget(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "DP=2" in res.stdout, res.stdout[-2000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
+    steps = [r for r in rows if "updated" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["groups/kept"] == 6 and r["all/tokens"] > 0
+        # Every round samples data.prompts_per_step prompts.
+        assert r["groups/sampled"] == 6 * r["sampling/rounds"], r
+    # A refill happened: some step dropped groups and sampled another round to replace them.
+    refilled = [r for r in steps if r["sampling/rounds"] > 1]
+    assert refilled and all(r["groups/sampled"] > r["groups/kept"] for r in refilled), steps
     assert max(r["logp_gap"] for r in steps) < 1e-4
