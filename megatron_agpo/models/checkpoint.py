@@ -23,6 +23,7 @@ restricted unpickler that admits only its own record types (see docs/CHECKPOINTS
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -587,6 +588,49 @@ def _chunks(model):
     return _unwrap(model)
 
 
+# megatron's torch_dist save (synchronous here) forks one writer process per shard file and
+# collects their results through a queue that it creates, at the first save, in a
+# multiprocessing Manager: a server process that lives as long as the rank. Neither would die
+# with a rank killed by SIGKILL (the Manager outlived it by 15+ minutes; a writer killed
+# mid-save left deadlocked). So: the results queue is an in-process queue (a synchronous save
+# puts its results in the rank's own process: no Manager is ever started), and every process
+# forked while a save runs gets PR_SET_PDEATHSIG=SIGKILL, dying with its rank.
+_saving = False
+_fork_hook = False
+
+
+def _writer_dies_with_rank() -> None:
+    if not _saving:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the rank died before prctl took effect
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def no_orphan_writers():
+    """Context of a dist-checkpoint save: no Manager server, forked writers die with the
+    rank (see above)."""
+    global _saving, _fork_hook
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_writer_dies_with_rank)
+        _fork_hook = True
+    _saving = True
+    try:
+        yield
+    finally:
+        _saving = False
+
+
 def save_model_shards(model, model_dir: Path) -> None:
     """Collective: every rank writes its shards of the model into model_dir."""
     from megatron.core import dist_checkpointing
@@ -595,7 +639,8 @@ def save_model_shards(model, model_dir: Path) -> None:
         model_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
     (chunk,) = _chunks(model)  # one model chunk per rank (no virtual pipeline stages)
-    dist_checkpointing.save(chunk.sharded_state_dict(), str(model_dir))
+    with no_orphan_writers():
+        dist_checkpointing.save(chunk.sharded_state_dict(), str(model_dir))
 
 
 def load_model_shards(model, model_dir: Path) -> None:

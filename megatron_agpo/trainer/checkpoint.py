@@ -41,6 +41,7 @@ from megatron_agpo.models.checkpoint import (
     layout_str,
     load_state_strict,
     model_fields,
+    no_orphan_writers,
     parallel_layout,
     prepare_tmp,
     publish,
@@ -217,7 +218,8 @@ def save(
         (tmp / RNG_SUBDIR).mkdir()
     _barrier()
     opt_sd = _optimizer_sharded_state(model_sd, optimizer, is_loading=False)
-    dist_checkpointing.save(opt_sd, str(tmp / OPTIMIZER_SUBDIR))
+    with no_orphan_writers():
+        dist_checkpointing.save(opt_sd, str(tmp / OPTIMIZER_SUBDIR))
     torch.save(_rng_state(), _rng_file(tmp, _rank()))
     adam_step = _adam_step(optimizer)
     _barrier()
