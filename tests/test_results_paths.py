@@ -58,13 +58,15 @@ def test_portable_paths():
 
 
 @pytest.fixture
-def study():
+def study(monkeypatch):
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(
         "agpo_study", REPO_ROOT / "tools" / "agpo_study.py"
     )
     mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "agpo_study", mod)  # its dataclasses look themselves up
     spec.loader.exec_module(mod)
     return mod
 
