@@ -96,9 +96,22 @@ agpo_gpu_env() {
     export VLLM_DISABLE_COMPILE_CACHE=${VLLM_DISABLE_COMPILE_CACHE:-1}
 }
 
+# SLURM's numeric variables, checked before any shell arithmetic reads them: bash evaluates
+# a variable's value as an expression there (a value like `a[$(cmd)]` would run cmd).
+agpo_check_slurm_numbers() {
+    local v val
+    for v in SLURM_JOB_ID SLURM_NNODES SLURM_CPUS_ON_NODE SLURM_RESTART_COUNT \
+        SLURM_NTASKS_PER_NODE SLURM_GPUS_ON_NODE SLURM_JOB_END_TIME SLURM_GPUS_PER_NODE; do
+        val=${!v:-}
+        [[ $v == SLURM_GPUS_PER_NODE ]] && val=${val##*:} # e.g. h100:8
+        [[ -z $val || $val =~ ^[0-9]+$ ]] || agpo_die "$v=${!v} is not a whole number"
+    done
+}
+
 # Resolve the layout into global variables; no side effects.
 agpo_resolve_layout() {
     local v
+    agpo_check_slurm_numbers
     for v in TRAIN_NODES ROLLOUT_NODES TASKS_PER_NODE GPUS_PER_NODE ROLLOUT_TP NUM_REPLICAS \
         AGPO_TP AGPO_PP CPUS_PER_TASK AGPO_MAX_RESTARTS; do
         [[ -z ${!v:-} || ${!v} =~ ^[0-9]+$ ]] || agpo_die "$v=${!v} is not a whole number"

@@ -68,9 +68,10 @@ class RolloutConfig:
     read the same file); empty with "spawn" = a fresh secret per pool, handed to the
     children in their environment. Write one with
     `python -m megatron_agpo.rollout.wire new-secret FILE`."""
-    heartbeat_s: float = 5.0
+    heartbeat_s: float | None = None
     """Interval of the heartbeats a replica sends from a thread of its own (so a long
-    generation does not delay them)."""
+    generation does not delay them). None: heartbeat_timeout_s / 6 (5 s at the default
+    30 s), so that setting the timeout alone is enough."""
     heartbeat_timeout_s: float = 30.0
     """A replica silent this long while the trainer waits on it (SIGSTOPped, hung, its node
     gone) is reported, however long its request may still run; a replica that cannot reach
@@ -96,23 +97,37 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         self.replica_cuda_devices = tuple(self.replica_cuda_devices)
+        if self.heartbeat_timeout_s > 0 and self.heartbeat_s is None:
+            self.heartbeat_s = self.heartbeat_timeout_s / 6
+        hb = self.heartbeat_s
+        # name -> (ok, the range in words)
         checks = {
-            "max_model_len": self.max_model_len > 1,
-            "tensor_parallel_size": self.tensor_parallel_size >= 1,
-            "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
-            "bucket_mb": self.bucket_mb > 0,
-            "num_replicas": self.num_replicas >= 1,
-            "start_timeout_s": self.start_timeout_s > 0,
-            "request_timeout_s": self.request_timeout_s > 0,
-            "sync_timeout_s": self.sync_timeout_s > 0,
-            "sync_port": 0 <= self.sync_port <= 65535,
-            "heartbeat_s": self.heartbeat_s > 0,
-            "heartbeat_timeout_s": self.heartbeat_timeout_s >= 2 * self.heartbeat_s,
-            "connect_timeout_s": self.connect_timeout_s > 0,
+            "max_model_len": (self.max_model_len > 1, "must be > 1"),
+            "tensor_parallel_size": (self.tensor_parallel_size >= 1, "must be >= 1"),
+            "gpu_memory_utilization": (
+                0.0 < self.gpu_memory_utilization <= 1.0,
+                "must be in (0, 1]",
+            ),
+            "bucket_mb": (self.bucket_mb > 0, "must be > 0"),
+            "num_replicas": (self.num_replicas >= 1, "must be >= 1"),
+            "start_timeout_s": (self.start_timeout_s > 0, "must be > 0"),
+            "request_timeout_s": (self.request_timeout_s > 0, "must be > 0"),
+            "sync_timeout_s": (self.sync_timeout_s > 0, "must be > 0"),
+            "sync_port": (0 <= self.sync_port <= 65535, "must be in [0, 65535] (0: any)"),
+            "heartbeat_s": (hb is None or hb > 0, "must be > 0 (or unset: timeout / 6)"),
+            "heartbeat_timeout_s": (
+                self.heartbeat_timeout_s > 0 and (hb is None or self.heartbeat_timeout_s >= 2 * hb),
+                f"must be > 0 and at least 2 x heartbeat_s ({2 * hb:g} s: two missed "
+                "heartbeats); raise it or lower heartbeat_s"
+                if hb is not None and hb > 0
+                else "must be > 0",
+            ),
+            "connect_timeout_s": (self.connect_timeout_s > 0, "must be > 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)!r} is out of range")
+                value = getattr(self, name)
+                raise ValueError(f"RolloutConfig.{name}={value!r} is out of range: {rule}")
         choices = {
             "sync_channel": ("zmq", "collective"),
             "sync_backend": ("auto", "gloo", "nccl"),

@@ -307,6 +307,24 @@ class Worker:
         return {"ok": True, "reload_seconds": seconds}
 
 
+def run_secret(args) -> bytes:
+    """The run's secret: from the pipe the spawning trainer wrote it into (never in this
+    process's environment, which /proc/PID/environ shows for its whole life), a file, or
+    (external replicas started by hand) the environment."""
+    if args.secret_fd is not None:
+        try:
+            with os.fdopen(args.secret_fd, "r") as f:
+                text = f.read(4096)
+        except OSError as e:
+            raise wire.WireError(f"--secret-fd {args.secret_fd}: {e}") from None
+        return wire.parse_secret(text, f"--secret-fd {args.secret_fd}")
+    if args.secret_file:
+        return wire.read_secret(args.secret_file)
+    if os.environ.get(wire.SECRET_ENV):
+        return wire.parse_secret(os.environ.pop(wire.SECRET_ENV), f"${wire.SECRET_ENV}")
+    raise wire.WireError(f"no secret: give --secret-file or set ${wire.SECRET_ENV}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
@@ -319,6 +337,11 @@ def main() -> None:
         "--secret-file",
         type=Path,
         help=f"the run's secret (hex, mode 600); default: ${wire.SECRET_ENV}",
+    )
+    parser.add_argument(
+        "--secret-fd",
+        type=int,
+        help="a pipe holding the run's secret (hex), read once (spawned replicas)",
     )
     parser.add_argument(
         "--parent-pid", type=int, default=0, help="the spawning trainer's pid (spawn mode)"
@@ -338,12 +361,7 @@ def main() -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
     try:
-        if args.secret_file:
-            secret = wire.read_secret(args.secret_file)
-        elif os.environ.get(wire.SECRET_ENV):
-            secret = wire.parse_secret(os.environ.pop(wire.SECRET_ENV), f"${wire.SECRET_ENV}")
-        else:
-            raise wire.WireError(f"no secret: give --secret-file or set ${wire.SECRET_ENV}")
+        secret = run_secret(args)
     except wire.WireError as e:
         _say(f"replica {args.replica_index}: {e}")
         sys.exit(EXIT_REFUSED)

@@ -169,9 +169,15 @@ class ReplicaPool:
 
     def _spawn(self, i: int) -> None:
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-        # The secret goes through the environment (readable by this user only), never the
-        # command line (readable by every user in `ps`).
-        env[wire.SECRET_ENV] = self._secret.hex()
+        env.pop(wire.SECRET_ENV, None)
+        # The secret goes through a pipe the child reads once: not the command line (every
+        # user sees it in `ps`), not the environment (/proc/PID/environ keeps it for the
+        # process's life, whatever the child removes from os.environ).
+        read_fd, write_fd = os.pipe()
+        try:
+            os.write(write_fd, self._secret.hex().encode())  # 64 bytes: fits the pipe buffer
+        finally:
+            os.close(write_fd)
         if self.config.cpu_kvcache_space_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.cpu_kvcache_space_gib)
         if self.config.replica_cuda_devices:
@@ -187,9 +193,16 @@ class ReplicaPool:
             str(i),
             "--parent-pid",
             str(os.getpid()),
+            "--secret-fd",
+            str(read_fd),
         ]
-        self.processes[i] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        try:
+            self.processes[i] = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=(read_fd,)
+            )
+        finally:
+            os.close(read_fd)
+            log.close()
 
     def _describe(self, i: int) -> str:
         proc, info = self.processes[i], self.replica_info[i]

@@ -164,6 +164,8 @@ def decode_header(frame: Any) -> dict:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WireError(f"message header is not JSON: {e}") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: refused, not a crash
+        raise WireError("message header nests too deeply to be a header") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise WireError("message header is not a JSON object with an 'op'")
     return header
