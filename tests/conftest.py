@@ -12,7 +12,7 @@ NOT_UNIT = ("dist", "engine", "e2e", "slow", "gpu", "slurm")
 """The tiers a test declares itself (pyproject.toml lists what each means). `unit` is the rest:
 fast, one process, no vLLM engine, no subprocess. A test that starts an engine is marked
 `engine`; one that runs agpo-train, another CLI or the SLURM controller as a subprocess,
-`e2e`; one with several processes (gloo ranks, replica workers), `dist`."""
+`e2e`; one with several processes (gloo ranks, replica or reward workers), `dist`."""
 
 
 def pytest_collection_modifyitems(config, items):

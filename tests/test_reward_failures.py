@@ -37,6 +37,7 @@ def flaky_verify(answer: str, ground_truth: str) -> bool:
     return (flag or answer).strip() != "" and ground_truth == "ok"
 
 
+@pytest.mark.dist  # reward worker processes
 def test_dead_and_hung_workers_are_replaced_and_the_answer_rescored(tmp_path):
     cfg = RewardConfig(num_workers=1, timeout_s=1.0, retries=2)
     with MathReward(cfg, verify_fn=flaky_verify) as r:
@@ -56,6 +57,7 @@ def test_dead_and_hung_workers_are_replaced_and_the_answer_rescored(tmp_path):
     }  # fmt: skip
 
 
+@pytest.mark.dist  # reward worker processes
 def test_too_many_unscored_answers_stop_the_run():
     cfg = RewardConfig(num_workers=1, timeout_s=5.0, retries=0, max_unscored_fraction=0.25)
     with MathReward(cfg, verify_fn=flaky_verify) as r:

@@ -180,6 +180,7 @@ def test_echo_rule():
 # ---- through the workers ----
 
 
+@pytest.mark.dist  # reward worker processes
 @pytest.mark.parametrize(
     "response, ground_truth, expected",
     [
@@ -208,11 +209,13 @@ def test_math_reward_scores(reward, response, ground_truth, expected):
     assert reward(response, ground_truth) == expected
 
 
+@pytest.mark.dist  # reward worker processes
 def test_echo_through_reward(reward):
     assert reward(PROMPT, "2", prompt=PROMPT) == 0.0
     assert reward(PROMPT + " so \\boxed{2}", "2", prompt=PROMPT) == 1.0
 
 
+@pytest.mark.dist  # reward worker processes
 def test_stats_count_outcomes():
     with MathReward(RewardConfig(num_workers=1, timeout_s=20.0)) as r:
         assert isinstance(r, Reward)
@@ -234,6 +237,7 @@ def test_stats_count_outcomes():
     assert s.as_metrics()["reward/correct"] == 1.0
 
 
+@pytest.mark.dist  # reward worker processes
 def test_deadline_kills_and_replaces_worker():
     cfg = RewardConfig(num_workers=1, timeout_s=1.0, retries=0)
     with MathReward(cfg, verify_fn=slow_verify) as r:
@@ -249,6 +253,7 @@ def test_deadline_kills_and_replaces_worker():
         assert r(r"\boxed{5}", "4") == 0.0
 
 
+@pytest.mark.dist  # reward worker processes
 def test_deadline_on_real_sympy_blowup():
     """A real input on which math-verify does not return (sympy evaluates a power tower)."""
     cfg = RewardConfig(num_workers=1, timeout_s=1.0, retries=0)
@@ -261,6 +266,7 @@ def test_deadline_on_real_sympy_blowup():
         assert r(r"\boxed{0.25}", r"\frac14") == 1.0
 
 
+@pytest.mark.dist  # reward worker processes
 def test_deadline_from_a_non_main_thread():
     """math-verify's own SIGALRM timeout cannot work off the main thread; ours does."""
     cfg = RewardConfig(num_workers=2, timeout_s=1.0, retries=0, max_unscored_fraction=0.5)
@@ -283,6 +289,7 @@ def test_deadline_from_a_non_main_thread():
         assert r.stats().timeouts == 2
 
 
+@pytest.mark.dist  # reward worker processes
 def test_many_threads(reward):
     cases = [
         (r"\boxed{0.5}", r"\frac12", 1.0),
@@ -306,6 +313,7 @@ def test_many_threads(reward):
     assert results == [[c[2] for c in cases]] * 6
 
 
+@pytest.mark.dist  # reward worker processes
 def test_pool_worker_death_and_errors():
     with DeadlinePool(crash_or_echo, num_workers=1, timeout_s=10.0) as pool:
         assert pool.call("a") == "a"
@@ -318,6 +326,7 @@ def test_pool_worker_death_and_errors():
     assert (c.calls, c.errors, c.restarts, c.timeouts) == (2, 2, 1, 0)
 
 
+@pytest.mark.dist  # reward worker processes
 def test_close_stops_workers():
     pool = DeadlinePool(crash_or_echo, num_workers=2, timeout_s=10.0)
     pool.call("a")
@@ -335,6 +344,7 @@ def test_config_validation():
         RewardConfig(num_workers=0)
 
 
+@pytest.mark.dist  # reward worker processes
 def test_module_level_functions():
     from megatron_agpo.rewards import default_math_reward, math_reward, score_batch
 
