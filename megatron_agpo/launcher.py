@@ -120,9 +120,21 @@ def run_ranks(cmd: list[str], env: dict[str, str]) -> int:
     status = read_exit_status(Path(status_path))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(status_path)
-    if status is not None and rc != 0:
+    if status is not None and (rc != 0 or status.get("exit", 0) != 0):
         return int(status.get("exit", rc))
     return rc
+
+
+def refused_exit(code: int, rank: int) -> int:
+    """The exit code for a rank that stops the run on purpose (every rank got the same
+    verdict, rank 0 printed it): `code` where no launcher is listening; under `agpo-train`,
+    rank 0 leaves `code` for the launcher and every rank exits 0, so that torchrun does not
+    print a traceback of "failed" children after the one-line error."""
+    if not os.environ.get(EXIT_STATUS_ENV):
+        return code
+    if rank == 0:
+        write_exit_status(code)
+    return 0
 
 
 def write_exit_status(code: int, **info) -> None:

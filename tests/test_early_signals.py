@@ -113,3 +113,46 @@ def test_signal_before_the_first_step_exits_75_with_nothing_to_save(capsys, monk
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# A rank whose resume is refused: rank 0 printed the one-line error.
+REFUSED_RANK = """
+import sys
+from megatron_agpo.launcher import refused_exit
+print("agpo-train: error: checkpoint refused", file=sys.stderr, flush=True)
+sys.exit(refused_exit(2, 0))
+"""
+
+
+@pytest.mark.e2e
+def test_refused_resume_exits_2_without_torchrun_failing(tmp_path):
+    code = (
+        "import os, sys; from megatron_agpo.launcher import run_ranks; "
+        f"sys.exit(run_ranks([sys.executable, '-c', {FAKE_TORCHRUN!r}, {REFUSED_RANK!r}], "
+        "dict(os.environ)))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    # torchrun saw its ranks succeed (so no traceback of failed children); the launcher says 2
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == "agpo-train: error: checkpoint refused"
+
+
+def test_torn_metrics_line_in_the_middle_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    from megatron_agpo.trainer.loop import Trainer
+
+    monkeypatch.delenv("AGPO_EXIT_STATUS_FILE", raising=False)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "re\n{"step": 3}\n')
+    fake = SimpleNamespace(
+        cfg=SimpleNamespace(checkpoint=SimpleNamespace(resume="auto", resume_fallback=False)),
+        run_dir=tmp_path, rank=0, model=None, optimizer=None, mcfg=None,
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        Trainer._resume(fake)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agpo-train: error: ") and "\n" not in err
+    assert "metrics.jsonl line 2 is not JSON and is not the last line" in err
+    fake.run_lock.release()

@@ -260,9 +260,11 @@ class Trainer:
             if found is None:  # step 0: an earlier run's history is refused, or archived
                 rundir.fresh_start(self.run_dir, self.cfg.logging.existing, c.resume, log=log)
         except ckpt.CheckpointError as e:  # the same verdict on every rank
+            from megatron_agpo.launcher import refused_exit
+
             if self.rank == 0:
                 print(f"agpo-train: error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
+            raise SystemExit(refused_exit(2, self.rank)) from None
         self._saved_step = self.step
         if found is None:
             return
