@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.dist  # the conversion starts a helper process (multiprocessing)
 
 LAUNCH_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 

@@ -103,6 +103,7 @@ def test_mode_falls_back_to_offline_without_key_or_network():
     assert wandb_mode("auto", {"WANDB_MODE": "offline", **key}, probe=never)[0] == "offline"
 
 
+@pytest.mark.dist  # W&B starts its service process
 def test_offline_run_files_hold_what_was_logged(tmp_path, offline_env, capsys):
     run_dir = tmp_path / "run"
     settings = WandbSettings(project="agpo-test", mode="auto", config={"algorithm": "agpo"})
@@ -156,6 +157,7 @@ def test_settings_from_the_train_config():
     assert s.config["trainer"]["steps"] == 60
 
 
+@pytest.mark.dist  # W&B starts its service process
 def test_trainer_config_turns_it_on(tmp_path, offline_env):
     """The trainer records its config in run_dir/config.json before its first row; with
     logging.wandb=true there, the first row starts the W&B run."""
