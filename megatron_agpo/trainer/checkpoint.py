@@ -18,6 +18,7 @@ checkpointing), then model and optimizer load with every key checked both ways.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from megatron_agpo.models.checkpoint import (
     COMPLETE,
     MODEL_SUBDIR,
     PREFIX,
+    TMP_PREFIX,
     CheckpointError,
     clean_partial,
     complete_checkpoints,
@@ -204,12 +206,97 @@ def save(
     hf_dir: Path | None = None,
 ) -> Path:
     """Collective. Writes root/step_NNNNNNN (atomically; replacing one of the same step
-    without a moment where none is complete), then prunes to keep_last complete ones."""
-    from megatron.core import dist_checkpointing
+    without a moment where none is complete), then prunes to keep_last complete ones. A disk
+    without room for it is named before anything is written (or when a write fails), with
+    the folder and the bytes needed."""
+    from torch.distributed.checkpoint.api import CheckpointException
 
     final = step_dir(root, step)
     if _rank() == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
+    need = _bytes_to_write(model, optimizer)
+    check_space(Path(root), final, need)
+    try:
+        return _save(final, root, step, model, optimizer, trainer_state, keep_last, mcfg, hf_dir)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch's is a BaseException
+        if not _disk_full(e):
+            raise
+        shutil.rmtree(final.with_name(TMP_PREFIX + final.name), ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        raise CheckpointError(
+            f"no space left on device: saving {final} needs about {_human(need)} "
+            f"({need} bytes) in {root}, which has {_human(free)} free; the partial save was "
+            "removed. Free space, lower checkpoint.keep_last, or point logging.run_dir at a "
+            "larger disk"
+        ) from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def _bytes_to_write(model, optimizer) -> int:
+    """About how many bytes a checkpoint of this model and optimizer takes, all ranks
+    together: the model's parameters, the optimizer's main parameters and its state."""
+    n = sum(p.numel() * p.element_size() for p in _model(model).parameters())
+    for o in _inner_torch(optimizer):
+        for group in o.param_groups:
+            n += sum(p.numel() * p.element_size() for p in group["params"])
+        for st in o.state.values():
+            n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
+    total = torch.tensor([float(n)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "nccl":
+        dist.all_reduce(total)
+    elif dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.cuda()
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def check_space(root: Path, final: Path, need: int) -> None:
+    """Collective: refuse a save the disk has no room for (rank 0 looks, every rank gets the
+    verdict), naming the folder and the bytes."""
+    from megatron_agpo.models.checkpoint import _broadcast_error
+
+    err = None
+    if _rank() == 0:
+        free = shutil.disk_usage(root).free
+        if free < need:
+            err = (
+                f"no space left on device: saving {final} needs about {_human(need)} "
+                f"({need} bytes) in {root}, which has {_human(free)} free. Free space, lower "
+                "checkpoint.keep_last, or point logging.run_dir at a larger disk"
+            )
+    _broadcast_error(err)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether a save failed for want of space: ENOSPC/EDQUOT anywhere in the chain, or the
+    symptom torch's zip writer reports for a short write ("unexpected pos")."""
+    seen = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(x)
+        if "No space left on device" in text or "unexpected pos" in text:
+            return True
+        todo += [x.__cause__, x.__context__]
+        todo += [f[0] for f in getattr(x, "failures", {}).values() if isinstance(f, tuple)]
+    return False
+
+
+def _save(final, root, step, model, optimizer, trainer_state, keep_last, mcfg, hf_dir) -> Path:
+    from megatron.core import dist_checkpointing
+
     tmp = prepare_tmp(final)
     model_sd = _model(model).sharded_state_dict()
     save_model_shards(model, tmp / MODEL_SUBDIR)
