@@ -527,14 +527,16 @@ def run(cfg, overrides: list[str]) -> int:
         from megatron_agpo.launcher import run_ranks  # signals to the ranks; no orphans
 
         return run_ranks(cmd, env)
+    from megatron_agpo.models.checkpoint import CheckpointError
     from megatron_agpo.rewards.base import RewardUnavailable
     from megatron_agpo.trainer.loop import Trainer
 
     trainer = Trainer(cfg)
     try:
         trainer.run()
-    except RewardUnavailable as e:  # rank 0: the verifier is failing; one paragraph
-        print(f"agpo-train: error: {e}", file=sys.stderr, flush=True)
+    except (RewardUnavailable, CheckpointError) as e:  # a failing verifier, a full disk
+        if _rank() == 0:
+            print(f"agpo-train: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         trainer.close()

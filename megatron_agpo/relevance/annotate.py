@@ -299,6 +299,30 @@ def gold_metrics(
     }
 
 
+def context_len(args: argparse.Namespace) -> int:
+    """The engine's context: --max-model-len, else the model's, else the rollout default."""
+    from megatron_agpo.rollout.config import RolloutConfig
+
+    if args.max_model_len:
+        return args.max_model_len
+    return _model_max_len(args.model, RolloutConfig(model_path=str(args.model)).max_model_len)
+
+
+def _check_lengths(args: argparse.Namespace, parts) -> None:
+    """Every prompt and its answer fit the engine's context; checked before it starts."""
+    room = context_len(args) - args.max_new_tokens
+    for flag, recs, (texts, ids) in parts:
+        for rec, text in zip(recs, texts, strict=True):
+            n = len(ids[text])
+            if n > room:
+                raise SystemExit(
+                    f"agpo-annotate: {flag} {getattr(args, flag[2:])}: pair {rec.id!r} is a "
+                    f"{n}-token prompt, longer than the {room} tokens the context leaves "
+                    f"(max model len {room + args.max_new_tokens} - --max-new-tokens "
+                    f"{args.max_new_tokens}); raise --max-model-len or shorten the pair"
+                )
+
+
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -310,13 +334,22 @@ def run(args: argparse.Namespace, generate_fn: GenerateFn | None = None, tokeniz
     if args.k < 1:
         raise SystemExit(f"agpo-annotate: --k {args.k} must be >= 1")
     setup = setup_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if generate_fn is None:  # a local HF folder: nothing here goes to the network
+        from megatron_agpo.validate import model_folder_problem
+
+        problem = model_folder_problem("--model", str(args.model))
+        if problem:
+            raise SystemExit(f"agpo-annotate: {problem.replace('--model=', '--model ')}")
     try:
         pool = load_records(args.input, setup.labels, require_label=False) if args.input else []
         gold = load_records(args.gold, setup.labels, require_label=True) if args.gold else []
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"agpo-annotate: {e}") from None
+    for flag, path, recs in (("--input", args.input, pool), ("--gold", args.gold, gold)):
+        if path and not recs:
+            raise SystemExit(f"agpo-annotate: {flag} {path} holds no pairs: nothing to label")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -324,6 +357,7 @@ def run(args: argparse.Namespace, generate_fn: GenerateFn | None = None, tokeniz
     rendered_pool = _render(pool, setup, tokenizer)
     rendered_gold = _render(gold, setup, tokenizer)
     ids = {**rendered_pool[1], **rendered_gold[1]}
+    _check_lengths(args, (("--input", pool, rendered_pool), ("--gold", gold, rendered_gold)))
     if generate_fn is None:
         generate_fn = make_vllm_generate(args, lambda text: ids[text])
     summary: dict[str, Any] = {"model": str(args.model), "k": args.k}
