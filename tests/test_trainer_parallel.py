@@ -15,7 +15,7 @@ import torch
 
 from megatron_agpo.algorithms import PolicyLossConfig, aggregation_weights
 from tests.dist_utils import run_distributed
-from tests.test_trainer_step import make_batch, reference_grads
+from tests.test_trainer_step import hf_logp, make_batch, reference_grads
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,11 @@ def tiny_tied(tmp_path_factory):
 
 
 def _count_rows(model) -> list[int]:
-    """Rows each forward of `model` sees (a pre-hook on the embedding)."""
+    """Tokens each forward of `model` sees (a pre-hook on the embedding); packed micro-batches
+    hold no padding, so these are exactly the rows' tokens."""
     seen: list[int] = []
     model.module.embedding.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True
     )
     return seen
 
@@ -48,7 +49,8 @@ def _body(rank, world, hf_dir, tp, sp, token_budget, fuse=False):
 
     from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
     from megatron_agpo.parallel import ParallelConfig, init_parallel, wrap_for_training
-    from megatron_agpo.trainer.step import compute_logp, forward_backward
+    from megatron_agpo.trainer.batch import balanced_partition
+    from megatron_agpo.trainer.step import StepShape, compute_logp, forward_backward
 
     # A plain all-reduce of the gradients, so every rank holds the whole gradient to compare
     # (the distributed optimizer reduce-scatters: each rank would hold only its shard).
@@ -63,15 +65,26 @@ def _body(rank, world, hf_dir, tp, sp, token_budget, fuse=False):
     v = mcfg.vocab_size
     # 12 rows; with sequence parallelism the padded length must split over the TP ranks.
     batch = make_batch(v, pad_multiple=tp if sp else 1)
-    logp = compute_logp(ddp, batch, 4, v, token_budget, fuse_output_layer=fuse)
-    assert sum(seen) == len(batch) // dp, (seen, len(batch), dp)  # this rank's rows only
-    seen.clear()
-    batch.old_logp = logp + 0.2 * torch.sin(torch.arange(logp.numel())).view_as(logp)
+    ref_lp = hf_logp(hf_dir, batch)
+    batch.old_logp = ref_lp.float() + 0.2 * torch.sin(torch.arange(ref_lp.numel())).view_as(ref_lp)
     batch.old_logp = batch.old_logp * batch.loss_mask
+    # The aggregation weights normalise over the whole batch; each DP rank takes its share of
+    # the rows, balanced by tokens.
     batch.agg_weights = aggregation_weights(batch.loss_mask, cfg.agg_mode)
+    shares = balanced_partition(list(batch.lengths.seq), dp)
+    mine = shares[ps.get_data_parallel_rank()]
+    local = batch.select(mine)
+    shape = StepShape(4, token_budget)
+    logp = compute_logp(ddp, local, shape, v, fuse_output_layer=fuse)
+    # This rank's rows only, packed: the embedding sees their tokens and nothing else.
+    # (a packed row is rounded up to a multiple of TP under sequence parallelism).
+    tokens, multiple = sum(batch.lengths.seq[i] for i in mine), tp if sp else 1
+    assert 0 <= sum(seen) - tokens < multiple * len(seen), (seen, mine)
+    torch.testing.assert_close(logp.double(), ref_lp[mine], rtol=0, atol=2e-5)
+    seen.clear()
     ddp.zero_grad_buffer()
-    metrics = forward_backward(ddp, batch, cfg, 4, v, token_budget)
-    assert sum(seen) == len(batch) // dp, (seen, len(batch), dp)
+    metrics = forward_backward(ddp, local, cfg, shape, v).to_dict()
+    assert 0 <= sum(seen) - tokens < multiple * len(seen), (seen, mine)
     # Metrics are merged over every DP rank: all the batch's tokens are counted.
     assert metrics["all/tokens"] == batch.loss_mask.sum().item()
     grads = {n: p.main_grad for n, p in ddp.module.named_parameters()}
@@ -79,15 +92,6 @@ def _body(rank, world, hf_dir, tp, sp, token_budget, fuse=False):
     ref_loss, ref = reference_grads(hf_dir, batch, cfg)
     for name in ours:
         torch.testing.assert_close(ours[name].double(), ref[name], rtol=2e-4, atol=2e-6, msg=name)
-    # The log-probs of the whole batch are on every rank and equal transformers' (float64).
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float64)
-    with torch.no_grad():
-        lp = torch.log_softmax(hf(input_ids=batch.input_ids).logits, -1)
-    tgt = batch.target.clamp(min=0)
-    ref_lp = lp.gather(-1, tgt[..., None]).squeeze(-1) * batch.loss_mask
-    torch.testing.assert_close(logp.double(), ref_lp, rtol=0, atol=2e-5)
 
 
 @pytest.mark.dist
@@ -110,11 +114,15 @@ def test_parallel_step_gradient_equals_reference(
 
 
 def _meta_body(rank, world, hf_dir):
-    from megatron_agpo.algorithms import advantages, overlong_filter
+    from megatron_agpo.algorithms import advantages
     from megatron_agpo.models import build_model_from_hf
-    from megatron_agpo.ops import IGNORE_INDEX
     from megatron_agpo.parallel import ParallelConfig, init_parallel, wrap_for_training
-    from megatron_agpo.trainer.step import compute_logp, forward_backward, grads_are_finite
+    from megatron_agpo.trainer.step import (
+        StepShape,
+        compute_logp,
+        forward_backward,
+        grads_are_finite,
+    )
 
     pc = ParallelConfig(tensor_parallel=1)
     init_parallel(pc)
@@ -126,15 +134,12 @@ def _meta_body(rank, world, hf_dir):
     def step(batch):
         rewards = torch.tensor([1.0, 0, 0, 1] * 3, dtype=torch.float64, device=cpu)
         batch.advantages = advantages(rewards, 4, "agpo").float()
-        cut = torch.zeros(len(batch), dtype=torch.bool, device=cpu)
-        cut[1] = True
-        batch.loss_mask, batch.target = overlong_filter(
-            batch.loss_mask, batch.target, cut, IGNORE_INDEX
-        )
-        batch.old_logp = compute_logp(ddp, batch, 5, v, token_budget=24)
+        batch = batch.without_loss([i == 1 for i in range(len(batch))])
+        shape = StepShape(5, 24)
+        batch.old_logp = compute_logp(ddp, batch, shape, v)
         batch.agg_weights = aggregation_weights(batch.loss_mask, cfg.agg_mode)
         ddp.zero_grad_buffer()
-        m = forward_backward(ddp, batch, cfg, 5, v, token_budget=24)
+        m = forward_backward(ddp, batch, cfg, shape, v).to_dict()
         finite = grads_are_finite(ddp)
         return batch.old_logp.clone(), m, finite, [p.main_grad.clone() for p in ddp.parameters()]
 

@@ -100,6 +100,20 @@ class TokenBatch:
         }
         return TokenBatch(lengths=self.lengths, **kw)
 
+    def without_loss(self, rows: Sequence[bool]) -> TokenBatch:
+        """The same batch with the flagged rows out of the loss (DAPO's overlong filter):
+        targets ignored, mask 0 and no loss positions, kept consistent together."""
+        import dataclasses
+
+        cut = torch.tensor([bool(x) for x in rows], dtype=torch.bool, device="cpu")
+        cut = cut.to(self.target.device)[:, None]
+        return dataclasses.replace(
+            self,
+            target=self.target.masked_fill(cut, IGNORE_INDEX),
+            loss_mask=self.loss_mask.masked_fill(cut, 0.0),
+            lengths=self.lengths.without_loss(rows),
+        )
+
     @property
     def advantages_per_token(self) -> torch.Tensor:
         return self.advantages[:, None].expand_as(self.loss_mask)
@@ -213,7 +227,9 @@ class MicroBatch:
         mask = cu = None
         if packed:
             mask = packed_causal_mask(seq, t_len, dev)
-            bounds = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(seq_t, 0)])
+            bounds = torch.cat(
+                [torch.zeros(1, dtype=torch.long, device="cpu"), torch.cumsum(seq_t, 0)]
+            )
             cu = bounds.to(device=dev, dtype=torch.int32)
         return MicroBatch(
             input_ids=input_ids.view(b, t_len),
