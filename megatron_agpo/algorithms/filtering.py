@@ -17,9 +17,10 @@ def informative_groups(
     """[G] bool: the groups dynamic sampling keeps.
 
     zero_advantage drops the groups whose advantages are all 0, i.e. the ones that contribute
-    no gradient under the chosen algorithm. identical_rewards is DAPO's rule (drop groups whose
-    rewards are all equal); under AGPO it also drops all-wrong groups, whose constant negative
-    advantage -w_neg is exactly the signal AGPO relies on.
+    no gradient under the chosen algorithm (`advantages` gives a group without signal exactly
+    0, also after REINFORCE++'s whitening, so the test is exact). identical_rewards is DAPO's
+    rule (drop groups whose rewards are all equal); under AGPO it also drops all-wrong groups,
+    whose constant negative advantage -w_neg is exactly the signal AGPO relies on.
     """
     if rewards.shape != advantages.shape or rewards.dim() != 1:
         raise ValueError(
