@@ -88,6 +88,44 @@ def gemm_limit_ms(tokens: int, v_local: int, hidden: int, peak_tflops: float) ->
     return 3 * 2 * tokens * v_local * hidden / (peak_tflops * 1e12) * 1e3
 
 
+def count_ops(tokens: int, vocab: int, hidden: int, chunk: int, vocab_chunk: int) -> dict:
+    """Aten ops (about one kernel launch each on CUDA) of one forward and backward of each
+    fused function, TP=1, run on the meta device (shapes only: nothing is computed)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_agpo.algorithms import PolicyLossConfig
+    from megatron_agpo.ops import fused_output_layer_agpo_loss, fused_vocab_parallel_agpo_loss
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    meta = torch.device("meta")
+    cfg = PolicyLossConfig()
+    target = torch.zeros(tokens, dtype=torch.long, device=meta)
+    adv, old = torch.zeros(tokens, device=meta), torch.zeros(tokens, device=meta)
+    counts = {}
+    z = torch.empty(tokens, vocab, dtype=torch.bfloat16, device=meta, requires_grad=True)
+    with Count():
+        out = fused_vocab_parallel_agpo_loss(z, target, adv, cfg, old_logp=old, chunk_size=chunk,
+                                             inplace=True, compute_entropy=False)  # fmt: skip
+        out.loss.sum().backward()
+    counts["logits"], Count.n = Count.n, 0
+    h = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=meta, requires_grad=True)
+    w = torch.empty(vocab, hidden, dtype=torch.bfloat16, device=meta, requires_grad=True)
+    with Count():
+        out = fused_output_layer_agpo_loss(h, w, target, adv, cfg, old_logp=old,
+                                           chunk_size=chunk, vocab_chunk_size=vocab_chunk,
+                                           compute_entropy=False)  # fmt: skip
+        out.loss.sum().backward()
+    counts["output"] = Count.n
+    return counts
+
+
 def plan(tokens: int, vocab: int, hidden: int, tp: int, peak_tflops: float) -> str:
     """What the fused loss does on CUDA at this shape, counted on the host (nothing runs)."""
     import torch
@@ -101,13 +139,15 @@ def plan(tokens: int, vocab: int, hidden: int, tp: int, peak_tflops: float) -> s
     fwd, bwd = -(-tokens // c_tok), -(-vl // c_voc)
     ws = chunk_bytes(cuda) / 2**30
     lim = gemm_limit_ms(tokens, vl, hidden, peak_tflops)
+    ops = count_ops(tokens, vl, hidden, c_tok, c_voc)
     return (
         f"T={tokens} V={vocab} H={hidden} TP={tp}: logits path {fwd} token chunk(s) of "
-        f"{min(c_tok, tokens)}, 2 TP collectives per forward; output layer: forward {fwd} "
-        f"token chunk(s), backward {bwd} vocabulary chunk(s) of {c_voc} (main_grad written "
-        f"once per call), 3 TP collectives per call; float32 workspaces <= {ws:.0f} GiB each; "
-        f"GEMM limit (3 GEMMs at {peak_tflops:.0f} TFLOP/s) {lim:.1f} ms, fused floor "
-        f"(4 GEMMs) {4 / 3 * lim:.1f} ms"
+        f"{min(c_tok, tokens)}, 2 TP collectives per forward, {ops['logits']} aten ops per "
+        f"forward+backward; output layer: forward {fwd} token chunk(s), backward {bwd} "
+        f"vocabulary chunk(s) of {c_voc} (main_grad written once per call), 3 TP collectives "
+        f"per call, {ops['output']} aten ops; float32 workspaces <= {ws:.0f} GiB each; GEMM "
+        f"limit (3 GEMMs at {peak_tflops:.0f} TFLOP/s) {lim:.1f} ms, fused floor (4 GEMMs) "
+        f"{4 / 3 * lim:.1f} ms"
     )
 
 
@@ -220,7 +260,7 @@ def worker(args) -> None:
                 epsilon_high=cfg.eps_high, loss_type="dapo",
             )  # fmt: skip
             loss = loss_fn(
-                hidden, weight, target.view(rows, -1), mask.view(rows, -1),
+                hidden.view(rows, -1, h), weight, target.view(rows, -1), mask.view(rows, -1),
                 adv.view(rows, -1)[:, 0].contiguous(), old_per_token_logps=old.view(rows, -1),
             )[0]  # fmt: skip
             loss.backward(inputs=[hidden, weight])
@@ -341,6 +381,7 @@ def main() -> None:
     if args.preset:
         args.vocab, args.hidden = PRESETS[args.preset]
     if args.worker:
+        args.dtype = args.dtype[0]  # one per worker process
         return worker(args)
     if args.plan:
         for name, (v, h) in PRESETS.items():

@@ -308,7 +308,7 @@ def test_empty_micro_batch():
     assert torch.all(w.grad == 0)
 
 
-def test_bad_input_named():
+def test_bad_input_named(monkeypatch):
     cfg = PolicyLossConfig()
     z = torch.randn(6, 10)
     tgt = torch.tensor([0, 1, 10, 3, 4, 5])
@@ -333,6 +333,12 @@ def test_bad_input_named():
     with pytest.raises(TypeError, match=r"hidden is torch.float32 but weight is torch.bfloat16"):
         fused_output_layer_agpo_loss(torch.randn(6, 4), torch.randn(10, 4).bfloat16(), long6,
                                      torch.zeros(6), cfg)  # fmt: skip
+    with pytest.raises(ValueError, match=r"producer='cuda': must be 'torch' or 'triton'"):
+        fused_vocab_parallel_agpo_loss(z, long6, torch.zeros(6), cfg, producer="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # Without triton, or with it but CPU logits outside the interpreter: one line, either way.
+    with pytest.raises(RuntimeError, match=r"^producer='triton' needs (the triton|CUDA logits)"):
+        fused_vocab_parallel_agpo_loss(z, long6, torch.zeros(6), cfg, producer="triton")
     with pytest.raises(ValueError, match=r"compute_entropy=False but entropy_coef=0.01"):
         fused_vocab_parallel_agpo_loss(z, long6, torch.zeros(6), PolicyLossConfig(
             entropy_coef=0.01), compute_entropy=False)  # fmt: skip

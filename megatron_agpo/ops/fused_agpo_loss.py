@@ -534,6 +534,8 @@ def _triton_function(logits: torch.Tensor):
 
 
 _WGRAD_KERNEL = None
+_MIXED_ADDMM = True
+"""torch.addmm(..., out_dtype=float32) works for bf16 inputs on this CUDA build (until it fails)."""
 # apex's extension: megatron's gradient-accumulation-fusion kernel (CUDA builds only).
 with contextlib.suppress(ImportError):
     import fused_weight_gradient_mlp_cuda as _WGRAD_KERNEL  # type: ignore[no-redef]
@@ -546,9 +548,15 @@ def _gemm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
     (torch.addmm with out_dtype, beta = 1). Elsewhere, or for inputs already in acc's dtype,
     addmm_ in acc's dtype (the CPU has no mixed-precision addmm; the inputs are cast, a
     [rows, k] copy, never [rows, cols] of acc)."""
-    if a.dtype != acc.dtype and acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-        return
+    global _MIXED_ADDMM
+    if a.dtype != acc.dtype and acc.is_cuda and _MIXED_ADDMM:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            # A torch without the mixed-precision addmm (it fails at dispatch, on the host,
+            # before any kernel runs): fall back for the rest of the process.
+            _MIXED_ADDMM = False
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
