@@ -4,6 +4,7 @@ it is counted, and too many in one batch stop the run with one clear message."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -59,7 +60,7 @@ def test_dead_and_hung_workers_are_replaced_and_the_answer_rescored(tmp_path):
 
 @pytest.mark.dist  # reward worker processes
 def test_too_many_unscored_answers_stop_the_run():
-    cfg = RewardConfig(num_workers=1, timeout_s=5.0, retries=0, max_unscored_fraction=0.25)
+    cfg = RewardConfig(num_workers=1, timeout_s=60.0, retries=0, max_unscored_fraction=0.25)
     with MathReward(cfg, verify_fn=flaky_verify) as r:
         scores = r.score_batch([r"\boxed{die}"] + [r"\boxed{x}"] * 3, ["ok"] * 4)
         assert math.isnan(scores[0]) and scores[1:] == [1.0] * 3  # 1 of 4: at the threshold
@@ -94,3 +95,48 @@ def test_settings_are_checked():
         RewardConfig(retries=-1)
     with pytest.raises(ValueError, match="max_unscored_fraction"):
         RewardConfig(max_unscored_fraction=1.5)
+
+
+OWNER = """
+import sys, threading, time
+from pathlib import Path
+from megatron_agpo.rewards import DeadlinePool
+from tests.test_reward_failures import flaky_verify
+pool = DeadlinePool(flaky_verify, num_workers=1, timeout_s=600)
+threading.Thread(target=pool.call, args=("hang-once:" + sys.argv[1], "ok"), daemon=True).start()
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+print([w.proc.pid for w in pool._live][0], flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.e2e  # a process that owns a pool, killed with SIGKILL
+def test_verifier_workers_die_with_their_owner(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(tmp_path / "flag")], cwd=repo, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        worker = int(owner.stdout.readline())  # busy in a verification that never ends
+        owner.kill()
+        owner.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and Path(f"/proc/{worker}").exists():
+            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            assert not Path(f"/proc/{worker}").exists(), "the worker outlived its owner"
+    finally:
+        owner.kill()
+        owner.wait()
+        if "worker" in locals():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)

@@ -17,8 +17,11 @@ Scripts that use the pool with the "spawn" or "forkserver" start method need the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
+import os
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +38,23 @@ class WorkerError(Exception):
     """The function raised in the worker, or the worker died (crash, out of memory)."""
 
 
-def _worker_main(conn: Any, fn: Callable[..., Any], warmup: Callable[[], None] | None) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL when the process that started this worker dies (even by SIGKILL, when
+    nothing else would stop a worker stuck in sympy). A no-op elsewhere."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _worker_main(
+    conn: Any, fn: Callable[..., Any], warmup: Callable[[], None] | None, parent: int = 0
+) -> None:
     """Worker loop: warm up (imports), say ready, then answer requests until told to stop."""
+    if parent:
+        _die_with_parent(parent)
     if warmup is not None:
         warmup()
     conn.send(("ready", None))
@@ -56,7 +74,9 @@ def _worker_main(conn: Any, fn: Callable[..., Any], warmup: Callable[[], None] |
 class _Worker:
     def __init__(self, ctx: Any, fn: Callable[..., Any], warmup: Callable[[], None] | None):
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child_conn, fn, warmup), daemon=True)
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child_conn, fn, warmup, os.getpid()), daemon=True
+        )
         self.proc.start()
         child_conn.close()  # so that recv() sees EOF if the child dies
         self.ready = False
