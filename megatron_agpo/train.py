@@ -464,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
             print(help_text(opts.overrides, all_keys=opts.help_all))
             return 0
         if opts.multirun:
+            import signal
+
+            for sig in (signal.SIGTERM, signal.SIGUSR1):  # this process trains nothing itself
+                signal.signal(sig, signal.SIG_DFL)
             if under:
                 raise UsageError("-m (multirun) starts the runs itself: not under torchrun/srun")
             problems = check_overrides(opts.overrides)
