@@ -56,6 +56,50 @@ def detect() -> Backends:
     )
 
 
+@dataclass(frozen=True)
+class MegatronFusions:
+    """megatron-core's device-dependent switches, decided in one place from `Backends`:
+    on where the kernel they need exists, off elsewhere (CPU runs the unfused torch code,
+    numerically the HF reference)."""
+
+    gradient_accumulation_fusion: bool
+    """Weight gradients as a bf16/fp16 GEMM accumulating in fp32 straight into `main_grad`:
+    apex's `fused_weight_gradient_mlp_cuda` (megatron's parallel linears need it) on CUDA."""
+    apply_rope_fusion: bool
+    """Transformer Engine's fused rotary embedding."""
+    bias_activation_fusion: bool
+    """megatron's fused (bias-)SwiGLU, compiled for CUDA."""
+    masked_softmax_fusion: bool
+    """Always off: the only attention that reads it is megatron's local one, which packed
+    micro-batches drive with a block-diagonal mask, and the fused causal kernel ignores a
+    given mask (sequences would attend across each other). Transformer Engine's attention,
+    the GPU path, is fused anyway."""
+    persist_layer_norm: bool
+    """apex's persistent layer norm kernel."""
+    overlap_grad_reduce: bool
+    """DDP reduces gradient buckets during the backward (NCCL on CUDA; gloo would serialise)."""
+    overlap_param_gather: bool
+    """Always off: the weight sync to the rollout engine reads every parameter right after
+    each update, so the gather cannot wait for the next forward (it would send stale
+    weights); it stays part of the optimizer step."""
+
+
+def megatron_fusions(
+    b: Backends | None = None, distributed_optimizer: bool = True
+) -> MegatronFusions:
+    b = b or detect()
+    apex_wgrad = b.cuda and _importable("fused_weight_gradient_mlp_cuda")
+    return MegatronFusions(
+        gradient_accumulation_fusion=apex_wgrad,
+        apply_rope_fusion=b.transformer_engine,
+        bias_activation_fusion=b.cuda,
+        masked_softmax_fusion=False,
+        persist_layer_norm=b.cuda and b.apex,
+        overlap_grad_reduce=b.cuda,
+        overlap_param_gather=False,
+    )
+
+
 # megatron-core warns once per module, on import, that it falls back to torch code when apex
 # and Transformer Engine are absent: about 22 lines per rank on every CPU start, all saying the
 # same thing. `describe_fallbacks` says it once.

@@ -201,9 +201,15 @@ def wrap_for_training(model, parallel: ParallelConfig, opt: OptimizerSettings | 
 
     opt = opt or OptimizerSettings()
     config = model.config
+    from megatron_agpo.backends import megatron_fusions
+
+    fusions = megatron_fusions()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        # On CUDA the gradient buckets reduce during the backward and the updated parameters
+        # gather during the next forward; on CPU (gloo) both stay synchronous.
+        overlap_grad_reduce=fusions.overlap_grad_reduce,
+        overlap_param_gather=fusions.overlap_param_gather,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         # FP8 weight copies all-gathered in FP8 (model.fp8_param_gather).
         fp8_param_gather=bool(getattr(config, "fp8_param", False)),
@@ -212,6 +218,11 @@ def wrap_for_training(model, parallel: ParallelConfig, opt: OptimizerSettings | 
     # The schedules call this after the last backward: DP grad reduce, tied-embedding and
     # layer-norm (sequence-parallel) grad all-reduces.
     config.finalize_model_grads_func = finalize_model_grads
+    if fusions.overlap_grad_reduce:
+        # The schedules hold the bucket reductions back until the last micro-batch's backward
+        # (no_sync), then launch them as buckets fill (start_grad_sync), as Megatron-LM does.
+        config.no_sync_func = ddp.no_sync
+        config.grad_sync_func = ddp.start_grad_sync
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=opt.lr,

@@ -152,3 +152,16 @@ def test_balanced_partition_on_a_skewed_length_distribution():
     assert balanced_partition([5], 3) == [[], [], [0]] or sorted(
         map(len, balanced_partition([5], 3))
     ) == [0, 0, 1]
+
+
+def test_megatron_fusions_follow_the_device():
+    from megatron_agpo.backends import Backends, megatron_fusions
+
+    cpu = megatron_fusions(Backends(cuda=False, transformer_engine=False, apex=False, vllm=True))
+    assert not any(vars(cpu).values()), cpu
+    gpu = megatron_fusions(Backends(cuda=True, transformer_engine=True, apex=True, vllm=True))
+    assert gpu.apply_rope_fusion and gpu.bias_activation_fusion and gpu.overlap_grad_reduce
+    assert gpu.persist_layer_norm
+    # Never on: packing's block-diagonal mask (the fused causal kernel ignores it) and the
+    # weight sync reading parameters right after each update.
+    assert not gpu.masked_softmax_fusion and not gpu.overlap_param_gather

@@ -241,3 +241,18 @@ def test_tis_turned_on_when_engine_and_trainer_precisions_differ():
     t.cfg = load_config(["algorithm.loss.tis_cap=null"])  # fp32 on both sides: left off
     t._correct_precision_mismatch()
     assert t.cfg.algorithm.loss.tis_cap is None
+
+
+def test_reinforce_pp_whitens_once_over_the_kept_groups():
+    """REINFORCE++'s batch whitening over the kept batch of every round together: the same as
+    computing the advantages of the kept groups' rewards in one call (not per round)."""
+    m1, m2, w = [1.0, 0, 0, 0], [1.0, 1, 0, 1], [0.0] * 4
+    t = _stub_trainer(
+        ["algorithm=reinforce_pp", "trainer.dynamic_sampling=identical_rewards"],
+        [m1 + w + w, m2 + m1 + w],
+    )
+    out, stats = t.collect(Timer())
+    assert stats["sampling/rounds"] == 2
+    kept = torch.tensor(m1 + m2 + m1, dtype=torch.float64)
+    want = advantages(kept, 4, t.cfg.algorithm.advantage_config())
+    torch.testing.assert_close(out.advantages, want, rtol=1e-12, atol=1e-12)

@@ -97,13 +97,22 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
         # Softmax and RoPE tables in fp32, as HF does.
         attention_softmax_in_fp32=True,
         use_cpu_initialization=not backends.cuda,
-        # Fusions need CUDA kernels (apex/TE); the unfused paths are numerically the HF ones.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        # Fusions where the device has their kernels (backends.megatron_fusions decides).
+        **_fusions(backends),
         **fp8_kwargs(cfg),
+    )
+
+
+def _fusions(backends) -> dict:
+    from megatron_agpo.backends import megatron_fusions
+
+    f = megatron_fusions(backends)
+    return dict(
+        bias_activation_fusion=f.bias_activation_fusion,
+        masked_softmax_fusion=f.masked_softmax_fusion,
+        apply_rope_fusion=f.apply_rope_fusion,
+        persist_layer_norm=f.persist_layer_norm,
+        gradient_accumulation_fusion=f.gradient_accumulation_fusion,
     )
 
 

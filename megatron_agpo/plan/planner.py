@@ -40,6 +40,7 @@ class Layout:
     recompute: str
     micro_batch: int
     token_budget: int
+    packing: bool
     params_dtype: str
     fp8: str
     offload_optimizer: bool
@@ -102,6 +103,7 @@ class Layout:
             recompute=c.recompute,
             micro_batch=t.micro_batch_size,
             token_budget=t.token_budget,
+            packing=t.packing,
             params_dtype=cfg.model.params_dtype,
             fp8=str(fp8),
             offload_optimizer=c.offload_optimizer,
@@ -301,12 +303,18 @@ class Plan:
 
 # ----------------------------------------------------------------------------- memory
 def _activation_tokens(lay: Layout) -> tuple[int, int]:
-    """(sequence length, rows) of the largest micro-batch: rows padded to the longest, which
-    can reach the context length; with a token budget, at most the budget (a longer row runs
-    alone)."""
+    """(sequence length, rows) of the largest micro-batch, as the trainer builds it
+    (trainer.packing / token_budget / micro_batch_size). Packed: one row of at most the
+    budget's tokens (a sequence longer than the budget runs alone, up to the context length).
+    Padded: rows padded to the longest, which can reach the context length; with a token
+    budget, at most the budget."""
     s = lay.context_len
+    if lay.token_budget and lay.packing:
+        return max(s, lay.token_budget), 1
     if lay.token_budget:
         return s, max(1, lay.token_budget // s)
+    if lay.packing:
+        return s * lay.micro_batch, 1
     return s, lay.micro_batch
 
 
@@ -560,8 +568,14 @@ def assumptions(lay: Layout, c: ClusterSection, gpu: GpuSpec) -> list[str]:
         f"HBM bandwidth, collectives {c.link_efficiency:g} of link bandwidth; nothing overlaps",
         f"sequences: prompt {lay.prompt_mean} tokens on average (cluster.prompt_tokens_mean), "
         f"response {lay.response_mean} on average and {lay.response_max} for the longest, "
-        "which sets the decode steps; padding inside micro-batches not counted",
-        f"activations: micro-batch padded to the context length {lay.context_len}; "
+        "which sets the decode steps; "
+        + (
+            "micro-batches packed (no padding computed)"
+            if lay.packing
+            else "padding inside micro-batches not counted"
+        ),
+        f"activations: the largest micro-batch, {_activation_tokens(lay)[1]} row(s) of "
+        f"{_activation_tokens(lay)[0]} tokens ({'packed' if lay.packing else 'padded'}); "
         f"{'flash attention (no [s, s] scores)' if c.flash_attention else 'materialised scores'}"
         f"; recompute {lay.recompute}; 16-bit activations ({lay.params_dtype} training scales "
         "them); first stage holds the 1F1B warm-up's micro-batches",

@@ -28,6 +28,7 @@ from megatron_agpo.algorithms import advantages as compute_advantages
 from megatron_agpo.algorithms import (
     group_rows,
     informative_groups,
+    whiten,
 )
 from megatron_agpo.algorithms.policy_loss import resolve_norm_constant
 from megatron_agpo.rewards.base import RewardUnavailable, reward_counters, scored_groups
@@ -371,13 +372,15 @@ class Trainer:
 
         With dynamic sampling, groups without signal are dropped and more prompts sampled, up to
         trainer.max_sampling_rounds batches; advantages are per group, so concatenating the
-        kept groups of several rounds changes none of them.
+        kept groups of several rounds changes none of them, and REINFORCE++'s whitening runs
+        once, over the kept batch.
         """
         cfg, n = self.cfg, self.cfg.rollout.n
         rule, want = cfg.trainer.dynamic_sampling, cfg.data.prompts_per_step
         kept: list[ScoredRollouts] = []
         stats, sampled_sum, groups = {"groups/sampled": 0, "sampling/rounds": 0}, 0.0, 0
         rounds = 1 if rule == "off" else cfg.trainer.max_sampling_rounds
+        adv_cfg = cfg.algorithm.advantage_config()
         for rnd in range(rounds):
             prompts = self.data.next_batch()
             with t("rollout"):
@@ -385,9 +388,9 @@ class Trainer:
             with t("reward"):
                 scored = self.score(prompts, samples, n)
             scored = broadcast_scored(scored, self.device)
-            scored.advantages = compute_advantages(
-                scored.rewards, n, cfg.algorithm.advantage_config()
-            )
+            # Per group here; REINFORCE++'s batch whitening waits for the kept batch (below),
+            # so it never depends on how many groups a round dropped.
+            scored.advantages = compute_advantages(scored.rewards, n, adv_cfg, batch_norm=False)
             rows = torch.arange(len(scored), device="cpu")
             if rule != "off":
                 keep = informative_groups(scored.rewards, scored.advantages, n, rule)
@@ -413,7 +416,10 @@ class Trainer:
                 "every group had identical rewards / zero advantages; raise "
                 "trainer.max_sampling_rounds or use an easier/harder prompt set"
             )
-        return ScoredRollouts.concat(kept), stats
+        out = ScoredRollouts.concat(kept)
+        if adv_cfg.batch_norm:
+            out.advantages = whiten(out.advantages, n, adv_cfg)
+        return out, stats
 
     def token_batch(self, scored: ScoredRollouts) -> tuple[TokenBatch, list[range]]:
         """This data-parallel rank's rows as token tensors on the model's device, and the
