@@ -110,7 +110,11 @@ def test_micro_batches_count_every_loss_token_once(packing, budget):
         assert torch.equal(m.target, b.target.reshape(-1)[m.source])
         if packing:
             assert m.input_ids.shape[0] == 1
-            assert m.cu_seqlens.tolist()[-1] == sum(b.lengths.seq[r] for r in m.rows)
+            # THD boundaries: each sequence, then the row's padding as one segment.
+            cu = m.cu_seqlens.tolist()
+            seqs = [b.lengths.seq[r] for r in m.rows]
+            assert cu[: len(seqs) + 1] == [sum(seqs[:k]) for k in range(len(seqs) + 1)]
+            assert cu[-1] == t and len(cu) == len(seqs) + 1 + (sum(seqs) < t)
 
 
 def test_packed_mask_is_block_diagonal_causal():
@@ -165,3 +169,16 @@ def test_megatron_fusions_follow_the_device():
     # Never on: packing's block-diagonal mask (the fused causal kernel ignores it) and the
     # weight sync reading parameters right after each update.
     assert not gpu.masked_softmax_fusion and not gpu.overlap_param_gather
+
+
+def test_nothing_between_ranks_is_pickled():
+    """torch.distributed's *_object_list collectives pickle (and unpickle what a peer sends):
+    the step, the records and the weight gather use plain tensors only."""
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent / "megatron_agpo"
+    for path in sorted(pkg.rglob("*.py")):
+        text = path.read_text()
+        for call in ("send_object_list", "recv_object_list", "broadcast_object_list",
+                     "all_gather_object", "gather_object", "scatter_object_list"):  # fmt: skip
+            assert f"{call}(" not in text, f"{path.relative_to(pkg.parent)} calls {call}"

@@ -143,8 +143,8 @@ class MicroBatch:
     """[b, 1, T, T] bool, True = masked (megatron's convention): block-diagonal causal over
     the packed sequences; None for padded rows (the model's own causal mask)."""
     cu_seqlens: torch.Tensor | None
-    """[n + 1] int32 sequence boundaries in the packed row (Transformer Engine's THD layout);
-    None for padded rows."""
+    """[n + 1] int32 sequence boundaries in the packed row (Transformer Engine's THD layout),
+    the row's trailing padding as one more segment; None for padded rows."""
     positions: torch.Tensor
     """[N] index of each loss position in the model output flattened as [T * b] (sequence
     first, megatron's [T, b, H] layout): t * b + row."""
@@ -227,10 +227,12 @@ class MicroBatch:
         mask = cu = None
         if packed:
             mask = packed_causal_mask(seq, t_len, dev)
-            bounds = torch.cat(
-                [torch.zeros(1, dtype=torch.long, device="cpu"), torch.cumsum(seq_t, 0)]
-            )
-            cu = bounds.to(device=dev, dtype=torch.int32)
+            # The row's padding (rounding T up) is one more segment, as in the mask: THD
+            # attention then covers exactly the row's T tokens.
+            pad = t_len - int(sum(seq))
+            ends = torch.cumsum(torch.tensor([*seq, pad] if pad else list(seq), device="cpu"), 0)
+            zero = torch.zeros(1, dtype=torch.long, device="cpu")
+            cu = torch.cat([zero, ends]).to(device=dev, dtype=torch.int32)
         return MicroBatch(
             input_ids=input_ids.view(b, t_len),
             attention_mask=mask,
@@ -244,7 +246,7 @@ class MicroBatch:
             agg_weights=flat(parent.agg_weights),
             seq_index=seq_index,
             rows=rows,
-            max_seqlen=max(seq),
+            max_seqlen=max(max(seq), b * t_len - int(sum(seq)) if packed else 0),
             source=src_pos,
         )
 
