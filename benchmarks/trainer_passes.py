@@ -27,7 +27,7 @@ import torch
 
 def _batch(vocab: int, rows: int, length: int):
     from megatron_agpo.algorithms import advantages
-    from megatron_agpo.trainer.batch import build_token_batch
+    from megatron_agpo.trainer.batch import build_token_batch_from_lists
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, vocab, (length // 4,), generator=g).tolist() for _ in range(rows)]
@@ -36,7 +36,8 @@ def _batch(vocab: int, rows: int, length: int):
     ]
     lps = [(-torch.rand(len(r), generator=g)).tolist() for r in resp]
     rewards = torch.tensor([float(i % 3 == 0) for i in range(rows)], dtype=torch.float64)
-    return build_token_batch(prompts, resp, lps, advantages(rewards, 4, "agpo"), pad_id=0)
+    adv = advantages(rewards, 4, "agpo")
+    return build_token_batch_from_lists(prompts, resp, lps, adv, pad_id=0)
 
 
 def _setup():
@@ -56,18 +57,18 @@ def _setup():
 def child(mode: str, rows: int, length: int, repeats: int) -> dict:
     """One measurement in this (fresh) process."""
     from megatron_agpo.algorithms import PolicyLossConfig, aggregation_weights
-    from megatron_agpo.trainer.step import compute_logp, forward_backward
+    from megatron_agpo.trainer.step import StepShape, compute_logp, forward_backward
 
     ddp, mcfg = _setup()
     v = mcfg.vocab_size
     batch = _batch(v, rows, length)
     if mode.startswith("logp"):
         ent = mode == "logp_entropy"
-        compute_logp(ddp, batch, 4, v, with_entropy=ent)  # warm-up
+        compute_logp(ddp, batch, StepShape(4), v, with_entropy=ent)  # warm-up
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            compute_logp(ddp, batch, 4, v, with_entropy=ent)
+            compute_logp(ddp, batch, StepShape(4), v, with_entropy=ent)
             times.append(time.perf_counter() - t0)
         return {"mode": mode, "seconds_min": min(times), "seconds": times}
     fuse = mode == "update_fused"
@@ -89,7 +90,7 @@ def child(mode: str, rows: int, length: int, repeats: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    forward_backward(ddp, batch, cfg, rows, v)
+    forward_backward(ddp, batch, cfg, StepShape(rows), v).to_dict()
     secs = time.perf_counter() - t0
     done.set()
     sampler.join()
