@@ -86,3 +86,45 @@ def test_killed_rank_leaves_no_writer_or_manager(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         rank.wait()
+
+
+@pytest.mark.engine
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_killed_launcher_after_a_save_leaves_nothing(tmp_path):
+    """The whole run (launcher, torchrun, 2 ranks, a vLLM replica, reward workers) after its
+    first checkpoint: a kill -9 of the launcher leaves no process of it."""
+    from tests.test_preemption import _alive, _descendants, _output, _wait_for_step
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cmd = [
+        sys.executable, "-m", "megatron_agpo.train", "trainer.steps=50",
+        "model.warmstart_steps=30", "trainer.eval_every=0", "data.prompts_per_step=8",
+        f"logging.run_dir={run}", "logging.progress=false", "checkpoint.save_every=1",
+    ]  # fmt: skip
+    log = open(tmp_path / "run.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    proc.log = log
+    tree: set[int] = set()
+    try:
+        _wait_for_step(proc, run, 2, timeout=900)
+        t0 = time.time()
+        while not (run / "checkpoints" / "step_0000002" / "COMPLETE").exists():
+            assert time.time() - t0 < 300, _output(proc)[-3000:]
+            time.sleep(0.2)
+        tree = _descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 30
+        while _alive(tree) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _alive(tree), f"orphans: {_alive(tree)}"
+    finally:
+        for pid in [proc.pid, *tree]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
