@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 HOLD = """
 import sys, time
 from pathlib import Path
+from types import SimpleNamespace
 from megatron_agpo.trainer import rundir
 lock = rundir.claim(Path(sys.argv[1]), log=lambda m: None)
 Path(sys.argv[2]).write_text("held")
@@ -115,3 +117,26 @@ def _two_ranks(rank, world, run):
 def test_verdicts_reach_every_rank(tmp_path):
     _history(tmp_path)
     run_distributed(_two_ranks, 2, str(tmp_path))
+
+
+def test_trainer_start_on_a_held_folder_exits_2_naming_the_holder(tmp_path, capsys, monkeypatch):
+    from megatron_agpo.trainer.loop import Trainer
+
+    monkeypatch.delenv("AGPO_EXIT_STATUS_FILE", raising=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = _holder(run, tmp_path / "ready")
+    fake = SimpleNamespace(
+        cfg=SimpleNamespace(checkpoint=SimpleNamespace(resume="auto", resume_fallback=False)),
+        run_dir=run, rank=0,
+    )  # fmt: skip
+    try:
+        with pytest.raises(SystemExit) as e:
+            Trainer._resume(fake)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"agpo-train: error: {run} is in use by another run: pid {proc.pid}")
+    assert "\n" not in err
