@@ -121,3 +121,28 @@ def _tp2_body(rank, world):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run is the CPU check")
 def test_triton_tp2_gloo_equals_float64():
     run_distributed(_tp2_body, 2)
+
+
+@pytest.mark.gpu
+def test_triton_on_cuda_equals_the_torch_producer_without_syncs():
+    # Compiled kernels (not the interpreter) at a vocabulary of several default blocks.
+    triton_agpo.BLOCK = 4096
+    cfg = PolicyLossConfig(**CFG_FULL)
+    g = torch.Generator().manual_seed(0)
+    n, v = 300, 20011
+    z0 = (2 * torch.randn(n, v, generator=g)).bfloat16().cuda()
+    target = torch.randint(0, v, (n,), generator=g).cuda()
+    adv, old = torch.randn(n, generator=g).cuda(), (-9 + torch.randn(n, generator=g)).cuda()
+    grads = {}
+    for producer in ("torch", "triton"):
+        z = z0.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = fused_vocab_parallel_agpo_loss(z, target, adv, cfg, old_logp=old,
+                                                 producer=producer)  # fmt: skip
+            (out.loss.sum() + 0.3 * out.entropy.sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        grads[producer] = z.grad.float()
+    assert _rel_err(grads["triton"], grads["torch"].double()) < 1e-2
