@@ -41,8 +41,12 @@ def layer_spec(cfg: ModelConfig):
 
     if uses_transformer_engine(cfg, detect().transformer_engine):
         check_fp8_available(cfg.fp8, cfg.fp8_recipe)
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=cfg.qk_layernorm
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization="RMSNorm", qk_layernorm=cfg.qk_layernorm
+    )
 
 
 def fp8_kwargs(cfg: ModelConfig) -> dict:
@@ -84,6 +88,9 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=cfg.qkv_bias,
+        # Per-head q/k RMSNorm (Qwen3). The flag also makes megatron's finalize_model_grads
+        # sum the q/k norm weights' gradients over TP: each rank norms only its own heads.
+        qk_layernorm=cfg.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
@@ -155,8 +162,17 @@ def build_model(
     if tcfg.sequence_parallel and not uses_transformer_engine(cfg, detect().transformer_engine):
         # megatron's local torch norms refuse sequence parallelism; ours only mark their
         # weights for the TP gradient reduction (megatron_agpo/models/norm.py).
-        from megatron_agpo.models.norm import sequence_parallel_block_spec
+        from megatron_agpo.models.norm import (
+            SequenceParallelTorchNorm,
+            sequence_parallel_block_spec,
+        )
 
+        if cfg.qk_layernorm:
+            # The q/k norms see whole sequences of this rank's heads (after the QKV gather), but
+            # megatron's torch norm refuses any sequence-parallel config; the TP gradient sum
+            # is done once either way (finalize_model_grads: qk_layernorm or sequence_parallel).
+            attn = spec.submodules.self_attention.submodules
+            attn.q_layernorm = attn.k_layernorm = SequenceParallelTorchNorm
         spec = sequence_parallel_block_spec(spec, tcfg)
     model = GPTModel(
         config=tcfg,
@@ -174,6 +190,11 @@ def build_model(
     # theta; set the table from the checkpoint's own values so any llama3 config matches HF.
     device = model.rotary_pos_emb.inv_freq.device
     model.rotary_pos_emb.inv_freq = rope_inv_freq(cfg).to(device)
+    if cfg.torch_dtype == torch.float64:
+        # megatron's torch norms take no params_dtype and stay float32; a float64 model (the
+        # numerics tests) must not round its norm weights to float32. inv_freq is no buffer,
+        # so RoPE keeps float32 tables, as transformers does.
+        model.double()
     if detect().cuda:
         model.cuda(torch.cuda.current_device())
     return model

@@ -18,13 +18,22 @@ import torch
 from megatron_agpo.models.precision import check_fp8_settings, normalize_fp8
 
 # HF `architectures[0]` -> family. Llama covers Llama 2/3/3.1 and SmolLM2; Qwen2 covers
-# Qwen2, Qwen2.5 and Qwen2.5-Math (same layout: QKV bias, no other biases).
+# Qwen2, Qwen2.5 and Qwen2.5-Math (same layout: QKV bias, no other biases); Qwen3 covers the
+# dense Qwen3 models (no biases, a per-head RMSNorm on queries and keys, head_dim set on its
+# own: Qwen3-0.6B has 16 heads of 128 in a 1024-wide model).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64 is for numerics tests on CPU (logits against transformers in double precision).
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -33,7 +42,7 @@ class UnsupportedModelError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture and numerics of a Llama- or Qwen2-family decoder."""
+    """Architecture and numerics of a Llama-, Qwen2- or Qwen3-family decoder."""
 
     architecture: str = "LlamaForCausalLM"
     """HF architecture name; one of SUPPORTED_ARCHITECTURES."""
@@ -66,8 +75,11 @@ class ModelConfig:
     """Output projection shares the input embedding."""
     qkv_bias: bool = False
     """Bias on the Q, K, V projections (always on in Qwen2)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head (width head_dim, one weight shared by all heads)
+    after the projection and before RoPE (always on in Qwen3; HF `q_norm` / `k_norm`)."""
     params_dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16."""
+    """Parameter dtype: float32, bfloat16, float16 (or float64, for numerics tests)."""
     bos_token_id: int | None = None
     """Special token ids, checked against the vocabulary."""
     eos_token_id: int | list[int] | None = None
@@ -132,7 +144,7 @@ class ModelConfig:
         arch = (
             archs[0]
             if archs
-            else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+            else {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}.get(
                 hf.get("model_type", ""), hf.get("model_type", "?")
             )
         )
@@ -146,10 +158,13 @@ class ModelConfig:
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r}: only 'silu' (SwiGLU)")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=True is not supported")
-        if family == "qwen2" and hf.get("use_sliding_window"):
-            raise UnsupportedModelError("Qwen2 use_sliding_window=True is not supported")
-        if family == "llama" and hf.get("attention_bias"):
-            raise UnsupportedModelError("Llama attention_bias=True is not supported")
+        if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            raise UnsupportedModelError(
+                f"{arch} use_sliding_window=True is not supported (sliding-window attention)"
+            )
+        if family in ("llama", "qwen3") and hf.get("attention_bias"):
+            # Both put the bias on o_proj too, which megatron's add_qkv_bias does not cover.
+            raise UnsupportedModelError(f"{arch} attention_bias=True is not supported")
 
         # transformers >= 5 nests RoPE settings in `rope_parameters`; older files use
         # top-level `rope_theta` and `rope_scaling`.
@@ -178,6 +193,7 @@ class ModelConfig:
             "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
             "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "qkv_bias": family == "qwen2",
+            "qk_layernorm": family == "qwen3",
             "bos_token_id": hf.get("bos_token_id"),
             "eos_token_id": hf.get("eos_token_id"),
             "pad_token_id": hf.get("pad_token_id"),

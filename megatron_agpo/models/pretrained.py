@@ -60,8 +60,11 @@ def tiny_hf_model(
     seed: int = 0,
     **overrides,
 ) -> Path:
-    """A random small Llama / Qwen2 checkpoint (GQA 4 heads / 2 KV heads, 2 layers, vocab 100)
-    with a word-level tokenizer, saved as an HF folder."""
+    """A random small Llama / Qwen2 / Qwen3 checkpoint (GQA 4 heads / 2 KV heads, 2 layers,
+    vocab 100) with a word-level tokenizer, saved as an HF folder. Qwen3's heads are 32 wide
+    in a 64-wide model (head_dim set on its own, as in the real ones), so a layout that
+    assumed hidden / heads would fail. Norm weights (q/k head norms included) and biases are
+    random, not HF's ones and zeros, so a weight that is dropped or misplaced shows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
@@ -80,6 +83,10 @@ def tiny_hf_model(
     elif architecture == "Qwen2ForCausalLM":
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
         model_type = "qwen2"
+    elif architecture == "Qwen3ForCausalLM":
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
+        kw["head_dim"] = 32
+        model_type = "qwen3"
     else:
         raise ValueError(f"no tiny config for {architecture}")
     kw.update(overrides)

@@ -1,4 +1,4 @@
-"""HF <-> megatron-core weight layout for Llama / Qwen2 decoders.
+"""HF <-> megatron-core weight layout for Llama / Qwen2 / Qwen3 decoders.
 
 Shape legend: H hidden, F ffn, D head_dim, Q query heads, G query groups (KV heads),
 V vocab, Vp padded vocab, t = TP size. Megatron's names are those of GPTModel with the local
@@ -9,7 +9,8 @@ Megatron layouts, per TP rank r (each rank owns G/t query groups and F/t ffn col
   [q heads of g (Q/G * D rows), k_g (D rows), v_g (D rows)]; bias likewise.
 - linear_fc1.weight [2F/t, H]: [gate rows of rank r; up rows of rank r].
 - linear_proj / linear_fc2: column slices (dim 1); embedding / output_layer: row slices of the
-  padded vocabulary (dim 0). Norms are replicated.
+  padded vocabulary (dim 0). Norms are replicated, the q/k head norms (Qwen3,
+  self_attention.{q,k}_layernorm.weight [D], one weight for all heads) included.
 Concatenating all ranks' qkv shards gives the same grouped layout over all G groups, so the
 q/k/v split does not depend on t; fc1 must be split per shard (gate/up are per rank).
 """
@@ -131,6 +132,9 @@ def _rules_for_layer(i: int, cfg: ModelConfig) -> dict[str, _Rule]:
     }
     if cfg.qkv_bias:
         rules["self_attention.linear_qkv.bias"] = qkv_rule("bias")
+    if cfg.qk_layernorm:
+        rules["self_attention.q_layernorm.weight"] = _replicated(f"{hf}self_attn.q_norm.weight")
+        rules["self_attention.k_layernorm.weight"] = _replicated(f"{hf}self_attn.k_norm.weight")
     return rules
 
 
