@@ -23,6 +23,7 @@ from megatron_agpo.models import (
 )
 from megatron_agpo.models.pretrained import tiny_hf_model
 from megatron_agpo.models.weights import HFWeights, rule_for, unpad_vocab
+from megatron_agpo.plan.planner import ARCHS_DIR
 from tests.dist_utils import run_distributed
 from tests.test_models import _megatron_train
 
@@ -150,6 +151,33 @@ def test_weight_rules_round_trip_bit_exact(qwen3_dirs, which, tp):
     for name in hf:
         a, b = hf.get(name), back[name]
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_qwen3_8b_architecture_file():
+    """plan/archs/Qwen3-8B.json reads as Qwen3-8B and fits the preset's TP=4."""
+    cfg = ModelConfig.from_hf(ARCHS_DIR / "Qwen3-8B.json")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
+            cfg.head_dim, cfg.ffn_hidden_size, cfg.vocab_size) == (
+            36, 4096, 32, 8, 128, 12288, 151936)  # fmt: skip
+    assert cfg.qk_layernorm and not cfg.qkv_bias and not cfg.tie_word_embeddings
+    assert cfg.rope_theta == 1e6 and cfg.params_dtype == "bfloat16"
+    cfg.validate(tensor_parallel=4)
+
+
+def test_qwen3_8b_preset_fits_by_the_planner(capsys):
+    from megatron_agpo.plan.cli import main as plan_main
+    from megatron_agpo.plan.cli import plan_from_overrides
+
+    assert plan_main(["model=qwen3_8b", "--check"]) == 0
+    assert capsys.readouterr().out.startswith("agpo-plan: FITS")
+    plan = plan_from_overrides(["model=qwen3_8b"])[0]
+    assert (plan.layout.tp, plan.layout.sequence_parallel, plan.layout.engines) == (4, True, 4)
+    # Counted by hand: embeddings and the untied output 2 x 151936 x 4096; per layer q/o
+    # 2 x 4096^2, k/v 2 x 4096 x 1024, SwiGLU 3 x 4096 x 12288, norms 2 x 4096 + q/k 2 x 128;
+    # the final norm. The planner leaves the q/k norms (9,216 parameters) out.
+    layer = 2 * 4096**2 + 2 * 4096 * 1024 + 3 * 4096 * 12288 + 2 * 4096 + 2 * 128
+    hand = 2 * 151936 * 4096 + 36 * layer + 4096
+    assert hand == 8_190_735_360 and 0 <= hand - plan.params <= 36 * 2 * 128
 
 
 # ----------------------------------------------------------------------------- multi-process
