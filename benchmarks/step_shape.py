@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # tests.dist_utils and the tiny-model fixtures
 
 
 def lognormal_lengths(n: int, seed: int, median: float, sigma: float, cap: int) -> list[int]:

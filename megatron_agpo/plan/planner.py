@@ -103,7 +103,8 @@ class Layout:
             recompute=c.recompute,
             micro_batch=t.micro_batch_size,
             token_budget=t.token_budget,
-            packing=t.packing,
+            # auto packs with Transformer Engine's attention, the GPU path the plan is for.
+            packing=True if t.packing is None else t.packing,
             params_dtype=cfg.model.params_dtype,
             fp8=str(fp8),
             offload_optimizer=c.offload_optimizer,

@@ -251,6 +251,12 @@ class MicroBatch:
         )
 
 
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[sum(lengths)] the integers starts[i] .. starts[i] + lengths[i] - 1, row after row."""
+    offsets = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return offsets + torch.arange(offsets.numel(), device=offsets.device)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-max(n, 1) // multiple) * multiple
 
@@ -392,29 +398,24 @@ def build_token_batch(
     r_len = torch.tensor(response_lens, dtype=torch.long, device=cpu)
     s = _round_up(max((p + r for p, r in zip(prompt_lens, response_lens, strict=True)),
                       default=1), pad_multiple)  # fmt: skip
-    rows = torch.arange(b, device=cpu)
-    # Column of every prompt token and every response token in its row.
-    p_row = torch.repeat_interleave(rows, p_len)
-    p_col = torch.arange(p_row.numel(), device=cpu) - torch.repeat_interleave(
-        torch.cumsum(p_len, 0) - p_len, p_len
-    )
-    r_row = torch.repeat_interleave(rows, r_len)
-    r_j = torch.arange(r_row.numel(), device=cpu) - torch.repeat_interleave(
-        torch.cumsum(r_len, 0) - r_len, r_len
-    )
-    r_col = p_len[r_row] + r_j
-    input_ids = torch.full((b, s), pad_id, dtype=torch.long, device=cpu)
-    input_ids[p_row, p_col] = prompt_tokens.to(cpu, torch.long)
-    input_ids[r_row, r_col] = response_tokens.to(cpu, torch.long)
-    target = torch.full((b, s), IGNORE_INDEX, dtype=torch.long, device=cpu)
-    logp = torch.zeros(b, s, device=cpu)
+    # Flat position (row * s + column) of every prompt token and every response token: the
+    # prompt tokens of row i start at i * s, its response tokens right after its prompt.
+    row_start = torch.arange(b, device=cpu) * s
+    p_at = _ranges(row_start, p_len)
+    r_at = _ranges(row_start + p_len, r_len)
+    responses = response_tokens.to(cpu, torch.long)
+    input_ids = torch.full((b * s,), pad_id, dtype=torch.long, device=cpu)
+    input_ids[p_at] = prompt_tokens.to(cpu, torch.long)
+    input_ids[r_at] = responses
     # The position predicting response token j is the one before it.
-    keep = torch.ones(r_row.numel(), dtype=torch.bool, device=cpu)
+    target = torch.full((b * s,), IGNORE_INDEX, dtype=torch.long, device=cpu)
+    logp = torch.zeros(b * s, device=cpu)
+    target[r_at - 1] = responses
+    logp[r_at - 1] = rollout_logp.to(cpu, torch.float32)
+    target, logp, input_ids = target.view(b, s), logp.view(b, s), input_ids.view(b, s)
     cut = tuple(bool(x) for x in truncated) if truncated is not None else (False,) * b
     if any(cut):
-        keep = ~torch.tensor(cut, dtype=torch.bool, device=cpu)[r_row]
-    target[r_row[keep], r_col[keep] - 1] = response_tokens.to(cpu, torch.long)[keep]
-    logp[r_row, r_col - 1] = rollout_logp.to(cpu, torch.float32)
+        target[torch.tensor(cut, dtype=torch.bool, device=cpu)] = IGNORE_INDEX
     lengths = RowLengths(prompt_lens, response_lens, response_lens).without_loss(cut)
     return TokenBatch(
         input_ids=input_ids,

@@ -192,11 +192,14 @@ class TrainerSection:
     """Dynamic batch size: tokens per micro-batch (packed: the sequences' tokens; padded: rows
     x longest row); sequences are taken longest first and packed first-fit, a longer one runs
     alone. 0: micro_batch_size sequences each."""
-    packing: bool = True
-    """Pack a micro-batch's sequences into one row with exact attention boundaries (a
-    block-diagonal causal mask; Transformer Engine's THD layout on GPUs), so no padding is
-    computed. false: one padded row per sequence. Either way only response tokens reach the
-    output layer and the loss."""
+    packing: bool | None = None
+    """true: pack a micro-batch's sequences into one row with exact attention boundaries
+    (Transformer Engine's THD layout; megatron's local attention gets a block-diagonal causal
+    mask), so no padding is computed. false: one padded row per sequence. null (auto): packed
+    where the attention is Transformer Engine's (its cost stays per sequence), padded with
+    megatron's local attention (CPU), which would compute the packed row's whole T x T
+    scores (measured 2x slower there, docs/PERFORMANCE.md). Either way only response tokens
+    reach the output layer and the loss."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
     mini_batches: int = 1

@@ -50,6 +50,7 @@ from megatron_agpo.trainer.step import (
     forward_backward,
     grads_are_finite,
     model_device,
+    resolve_packing,
     sequence_multiple,
 )
 
@@ -175,7 +176,8 @@ class Trainer:
         self.device = model_device(self.model)
         self.seq_multiple = sequence_multiple(self.model)
         tr = cfg.trainer
-        self.step_shape = StepShape(tr.micro_batch_size, tr.token_budget, tr.packing)
+        packing = resolve_packing(self.model, tr.packing)
+        self.step_shape = StepShape(tr.micro_batch_size, tr.token_budget, packing)
         # seq-sum-constant's fixed divisor (Dr. GRPO: the maximum response length), never the
         # batch's padded length, which changes from step to step.
         self.norm_constant = resolve_norm_constant(cfg.algorithm.loss, cfg.rollout.max_new_tokens)

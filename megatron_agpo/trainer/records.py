@@ -102,7 +102,12 @@ class ScoredRollouts:
         )
 
     def select(self, rows: torch.Tensor) -> ScoredRollouts:
-        """The samples at `rows` (whole groups, in order): vectorised gathers."""
+        """The samples at `rows` (whole groups, in order): vectorised gathers (none when
+        `rows` is every sample in order, as with one data-parallel rank)."""
+        if rows.numel() == len(self) and torch.equal(
+            rows, torch.arange(len(self), device=rows.device)
+        ):
+            return self
         return ScoredRollouts(
             prompt_tokens=_gather_rows(self.prompt_tokens, self.prompt_lens, rows),
             prompt_lens=self.prompt_lens[rows],

@@ -323,6 +323,13 @@ def _run(model, micro: list[MicroBatch], loss_factory, forward_only: bool) -> li
     )
 
 
+def resolve_packing(model, setting: bool | None) -> bool:
+    """trainer.packing: the setting, or (null) packed exactly where the attention keeps its
+    cost per sequence (Transformer Engine's THD); megatron's local attention would compute
+    the whole packed row's scores."""
+    return _uses_te_attention(model) if setting is None else bool(setting)
+
+
 @dataclass
 class StepShape:
     """How a rank's rows become micro-batches (trainer.micro_batch_size / token_budget /
