@@ -10,7 +10,7 @@ surrogate on [N] vectors and GSPO's row means are shared code. Nothing of size [
 written. Backward: one program per token reads its logits once more and writes
 ``a (onehot - p) - b p (log p + H)`` in the logits' dtype, over the logits with
 ``inplace=True``. Per element: one read forward, one read and one write backward (the PyTorch
-path makes about eight passes forward).
+path makes five passes forward without the entropy, eight with it, and three backward).
 
 Runs where Triton runs: CUDA tensors, or CPU tensors when this module was imported under
 ``TRITON_INTERPRET=1`` (how the tests check it on a machine without a GPU; slow). Triton
