@@ -142,29 +142,57 @@ class ScoredRollouts:
         )
 
 
+class RolloutFailed(RuntimeError):
+    """The rollout engine failed on rank 0 (a replica died, its heartbeat stopped, the pool is
+    unusable): raised on every rank, with rank 0's one-line message, by the broadcast that
+    would have carried the step's (or the evaluation's) samples, so every rank stops at the
+    same point and a collective emergency save is possible (`Trainer.run`)."""
+
+    EXIT_CODE = 69
+    """EX_UNAVAILABLE: the run's exit status after a rollout failure (docs/ROLLOUT.md)."""
+
+
 def broadcast_scored(
-    scored: ScoredRollouts | None, device: torch.device, src: int = 0
+    scored: ScoredRollouts | None,
+    device: torch.device,
+    src: int = 0,
+    failure: str | None = None,
 ) -> ScoredRollouts:
     """rank src's record on every rank, as tensors over the default group.
 
     On NCCL every tensor must live on the GPU, hence `device` (the model's); gloo takes CPU
     tensors. Two rounds: a header with the sizes, then one int64 and one float64 payload, so
-    receivers allocate exactly; the result is on the CPU (host-side bookkeeping)."""
+    receivers allocate exactly; the result is on the CPU (host-side bookkeeping).
+
+    `failure` (rank src): the engine failed and there is no record; the header's flag says
+    so, the message's bytes follow, and every rank (src included) raises `RolloutFailed`
+    with it."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        if failure is not None:
+            raise RolloutFailed(failure)
         assert scored is not None
         return scored
     me = dist.get_rank()
     if me == src:
-        assert scored is not None
-        header = torch.tensor(
-            [len(scored), scored.prompt_tokens.numel(), scored.response_tokens.numel(),
-             scored.group_size, scored.weight_version],
-            dtype=torch.int64, device=device,
-        )  # fmt: skip
+        if failure is not None:
+            header = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
+        else:
+            assert scored is not None
+            header = torch.tensor(
+                [0, len(scored), scored.prompt_tokens.numel(), scored.response_tokens.numel(),
+                 scored.group_size, scored.weight_version],
+                dtype=torch.int64, device=device,
+            )  # fmt: skip
     else:
-        header = torch.zeros(5, dtype=torch.int64, device=device)
+        header = torch.zeros(6, dtype=torch.int64, device=device)
     dist.broadcast(header, src)
-    b, n_prompt, n_resp, group_size, version = header.tolist()
+    failed, b, n_prompt, n_resp, group_size, version = header.tolist()
+    if failed:
+        from megatron_agpo.parallel import broadcast_bytes
+
+        data = (failure or "").encode() if me == src else None
+        message = broadcast_bytes(data, src, device=device).decode(errors="replace")
+        raise RolloutFailed(message)
     n_int = 2 * b + n_prompt + n_resp
     if me == src:
         ints = torch.cat(
