@@ -267,6 +267,11 @@ class CheckpointSection:
     and exits with 75, on top of the last step's duration; no effect without an end time."""
     end_time: float | None = None
     """The job's end in epoch seconds, when no SLURM_JOB_END_TIME says it (None: none)."""
+    save_on_failure: bool = True
+    """When the rollout engine fails (a replica died, its heartbeat stopped, the pool is
+    unusable): every rank stops, saves the last completed step (unless already saved) and the
+    run exits 69 with one line naming the failure, the checkpoint and how to resume (the same
+    command resumes it exactly). false: exit 69 without saving."""
 
 
 @dataclass
@@ -452,6 +457,12 @@ class TrainConfig:
             "checkpoint.keep_last",
             self.checkpoint.keep_last,
             "must be >= 1",
+        )
+        need(
+            isinstance(self.checkpoint.save_on_failure, bool),
+            "checkpoint.save_on_failure",
+            self.checkpoint.save_on_failure,
+            "must be true or false",
         )
         need(
             self.logging.verbosity in ("quiet", "info", "debug"),

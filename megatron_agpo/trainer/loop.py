@@ -32,6 +32,7 @@ from megatron_agpo.algorithms import (
 )
 from megatron_agpo.algorithms.policy_loss import resolve_norm_constant
 from megatron_agpo.rewards.base import RewardUnavailable, reward_counters, scored_groups
+from megatron_agpo.rollout.types import RolloutError, StaleWeightsError
 from megatron_agpo.trainer import checkpoint as ckpt
 from megatron_agpo.trainer import rundir
 from megatron_agpo.trainer.batch import (
@@ -42,7 +43,7 @@ from megatron_agpo.trainer.batch import (
 )
 from megatron_agpo.trainer.config import TrainConfig
 from megatron_agpo.trainer.metrics import MetricsWriter, plot_run, wandb_settings
-from megatron_agpo.trainer.records import ScoredRollouts, broadcast_scored
+from megatron_agpo.trainer.records import RolloutFailed, ScoredRollouts, broadcast_scored
 from megatron_agpo.trainer.step import (
     StepShape,
     compute_logp,
@@ -145,6 +146,10 @@ def build_scheduler(optimizer, cfg: TrainConfig):
 
 
 class Trainer:
+    _engine_failure: str | None = None
+    """Rank 0: the rollout engine's failure (one line), once a call to it failed; the next
+    broadcast of scored rollouts carries it to every rank (`RolloutFailed`)."""
+
     def __init__(self, cfg: TrainConfig) -> None:
         from transformers import AutoTokenizer
 
@@ -339,12 +344,30 @@ class Trainer:
             )
             for i, ex in enumerate(prompts)
         ]
-        self.engine.wake_up()  # no-op unless the engine sleeps between rollouts (CUDA)
-        return self.engine.generate(reqs, expected_version=self.version)
+
+        def rollout():
+            self.engine.wake_up()  # no-op unless the engine sleeps between rollouts (CUDA)
+            return self.engine.generate(reqs, expected_version=self.version)
+
+        return self._engine_call(rollout)  # None once the engine failed
+
+    def _engine_call(self, fn, *args):
+        """Rank 0: fn(*args) on the rollout engine, or None once the engine has failed (a
+        replica died, its heartbeat stopped, the pool is unusable). The failure is recorded,
+        not raised: only rank 0 talks to the engine, so it reaches every rank through the next
+        broadcast of scored rollouts, and every rank stops there together (`run`)."""
+        if self._engine_failure is not None:
+            return None
+        try:
+            return fn(*args)
+        except (RolloutError, StaleWeightsError) as e:
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            self._engine_failure = lines[0].split("; log tail:")[0]
+            return None
 
     def score(self, prompts, batch, n: int) -> ScoredRollouts | None:
-        """Rank 0: the reward of every sample; None elsewhere."""
-        if self.rank != 0:
+        """Rank 0: the reward of every sample; None elsewhere (and once the engine failed)."""
+        if self.rank != 0 or batch is None:
             return None
         samples = batch.samples
         truths = [prompts[s.prompt_id].ground_truth for s in samples]
@@ -383,13 +406,18 @@ class Trainer:
         stats, sampled_sum, groups = {"groups/sampled": 0, "sampling/rounds": 0}, 0.0, 0
         rounds = 1 if rule == "off" else cfg.trainer.max_sampling_rounds
         adv_cfg = cfg.algorithm.advantage_config()
+        data_state = self.data.state_dict()  # a failed rollout rewinds the step's prompts
         for rnd in range(rounds):
             prompts = self.data.next_batch()
             with t("rollout"):
                 samples = self.generate(prompts, n, self.step, rnd)
             with t("reward"):
                 scored = self.score(prompts, samples, n)
-            scored = broadcast_scored(scored, self.device)
+            try:
+                scored = broadcast_scored(scored, self.device, failure=self._engine_failure)
+            except RolloutFailed:  # every rank: nothing of this step is trained, or consumed
+                self.data.load_state_dict(data_state)
+                raise
             # Per group here; REINFORCE++'s batch whitening waits for the kept batch (below),
             # so it never depends on how many groups a round dropped.
             scored.advantages = compute_advantages(scored.rewards, n, adv_cfg, batch_norm=False)
@@ -411,7 +439,7 @@ class Trainer:
         if self.rank == 0:
             # Colocated on CUDA: free the KV cache and offload the weights while the trainer
             # works; the next sync (or rollout) wakes the engine. A no-op elsewhere.
-            self.engine.sleep()
+            self._engine_call(self.engine.sleep)
         if not groups:
             raise RuntimeError(
                 f"dynamic sampling ({rule}) kept no group in {rounds} rounds of {want} prompts: "
@@ -514,10 +542,12 @@ class Trainer:
 
         tensors = gather_hf_tensors_to_rank0(self.model, self.mcfg)
         if self.rank == 0:
-            self.engine.update_weights(tensors, version)
-        else:
-            for _ in tensors:  # TP all-gathers, and sends from later pipeline stages
-                pass
+            # A failed engine (now or earlier) is recorded for the next broadcast (`collect`).
+            self._engine_call(self.engine.update_weights, tensors, version)
+        # The rest of the gather (all of it elsewhere, what a failed sync left on rank 0): TP
+        # all-gathers, and sends from later pipeline stages.
+        for _ in tensors:
+            pass
         self.version = version
 
     def _step_metrics(
@@ -557,7 +587,8 @@ class Trainer:
 
         n = self.cfg.trainer.eval_n
         samples = self.generate(self.eval_prompts, n, step_seed=-1)
-        scored = broadcast_scored(self.score(self.eval_prompts, samples, n), self.device)
+        scored = self.score(self.eval_prompts, samples, n)
+        scored = broadcast_scored(scored, self.device, failure=self._engine_failure)
         r = scored.rewards.view(-1, n)
         tau = self.cfg.algorithm.advantage_config().tau
         counts = [(n, int((g > tau).sum())) for g in r]
@@ -565,6 +596,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
+        """Train to trainer.steps; the last step's metrics. A rollout engine failure stops
+        every rank at the same point with an emergency checkpoint (`_rollout_failed`)."""
+        try:
+            return self._run()
+        except RolloutFailed as e:
+            self._rollout_failed(e)
+
+    def _run(self) -> dict:
         cfg = self.cfg
         if self.preemption.should_stop(0.0):  # signalled while starting (collective)
             self._preempted_at_start()
@@ -586,7 +625,12 @@ class Trainer:
             t0 = time.perf_counter()
             row = self.train_step()
             if every and self.step % every == 0:
-                row.update(self.evaluate())
+                try:
+                    row.update(self.evaluate())
+                except RolloutFailed:  # the step itself completed: its metrics are kept
+                    if self.rank == 0:
+                        self.metrics.log({**row, **reward_counters(self.reward.stats())})
+                    raise
             if self.rank == 0:
                 row.update(reward_counters(self.reward.stats()))
                 self.metrics.log(row)
@@ -608,9 +652,48 @@ class Trainer:
         if cfg.checkpoint.save_final and self._saved_step != self.step:
             self.save()
         if self.rank == 0:
+            if self._engine_failure:  # the last weight sync failed: nothing left to roll out
+                self.metrics.write(f"warning: rollout engine failed after the last step: "
+                                   f"{self._engine_failure}")  # fmt: skip
             plot = plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
             self.metrics.write(f"done: metrics {self.run_dir / 'metrics.jsonl'}, plot {plot}")
         return last
+
+    def _rollout_failed(self, failure: RolloutFailed) -> None:
+        """Every rank, after the same broadcast: the rollout engine failed (rank 0's message).
+        Nothing of the step in progress was trained and its prompts are not consumed; the last
+        completed step is saved (checkpoint.save_on_failure, collective) unless it already is,
+        and the run exits RolloutFailed.EXIT_CODE (69) with one line on rank 0."""
+        from megatron_agpo.launcher import refused_exit, write_exit_status
+
+        code, c = RolloutFailed.EXIT_CODE, self.cfg.checkpoint
+        path = None
+        if self._saved_step != self.step and c.save_on_failure:
+            path = self.save()
+        elif self._saved_step == self.step and self.step:
+            path = ckpt.step_dir(self.run_dir / "checkpoints", self.step)
+        # Under agpo-train every rank exits 0 and the launcher exits 69 (no torchrun traceback).
+        exit_code = refused_exit(code, self.rank)
+        if self.rank == 0:
+            if path is not None:
+                how = "the same command" if c.resume == "auto" else "checkpoint.resume=auto"
+                what = f"checkpoint {path} (step {self.step}); resume with {how}"
+            elif not self.step:
+                what = "no step completed: nothing to save"
+            else:
+                last = f"step {self._saved_step}" if self._saved_step else "none"
+                what = (
+                    f"not saved (checkpoint.save_on_failure=false): steps {self._saved_step + 1}"
+                    f"-{self.step} are lost; last checkpoint: {last}"
+                )
+            logs = ""
+            if self.cfg.rollout.mode == "replicas":
+                logs = f" (replica logs: {self.run_dir / 'replica_logs'})"
+            write_exit_status(code, step=self.step, path=None if path is None else str(path))
+            at = f"after step {self.step}" if self.step else "before the first step"
+            print(f"agpo-train: error: rollout engine failed {at}: {failure}{logs}; {what}; "
+                  f"exit {code}", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(exit_code) from None
 
     def _preempted_at_start(self) -> None:
         """A preemption signal (or the job's end) before the first step: nothing was trained
