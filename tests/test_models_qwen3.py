@@ -25,6 +25,7 @@ from megatron_agpo.models.pretrained import tiny_hf_model
 from megatron_agpo.models.weights import HFWeights, rule_for, unpad_vocab
 from megatron_agpo.plan.planner import ARCHS_DIR
 from tests.dist_utils import run_distributed
+from tests.test_models import _forward as _pipeline_forward
 from tests.test_models import _megatron_train
 
 ARCH = "Qwen3ForCausalLM"
@@ -219,7 +220,13 @@ def _full_logits(model, ids, cfg):
 
 
 def _parity_body(rank, world, dirs, results_path):
-    from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
+    from megatron.core import parallel_state as ps
+
+    from megatron_agpo.models import (
+        build_model_from_hf,
+        gather_hf_tensors_to_rank0,
+        megatron_to_hf_tensors,
+    )
     from megatron_agpo.parallel import ParallelConfig, init_parallel
 
     hf_dir = dirs["f64_tied"]
@@ -251,19 +258,34 @@ def _parity_body(rank, world, dirs, results_path):
         assert sorted(back) == sorted(hf.keys())
         for name in hf:
             assert torch.equal(back[name], hf.get(name)), f"TP={tp}: {name} differs"
+    # PP=2: one layer per stage (global HF layer indices), the tied output layer's copy on
+    # the last stage; logits there, every HF tensor gathered to rank 0.
+    init_parallel(ParallelConfig(pipeline_parallel=2))
+    model, cfg = build_model_from_hf(hf_dir)
+    assert len(model.decoder.layers) == 1
+    logits = _pipeline_forward(model, ids)
+    if ps.is_pipeline_last_stage():
+        got = logits[..., : cfg.vocab_size]
+        report["pp2_norms_f64"] = diff64 = (got - ref64).abs().max().item()
+        assert diff64 < 1e-12, f"PP=2: vs float64 norms {diff64:.3g}"
+    back = dict(gather_hf_tensors_to_rank0(model, cfg))
     if rank == 0:
-        with open(results_path, "w") as f:
-            json.dump(report, f)
+        assert sorted(back) == sorted(hf.keys())
+        for name in hf:
+            assert torch.equal(back[name], hf.get(name)), f"PP=2: {name} differs"
+    with open(f"{results_path}.{rank}", "w") as f:
+        json.dump(report, f)
 
 
 @pytest.mark.dist
-def test_logits_equal_transformers_float64_and_round_trip_tp1_tp2(qwen3_dirs, tmp_path):
-    """float64 logits of megatron's model (TP=1, TP=2, TP=2 with sequence parallelism) equal
-    transformers' Qwen3ForCausalLM: to 1e-12 with transformers' norms kept in float64 (as
-    shipped they round to float32: 1e-6), and the weights gathered back to HF are bit-exact."""
+def test_logits_equal_transformers_float64_and_round_trip_tp_pp(qwen3_dirs, tmp_path):
+    """float64 logits of megatron's model (TP=1, TP=2, TP=2 with sequence parallelism, PP=2)
+    equal transformers' Qwen3ForCausalLM: to 1e-12 with transformers' norms kept in float64
+    (as shipped they round to float32: 1e-6), and the weights gathered back to HF are
+    bit-exact."""
     out = tmp_path / "parity.json"
     run_distributed(_parity_body, 2, qwen3_dirs, str(out))
-    print(json.loads(out.read_text()))
+    print({r: json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)})
 
 
 LR = 1e-2
