@@ -81,7 +81,18 @@ def gspo_reference_grads(hf_dir, batch, eps_low, eps_high):
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=False, packing=True):
+def _body(
+    rank,
+    world,
+    hf_dir,
+    mode,
+    token_budget=0,
+    kl_coef=0.0,
+    pp=1,
+    gspo=False,
+    packing=True,
+    producer="torch",
+):
     from megatron.core import parallel_state as ps
 
     from megatron_agpo.models import build_model_from_hf, megatron_to_hf_tensors
@@ -92,7 +103,13 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=Fal
     init_parallel(pc)
     model, mcfg = build_model_from_hf(hf_dir)
     ddp, _ = wrap_for_training(model, pc)
-    cfg = PolicyLossConfig(agg_mode=mode, kl_coef=kl_coef)
+    cfg = PolicyLossConfig(agg_mode=mode, kl_coef=kl_coef, producer=producer)
+    triton_calls = []
+    if producer == "triton":  # count that the kernel's autograd Function is the one used
+        from megatron_agpo.ops import fused_agpo_loss as fal
+
+        make = fal._triton_function
+        fal._triton_function = lambda logits: triton_calls.append(1) or make(logits)
     if gspo:  # ranges that clip some of the rows' sequence ratios; the paper has no TIS
         cfg = PolicyLossConfig(
             agg_mode=mode, ratio_level="sequence", eps_low=0.03, eps_high=0.04,
@@ -101,7 +118,7 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=Fal
     batch = make_batch(mcfg.vocab_size)
     v = mcfg.vocab_size
     shape = StepShape(5, token_budget, packing)
-    logp = compute_logp(ddp, batch, shape, v)
+    logp = compute_logp(ddp, batch, shape, v, producer=producer)
     ref_lp = hf_logp(hf_dir, batch)
     # Sorted, variable-size micro-batches, packed or not, give the same log-probs, in row order.
     other = compute_logp(ddp, batch, StepShape(5, 0, not packing), v)
@@ -125,6 +142,8 @@ def _body(rank, world, hf_dir, mode, token_budget=0, kl_coef=0.0, pp=1, gspo=Fal
         assert metrics["all/kl"] > 0
     if gspo:  # some sequences clipped, not all: both branches of the sequence clip are used
         assert 0 < metrics["all/clip_frac"] < 1, metrics["all/clip_frac"]
+    if producer == "triton":  # both passes (old log-probs and the update) on every rank
+        assert len(triton_calls) >= 2, triton_calls
     grads = {n: p.main_grad for n, p in ddp.module.named_parameters()}
     offset = ps.get_pipeline_model_parallel_rank() * (mcfg.num_layers // pp)
     ours = dict(megatron_to_hf_tensors(grads, mcfg, layer_offset=offset))
@@ -163,3 +182,13 @@ def test_update_gradient_equals_transformers_reference(
 ):
     """TP=2 (pp=1) or PP=2 over two processes."""
     run_distributed(_body, 2, tiny_hf, mode, token_budget, kl_coef, pp, gspo, packing)
+
+
+@pytest.mark.dist
+def test_update_with_the_triton_producer_equals_transformers_reference(tiny_hf, monkeypatch):
+    """algorithm.loss.producer=triton switches the logits path to the one-pass Triton kernel
+    (Triton's interpreter on this CPU, set before the ranks start): the same log-probs and
+    gradients as the float64 reference, at TP=2 with packed token-budget micro-batches."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    run_distributed(_body, 2, tiny_hf, "token-mean", 24, 0.0, 1, False, True, "triton")

@@ -85,6 +85,11 @@ class PolicyLossConfig:
     """Trainer: fuse the output layer into the loss (`fused_output_layer_agpo_loss`): logits are
     computed chunk by chunk, never as a whole [tokens, V/TP] tensor (one extra matmul in the
     backward). Saves the logits' memory at large vocabularies; the math is unchanged."""
+    producer: str = "torch"
+    """Trainer: what computes the per-token statistics from the logits. torch: the chunked
+    PyTorch path (every device; the reference). triton: the one-pass Triton kernel
+    (`ops/triton_agpo.py`; CUDA, or Triton's interpreter with TRITON_INTERPRET=1); not with
+    fuse_output_layer."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.eps_low < 1:
@@ -107,6 +112,15 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.norm_constant={self.norm_constant} must be > 0")
         if self.kl_clamp is not None and self.kl_clamp <= 0:
             raise ValueError(f"PolicyLossConfig.kl_clamp={self.kl_clamp} must be > 0")
+        if self.producer not in ("torch", "triton"):
+            raise ValueError(
+                f"PolicyLossConfig.producer={self.producer!r}: must be 'torch' or 'triton'"
+            )
+        if self.producer == "triton" and self.fuse_output_layer:
+            raise ValueError(
+                "PolicyLossConfig.producer='triton' computes from logits: it cannot be combined "
+                "with fuse_output_layer=true (use producer=torch there)"
+            )
         if self.ratio_level not in ("token", "sequence"):
             raise ValueError(
                 f"PolicyLossConfig.ratio_level={self.ratio_level!r}: must be 'token' or 'sequence'"

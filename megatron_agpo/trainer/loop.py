@@ -495,8 +495,8 @@ class Trainer:
     def fill_logprobs(self, batch: TokenBatch) -> None:
         """Old log-probs (recomputed by the trainer, or the engine's) and, with a KL term, the
         reference model's; each data-parallel rank computes its shard of the rows."""
-        tr, fuse = self.cfg.trainer, self.cfg.algorithm.loss.fuse_output_layer
-        args = (self.step_shape, self.vocab_size, fuse)
+        tr, loss = self.cfg.trainer, self.cfg.algorithm.loss
+        args = (self.step_shape, self.vocab_size, loss.fuse_output_layer, False, loss.producer)
         batch.old_logp = (
             compute_logp(self.model, batch, *args)
             if tr.old_logp == "recompute"

@@ -222,6 +222,7 @@ def _per_token(
         ref_logp=mb.ref_logp,
         rollout_logp=mb.rollout_logp,
         row=mb.seq_index if cfg.ratio_level == "sequence" else None,
+        num_rows=len(mb.rows) if cfg.ratio_level == "sequence" else None,
         tp_group=_tp_group(),
         vocab_size=vocab_size,
         compute_entropy=compute_entropy,
@@ -236,8 +237,9 @@ def _per_token(
     logits = torch.nn.functional.linear(hidden_NH, head.weight)
     # The logits are fresh and read by nothing else: the softmax, then the gradient, can be
     # written over them.
-    return fused_vocab_parallel_agpo_loss(logits, mb.target, mb.advantages, cfg, inplace=True,
-                                          **common)  # fmt: skip
+    return fused_vocab_parallel_agpo_loss(
+        logits, mb.target, mb.advantages, cfg, inplace=True, producer=cfg.producer, **common
+    )  # fmt: skip
 
 
 def _loss_fn(
@@ -280,12 +282,20 @@ def _sequence_log_ratio(diff_N: torch.Tensor, seq_N: torch.Tensor, n_seq: int) -
 
 
 def _logp_fn(
-    mb: MicroBatch, head: OutputHead, output, *, vocab_size: int, fuse: bool, with_entropy: bool
+    mb: MicroBatch,
+    head: OutputHead,
+    output,
+    *,
+    vocab_size: int,
+    fuse: bool,
+    with_entropy: bool,
+    producer: str = "torch",
 ):
     # No entropy by default: the old/reference passes never read it, and it costs a pass over
     # the vocabulary.
-    out = _per_token(output.detach(), _without_ref(mb), head, PolicyLossConfig(), vocab_size,
-                     None, fuse, with_entropy)  # fmt: skip
+    cfg = PolicyLossConfig(producer=producer)  # the same producer as the update
+    out = _per_token(output.detach(), _without_ref(mb), head, cfg, vocab_size, None, fuse,
+                     with_entropy)  # fmt: skip
     return torch.zeros((), device=output.device), {"logp": out.logp}
 
 
@@ -348,6 +358,7 @@ def compute_logp(
     vocab_size: int,
     fuse_output_layer: bool = False,
     with_entropy: bool = False,
+    producer: str = "torch",
 ):
     """The model's log-prob of every target token of this rank's rows, [B, S] (0 at ignored
     positions), on the last pipeline stage, the only one that reads it; None on the others."""
@@ -355,7 +366,7 @@ def compute_logp(
         shape.micro_batch_size, shape.token_budget, sequence_multiple(model), shape.packing
     )
     fn = partial(_logp_fn, vocab_size=vocab_size, fuse=fuse_output_layer,
-                 with_entropy=with_entropy)  # fmt: skip
+                 with_entropy=with_entropy, producer=producer)  # fmt: skip
     outs = _run(model, micro, fn, True) if len(batch) else []
     if not is_last_stage():
         return None
