@@ -104,6 +104,7 @@ def test_signal_before_the_first_step_exits_75_with_nothing_to_save(capsys, monk
         p.install()  # takes over what was caught before it
         fake = SimpleNamespace(cfg=None, preemption=p, rank=0, step=0)
         fake._preempted_at_start = lambda: Trainer._preempted_at_start(fake)
+        fake._run = lambda: Trainer._run(fake)
         with pytest.raises(Preempted) as e:
             Trainer.run(fake)
         assert e.value.code == EXIT_PREEMPTED

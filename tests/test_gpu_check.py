@@ -113,6 +113,6 @@ def test_report_from_real_step_outputs(tmp_path):
     assert {r["method"] for r in fl["rows"]} == {"naive", "megatron_ce", "fused"}
     md = (out / "gpu_report.md").read_text()
     assert "Train step, SmolLM2-135M float32" in md and "MFU n/a" in md
-    assert "| 1 | fused |" in md and "Ratios: TP=1 fused:" in md
+    assert "| 1 | fused |" in md and "Ratios: TP=1 fp32 fused:" in md
     assert "| sync | skipped | 0 | vLLM is not installed |" in md
     assert "Result: FAILED: tests" in md
