@@ -111,16 +111,13 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
 
 
 def _fusions(backends) -> dict:
+    """The TransformerConfig switches of `megatron_fusions` (the overlap_* ones are DDP's)."""
+    import dataclasses
+
     from megatron_agpo.backends import megatron_fusions
 
-    f = megatron_fusions(backends)
-    return dict(
-        bias_activation_fusion=f.bias_activation_fusion,
-        masked_softmax_fusion=f.masked_softmax_fusion,
-        apply_rope_fusion=f.apply_rope_fusion,
-        persist_layer_norm=f.persist_layer_norm,
-        gradient_accumulation_fusion=f.gradient_accumulation_fusion,
-    )
+    f = dataclasses.asdict(megatron_fusions(backends))
+    return {k: v for k, v in f.items() if not k.startswith("overlap_")}
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_agpo.ops import IGNORE_INDEX
+from megatron_agpo.trainer.records import flat_ranges
 
 
 @dataclass(frozen=True)
@@ -251,12 +252,6 @@ class MicroBatch:
         )
 
 
-def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[sum(lengths)] the integers starts[i] .. starts[i] + lengths[i] - 1, row after row."""
-    offsets = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
-    return offsets + torch.arange(offsets.numel(), device=offsets.device)
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-max(n, 1) // multiple) * multiple
 
@@ -401,8 +396,8 @@ def build_token_batch(
     # Flat position (row * s + column) of every prompt token and every response token: the
     # prompt tokens of row i start at i * s, its response tokens right after its prompt.
     row_start = torch.arange(b, device=cpu) * s
-    p_at = _ranges(row_start, p_len)
-    r_at = _ranges(row_start + p_len, r_len)
+    p_at = flat_ranges(row_start, p_len)
+    r_at = flat_ranges(row_start + p_len, r_len)
     responses = response_tokens.to(cpu, torch.long)
     input_ids = torch.full((b * s,), pad_id, dtype=torch.long, device=cpu)
     input_ids[p_at] = prompt_tokens.to(cpu, torch.long)

@@ -477,7 +477,7 @@ class Trainer:
             if phantom:
                 # Fewer rows than DP ranks: this rank runs one row with no loss token, so it
                 # still joins the step's collectives (DDP's gradient reduction).
-                share, scale = [0], torch.zeros(len(rows))
+                share, scale = [0], torch.zeros(len(rows), device="cpu")
             minis.append(range(len(mine), len(mine) + len(share)))
             mine += [rows[i] for i in share]
             cut_mine += [phantom or cut[rows[i]] for i in share]
@@ -488,7 +488,7 @@ class Trainer:
             local.response_lens.tolist(), local.rollout_logp, local.advantages,
             self.tokenizer.pad_token_id, pad_multiple=self.seq_multiple, truncated=cut_mine,
         )  # fmt: skip
-        w = torch.cat(weights) if weights else torch.zeros(0)
+        w = torch.cat(weights) if weights else torch.zeros(0, device="cpu")
         batch.agg_weights = batch.loss_mask * w.to(batch.loss_mask.dtype)[:, None]
         return batch.to(self.device), minis
 

@@ -23,14 +23,15 @@ def _offsets(lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
 
+def flat_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[sum(lengths)] the integers starts[i] .. starts[i] + lengths[i] - 1, row after row."""
+    offsets = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return offsets + torch.arange(offsets.numel(), device=offsets.device)
+
+
 def _gather_rows(flat: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """The flat tokens of `rows` (in that order), by one vectorised gather."""
-    starts = _offsets(lengths)[:-1][rows]
-    n = lengths[rows]
-    index = torch.repeat_interleave(starts - (torch.cumsum(n, 0) - n), n) + torch.arange(
-        int(n.sum()), device=flat.device
-    )
-    return flat[index]
+    return flat[flat_ranges(_offsets(lengths)[:-1][rows], lengths[rows])]
 
 
 @dataclass

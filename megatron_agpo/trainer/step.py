@@ -378,35 +378,25 @@ def compute_logp(
     return logp
 
 
-def _empty_batch_like(batch: TokenBatch) -> TokenBatch:
-    """One row that weighs nothing (no loss token): a rank with no rows still joins DDP's
-    gradient reduction and the collectives of the step."""
-    from megatron_agpo.trainer.batch import RowLengths
-
-    one = batch if len(batch) else None
-    if one is None:
-        raise ValueError("a data-parallel rank got no rows and no template row")
-    row = one.select([0])
-    row.agg_weights = torch.zeros_like(row.loss_mask)
-    row.lengths = RowLengths(row.lengths.prompt, row.lengths.response, (0,))
-    return row
-
-
 def forward_backward(
     model, batch: TokenBatch, cfg: PolicyLossConfig, shape: StepShape, vocab_size: int,
-    template: TokenBatch | None = None,
 ) -> StepMetrics:  # fmt: skip
     """Accumulate gradients of this rank's share of a mini-batch's aggregated loss; returns
     the update's metric sums, merged over every micro-batch and DP rank, on every rank.
 
     batch.agg_weights already normalise over the whole mini-batch, so how it is split into
-    micro-batches or over data-parallel ranks does not change the gradient. `template`: a
-    row to run with zero weight when this rank has none (fewer rows than DP ranks).
+    micro-batches or over data-parallel ranks does not change the gradient.
+    A rank with no row of the mini-batch gets one with no loss token from the trainer
+    (`Trainer.token_batch`), so it still joins the collectives.
     """
     from megatron.core import parallel_state as ps
 
     dp_size, _ = dp_size_and_rank()
-    local = batch if len(batch) else _empty_batch_like(template)
+    if not len(batch):
+        raise ValueError(
+            "forward_backward needs at least one row (a row without loss tokens will do)"
+        )
+    local = batch
     micro = local.micro_batches(
         shape.micro_batch_size, shape.token_budget, sequence_multiple(model), shape.packing
     )
