@@ -6,8 +6,17 @@ Shape legend: B sequences, T response tokens (padded), so per-token tensors are 
     rho = exp(logp - old_logp)
     L_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)     (PPO, clip-higher)
     L_t = min(L_t, -c * A)                       for A < 0             (dual clip)
-    L_t = L_t * min(exp(old_logp - rollout_logp), C)                   (truncated IS, optional)
+    L_t = L_t * w_t                                                    (behaviour IS, optional)
         + kl_coef * KL(logp, ref_logp) - entropy_coef * H_t
+
+    w_t = min(exp(old_logp - rollout_logp), C)                       (tis_mode="truncate")
+    w_t = exp(old_logp - rollout_logp) if low <= it <= C, else 0      (tis_mode="mask")
+
+This is AReaL's decoupled PPO: old_logp is the proximal policy (the trainer's recomputed
+log-probs), rollout_logp the behaviour policy (the engine's log-probs of the tokens it
+sampled, from whichever weight version sampled each token: with overlapped generation a
+response may span several versions). The clip acts on the proximal ratio, the importance
+weight proximal / behaviour corrects for the sampler being older (`importance_weight`).
 
 With ``ratio_level="sequence"`` (GSPO) rho is the sequence's ratio
 ``s_i = exp(mean_t(logp - old_logp))`` for every token of sequence i, written as GSPO-token
@@ -36,6 +45,9 @@ RatioLevel = str  # "token" | "sequence"
 GSPO_LOG_RATIO_MAX = 10.0
 """GSPO's sequence log-ratio is clamped at this value, with zero gradient above it (verl's
 `compute_policy_loss_gspo`)."""
+
+TIS_MODES = ("truncate", "mask")
+"""How the behaviour importance weight is bounded (`importance_weight`)."""
 
 AGG_MODES = (
     "token-mean",
@@ -70,6 +82,14 @@ class PolicyLossConfig:
     tis_cap: float | None = 2.0
     """Truncated importance weight cap C for min(exp(old_logp - rollout_logp), C); used only
     when rollout log-probs are given. None: no correction."""
+    tis_mode: str = "truncate"
+    """How the behaviour importance weight w = exp(old_logp - rollout_logp) (proximal /
+    behaviour, AReaL's decoupled PPO) is bounded at tis_cap: truncate (min(w, C), TIS; the
+    default, today's loss) or mask (w where tis_low <= w <= C, else 0: the token leaves the
+    loss, AReaL's behav_imp_weight_cap, icepop/MIS with tis_low)."""
+    tis_low: float | None = None
+    """tis_mode=mask: also mask tokens whose weight is below this (two-sided, icepop's
+    [1/C, C]). None: no lower bound. Ignored by truncate."""
     agg_mode: AggMode = "token-mean"
     """token-mean (DAPO), token-sum, seq-mean-token-mean (original GRPO), seq-mean-token-sum,
     seq-sum-constant (Dr. GRPO). Every sequence-level mode counts every row in its divisor,
@@ -91,7 +111,22 @@ class PolicyLossConfig:
     (`ops/triton_agpo.py`; CUDA, or Triton's interpreter with TRITON_INTERPRET=1); not with
     fuse_output_layer."""
 
+    def problems(self, prefix: str = "algorithm.loss.") -> list[str]:
+        """The importance-weight fields' problems, one line each naming the full key."""
+        out = []
+        if self.tis_mode not in TIS_MODES:
+            out.append(f"{prefix}tis_mode={self.tis_mode!r}: must be one of {list(TIS_MODES)}")
+        if self.tis_low is not None:
+            if self.tis_low < 0:
+                out.append(f"{prefix}tis_low={self.tis_low} must be >= 0")
+            elif self.tis_cap is not None and self.tis_low >= self.tis_cap:
+                out.append(f"{prefix}tis_low={self.tis_low} must be below tis_cap={self.tis_cap}")
+        return out
+
     def __post_init__(self) -> None:
+        found = self.problems("PolicyLossConfig.")
+        if found:
+            raise ValueError(found[0])
         if not 0 <= self.eps_low < 1:
             raise ValueError(f"PolicyLossConfig.eps_low={self.eps_low} must be in [0, 1)")
         if self.eps_high < 0:
@@ -145,7 +180,10 @@ class TokenLoss(NamedTuple):
     kl: torch.Tensor | None
     """Per-token KL estimate (detached), when a reference is given."""
     tis_weight: torch.Tensor | None
-    """Truncated importance weight (detached), when rollout log-probs are given."""
+    """Behaviour importance weight (detached, truncated or masked), when rollout log-probs
+    are given."""
+    tis_bounded: torch.Tensor | None = None
+    """bool: the weight was truncated (above tis_cap) or masked (outside [tis_low, tis_cap])."""
 
 
 def check_same_shape(**tensors: torch.Tensor | None) -> None:
@@ -213,9 +251,9 @@ def token_loss(
         dual_clipped = (adv < 0) & (loss > bound)
         loss = torch.where(dual_clipped, bound, loss)
 
-    tis_weight = None
+    tis_weight = tis_bounded = None
     if rollout_logp is not None and cfg.tis_cap is not None:
-        tis_weight = torch.exp(old_logp.detach() - rollout_logp).clamp(max=cfg.tis_cap)
+        tis_weight, tis_bounded = importance_weight(old_logp.detach(), rollout_logp, cfg)
         loss = loss * tis_weight
 
     kl = None
@@ -225,7 +263,49 @@ def token_loss(
         kl = kl.detach()
     if entropy is not None and cfg.entropy_coef != 0.0:
         loss = loss - cfg.entropy_coef * entropy
-    return TokenLoss(loss, ratio.detach(), clipped, dual_clipped, kl, tis_weight)
+    return TokenLoss(loss, ratio.detach(), clipped, dual_clipped, kl, tis_weight, tis_bounded)
+
+
+def importance_weight(
+    proximal_logp: torch.Tensor, behaviour_logp: torch.Tensor, cfg: PolicyLossConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The behaviour importance weight per token and where it was bounded (bool).
+
+    proximal_logp: the trainer's recomputed old log-probs; behaviour_logp: the engine's
+    log-probs of the sampled tokens (each from the weight version that sampled it). Needs
+    cfg.tis_cap. truncate: min(w, C); mask: w inside [tis_low, C], else 0."""
+    raw = torch.exp(proximal_logp - behaviour_logp)
+    cap = cfg.tis_cap
+    if cfg.tis_mode == "mask":
+        keep = raw <= cap
+        if cfg.tis_low is not None:
+            keep = keep & (raw >= cfg.tis_low)
+        return torch.where(keep, raw, torch.zeros_like(raw)), ~keep
+    return raw.clamp(max=cap), raw > cap
+
+
+def importance_weight_stats(
+    proximal_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+) -> dict[str, float]:
+    """Per-step statistics of the behaviour weight over the tokens where mask is set (host
+    floats; a logging step's read): the raw weight's mean and max, the applied weight's
+    mean, and the share of tokens truncated (tis_mode=truncate) or masked (mask)."""
+    m = mask.bool()
+    raw = torch.exp((proximal_logp - behaviour_logp).double())[m]
+    if not raw.numel():
+        return {}
+    out = {"is/raw_mean": float(raw.mean()), "is/raw_max": float(raw.max())}
+    if cfg.tis_cap is not None:
+        w, bounded = importance_weight(proximal_logp.double(), behaviour_logp.double(), cfg)
+        out["is/weight_mean"] = float(w[m].mean())
+        out["is/weight_max"] = float(w[m].max())
+        out[f"is/{'masked' if cfg.tis_mode == 'mask' else 'truncated'}"] = float(
+            bounded[m].double().mean()
+        )
+    return out
 
 
 def kl_estimate(
@@ -369,6 +449,7 @@ def polarity_metrics(
         out["all/kl"] = _masked_mean(tl.kl, m)
     if tl.tis_weight is not None:
         out["all/tis_weight"] = _masked_mean(tl.tis_weight, m)
+        out["all/tis_bounded"] = _masked_mean(tl.tis_bounded.to(torch.float64), m)
     return out
 
 
