@@ -84,3 +84,38 @@ def test_cached_folder_is_named_by_the_key(tmp_path, monkeypatch):
     assert len(built) == 1
     assert warmstart.tiny_policy_dir(model, data, log=lambda *_: None) == out
     assert len(built) == 1  # cached now
+
+
+def test_runs_started_together_build_the_entry_once(tmp_path, monkeypatch):
+    """Two runs on an empty cache at once (parallel test workers, two jobs on a machine): one
+    builds, the other waits for it and takes its folder (no second build, no failed rename
+    onto the finished folder)."""
+    import threading
+    import time
+
+    model = ModelSection(cache_dir=str(tmp_path))
+    data = DataSection()
+    built = []
+
+    def slow_build(m, d, out, log=print):
+        built.append(out)
+        time.sleep(0.5)
+        (out / "config.json").write_text("{}")
+        return 1.0
+
+    monkeypatch.setattr(warmstart, "build_and_warm_start", slow_build)
+    got, errors = [], []
+
+    def start():
+        try:
+            got.append(warmstart.tiny_policy_dir(model, data, log=lambda *_: None))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(built) == 1 and got == [tmp_path / f"tiny-arith-{warmstart._key(model, data)}"] * 2

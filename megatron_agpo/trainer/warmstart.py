@@ -13,6 +13,7 @@ transformers and megatron-core. A changed policy or library is a new cache entry
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import importlib
 import importlib.metadata
@@ -134,13 +135,20 @@ def tiny_policy_dir(model: ModelSection, data: DataSection, log=print) -> Path:
     if (out / "config.json").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
-    try:
-        build_and_warm_start(model, data, tmp, log=log)
-        os.replace(tmp, out)  # atomic: a killed build leaves only a temp folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # One builder per entry: runs started together on an empty cache (parallel test workers,
+    # two jobs on one machine) wait for the first instead of building it again, and a second
+    # os.replace onto the finished folder would fail.
+    with open(root / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").exists():
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
+        try:
+            build_and_warm_start(model, data, tmp, log=log)
+            os.replace(tmp, out)  # atomic: a killed build leaves only a temp folder
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
