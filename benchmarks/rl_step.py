@@ -112,11 +112,12 @@ def run(args) -> dict | None:
     from megatron_agpo.parallel import init_parallel, read_env
     from megatron_agpo.plan import memory as mem
     from megatron_agpo.plan import steptime as st
+    from megatron_agpo.plan.config import load_plan_config
     from megatron_agpo.plan.planner import Layout, make_plan, resolve_arch
-    from megatron_agpo.train import load_config
     from megatron_agpo.trainer.loop import Trainer
 
-    cfg = load_config(_bench_overrides(args))
+    # The run's config with the planner's cluster section (the trainer ignores it).
+    cfg = load_plan_config(_bench_overrides(args))
     arch, _ = resolve_arch(cfg)
     cuda = detect().cuda
     rates = None
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     under = "RANK" in os.environ or "SLURM_PROCID" in os.environ
     if not under:
-        from megatron_agpo.train import load_config
+        from megatron_agpo.trainer.compose import load_config
         from megatron_agpo.trainer.loop import ensure_policy_dir
 
         cfg = load_config(_bench_overrides(args))

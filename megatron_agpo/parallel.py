@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,6 +31,16 @@ class ParallelConfig:
     """Pipeline-parallel size (transformer layers split into this many stages)."""
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence across the TP group (needs TP > 1)."""
+    context_parallel: int = 1
+    """Context-parallel size: every sequence's tokens split over this many ranks, megatron's
+    load-balanced way (2 x CP chunks, rank r holding chunks r and 2CP-1-r;
+    `megatron_agpo.trainer.context_parallel`), for responses too long for one GPU's
+    activations. Needs Transformer Engine's attention (CUDA); refused elsewhere."""
+    expert_parallel: int = 1
+    """Expert-parallel size (mixture-of-experts models): each MoE layer's experts split over
+    this many ranks, tokens exchanged by all-to-all. It must divide the experts and the world
+    size over pipeline_parallel; expert tensor parallelism is 1 (every expert whole on its
+    rank). With tensor_parallel > 1 megatron needs sequence_parallel."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (megatron's DistributedOptimizer)."""
     seed: int = 1234
@@ -37,21 +48,58 @@ class ParallelConfig:
     timeout_minutes: int = 30
     """Collective timeout."""
 
+    def problems(self, prefix: str = "parallel.") -> list[str]:
+        """This section's own problems, one line each naming the key (`prefix` + field, the
+        prefix ending in a dot); pure apart from asking `backends.detect()` whether
+        Transformer Engine is usable here."""
+        out = []
+        for key in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, key) < 1:
+                out.append(f"{prefix}{key}={getattr(self, key)}: must be >= 1")
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            out.append(f"{prefix}sequence_parallel=True needs {prefix}tensor_parallel > 1")
+        if self.expert_parallel < 1:
+            out.append(f"{prefix}expert_parallel={self.expert_parallel}: must be >= 1")
+        elif self.expert_parallel > 1 and self.tensor_parallel > 1 and not self.sequence_parallel:
+            # megatron's MoE layer refuses EP x TP without sequence parallelism.
+            out.append(
+                f"{prefix}expert_parallel={self.expert_parallel} with {prefix}tensor_parallel="
+                f"{self.tensor_parallel} needs {prefix}sequence_parallel=true"
+            )
+        if self.context_parallel < 1:
+            out.append(f"{prefix}context_parallel={self.context_parallel}: must be >= 1")
+        elif self.context_parallel > 1 and not detect().transformer_engine:
+            # megatron's context parallelism is Transformer Engine's attention (ring exchange
+            # of K/V inside TE's fused attention); the local attention has no CP path.
+            out.append(
+                f"{prefix}context_parallel={self.context_parallel} needs Transformer "
+                "Engine's attention on a CUDA GPU, and it is not available here; set "
+                f"{prefix}context_parallel=1"
+            )
+        return out
+
     def validate(self, world_size: int) -> None:
-        mp = self.tensor_parallel * self.pipeline_parallel
-        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+        mp = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        if min(self.tensor_parallel, self.pipeline_parallel, self.context_parallel) < 1:
             raise ValueError(f"parallel sizes must be >= 1, got TP={self.tensor_parallel} "
-                             f"PP={self.pipeline_parallel}")  # fmt: skip
+                             f"PP={self.pipeline_parallel} "
+                             f"CP={self.context_parallel}")  # fmt: skip
         if world_size % mp:
             raise ValueError(
-                f"world size {world_size} is not divisible by TP*PP = "
-                f"{self.tensor_parallel}*{self.pipeline_parallel} = {mp}"
+                f"world size {world_size} is not divisible by TP*PP*CP = "
+                f"{self.tensor_parallel}*{self.pipeline_parallel}*{self.context_parallel} = {mp}"
             )
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("sequence_parallel=True needs tensor_parallel > 1")
+        ep_pp = self.expert_parallel * self.pipeline_parallel
+        if self.expert_parallel < 1 or world_size % ep_pp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by expert_parallel*PP = "
+                f"{self.expert_parallel}*{self.pipeline_parallel}"
+            )
 
     def data_parallel(self, world_size: int) -> int:
-        return world_size // (self.tensor_parallel * self.pipeline_parallel)
+        return world_size // (self.tensor_parallel * self.pipeline_parallel * self.context_parallel)
 
 
 @dataclass(frozen=True)
@@ -122,7 +170,7 @@ def init_distributed(env: DistEnv | None = None, timeout_minutes: int = 30) -> D
 
 
 def init_parallel(cfg: ParallelConfig | None = None, env: DistEnv | None = None) -> DistEnv:
-    """Process group + megatron parallel state (TP, PP, DP) + model-parallel seeds.
+    """Process group + megatron parallel state (TP, PP, CP, DP) + model-parallel seeds.
 
     Safe to call when the process group already exists (tests, torchrun with an outer init).
     """
@@ -137,6 +185,10 @@ def init_parallel(cfg: ParallelConfig | None = None, env: DistEnv | None = None)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tensor_parallel,
         pipeline_model_parallel_size=cfg.pipeline_parallel,
+        context_parallel_size=cfg.context_parallel,
+        # Experts whole on their rank (expert TP 1), split over expert_parallel ranks.
+        expert_model_parallel_size=cfg.expert_parallel,
+        expert_tensor_parallel_size=1,
         distributed_timeout_minutes=cfg.timeout_minutes,
         # gloo groups are only used by checkpoint code paths; on CPU the default groups are gloo.
         create_gloo_process_groups=detect().cuda,
@@ -158,6 +210,24 @@ def broadcast_bytes(data: bytes | None, src: int, group=None, device=None) -> by
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(buf, src=src, group=group)
     return data if me == src else buf.cpu().numpy().tobytes()
+
+
+def global_rank() -> int:
+    """This process's rank in the default process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """A barrier over the default process group (nothing without one)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: MASTER_PORT of a process group started here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def destroy_parallel() -> None:
@@ -186,6 +256,14 @@ class OptimizerSettings:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 disables)."""
+
+    def problems(self, prefix: str = "optimizer.") -> list[str]:
+        out = []
+        if not self.lr > 0:
+            out.append(f"{prefix}lr={self.lr!r}: must be > 0")
+        if self.clip_grad < 0:
+            out.append(f"{prefix}clip_grad={self.clip_grad!r}: must be >= 0 (0: no clipping)")
+        return out
 
 
 def wrap_for_training(model, parallel: ParallelConfig, opt: OptimizerSettings | None = None):

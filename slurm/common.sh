@@ -189,8 +189,9 @@ agpo_overrides() {
         # What the trainer would start outside srun; agpo-plan checks TP x PP against it.
         "nproc=$TRAIN_WORLD"
     )
-    # The cluster agpo-plan sizes for: the training nodes (the trainer ignores this section).
-    ((GPUS_PER_NODE > 0)) && AGPO_TRAIN_OVERRIDES+=(
+    # The cluster agpo-plan sizes for: the training nodes (only the planner has this section).
+    AGPO_CLUSTER_OVERRIDES=()
+    ((GPUS_PER_NODE > 0)) && AGPO_CLUSTER_OVERRIDES+=(
         "cluster.nodes=$TRAIN_NODES" "cluster.gpus_per_node=$TASKS_PER_NODE")
     if [[ $ROLLOUT_LAUNCH == external ]]; then
         AGPO_TRAIN_OVERRIDES+=(
@@ -307,6 +308,7 @@ agpo_plan_check() {
     agpo_log "plan check: $PYTHON -m megatron_agpo.plan ... --check"
     local out rc
     out=$(cd "$AGPO_ROOT" && "$PYTHON" -m megatron_agpo.plan "${AGPO_TRAIN_OVERRIDES[@]}" \
+        "${AGPO_CLUSTER_OVERRIDES[@]}" \
         --check 2>&1)
     rc=$?
     echo "$out"

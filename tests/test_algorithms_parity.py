@@ -28,6 +28,7 @@ from megatron_agpo.algorithms.policy_loss import (
     sequence_log_ratio,
     sequence_log_ratio_flat,
 )
+from megatron_agpo.registry import require_valid
 
 
 def rewards(n_groups: int, g: int, seed: int = 0) -> torch.Tensor:
@@ -169,7 +170,7 @@ def test_gspo_without_the_sequence_ratio_is_a_clear_error():
         cfg = PolicyLossConfig(ratio_level="sequence")
         token_loss(logp, old, adv[:, None].expand_as(logp), cfg)
     with pytest.raises(ValueError, match="ratio_level='seq'"):
-        PolicyLossConfig(ratio_level="seq")
+        require_valid(PolicyLossConfig(ratio_level="seq"), "algorithm.loss.")
 
 
 # ---------------------------------------------------------------- aggregation
@@ -231,7 +232,7 @@ def test_fully_masked_rows_one_rule(mode):
 
 def test_unknown_mode_lists_the_known_ones():
     with pytest.raises(ValueError, match="token-sum"):
-        PolicyLossConfig(agg_mode="sum")
+        require_valid(PolicyLossConfig(agg_mode="sum"), "algorithm.loss.")
 
 
 # ---------------------------------------------------------------- k3 clamp
@@ -258,7 +259,7 @@ def test_k3_clamp_matches_verl():
     tl = token_loss(lp.detach(), None, a, cfg, ref_logp=ref)
     assert tl.loss.tolist() == pytest.approx([0.5 * e for e in expect], rel=1e-14)
     with pytest.raises(ValueError, match="kl_clamp=0"):
-        PolicyLossConfig(kl_clamp=0)
+        require_valid(PolicyLossConfig(kl_clamp=0), "algorithm.loss.")
 
 
 # ------------------------------------------- REINFORCE++ under dynamic sampling (issue 25)

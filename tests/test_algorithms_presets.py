@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from megatron_agpo.algorithms import PRESETS
-from megatron_agpo.train import load_config
+from megatron_agpo.trainer.compose import load_config
 
 CONF = pathlib.Path(__file__).resolve().parents[1] / "conf" / "algorithm"
 

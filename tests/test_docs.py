@@ -146,6 +146,7 @@ def _known_keys() -> frozenset[str]:
         for group in sorted(p for p in CONF.iterdir() if p.is_dir())
         for option in sorted(group.glob("*.yaml"))
     ]
+    choices.append(["imports=[tests.plugin_reward]"])  # TRAINING.md's user reward
     keys: set[str] = set()
     for argv in choices:
         rc, out = _run(_train_main, [*argv, "--cfg", "job"])

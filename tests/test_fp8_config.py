@@ -26,6 +26,7 @@ from megatron_agpo.models.precision import (
     needs_tis,
     resolve_tis_cap,
 )
+from megatron_agpo.registry import require_valid
 from megatron_agpo.rollout.config import RolloutConfig
 from megatron_agpo.trainer.config import ModelSection, TrainConfig
 
@@ -203,7 +204,7 @@ def test_resolve_tis_cap():
 
 def test_rollout_quantization_is_checked_and_reaches_vllm(monkeypatch):
     with pytest.raises(ValueError, match="quantization='int4'"):
-        RolloutConfig(quantization="int4")
+        require_valid(RolloutConfig(quantization="int4"), "rollout.engine.")
     seen = []
     fake = types.ModuleType("vllm")
     fake.LLM = lambda **kw: seen.append(kw)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_agpo.registry import require_valid
 from megatron_agpo.rewards import (
     MathReward,
     RewardConfig,
@@ -91,10 +92,10 @@ def test_unscored_answers_drop_their_group_from_the_batch():
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="retries must be in"):
-        RewardConfig(retries=-1)
+    with pytest.raises(ValueError, match="retries=-1: must be in"):
+        require_valid(RewardConfig(retries=-1), "reward.math.")
     with pytest.raises(ValueError, match="max_unscored_fraction"):
-        RewardConfig(max_unscored_fraction=1.5)
+        require_valid(RewardConfig(max_unscored_fraction=1.5), "reward.math.")
 
 
 OWNER = """

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_agpo.registry import require_valid
 from megatron_agpo.rewards import (
     DeadlinePool,
     MathReward,
@@ -339,9 +340,9 @@ def test_close_stops_workers():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="timeout_s"):
-        RewardConfig(timeout_s=0)
+        require_valid(RewardConfig(timeout_s=0), "reward.math.")
     with pytest.raises(ValueError, match="num_workers"):
-        RewardConfig(num_workers=0)
+        require_valid(RewardConfig(num_workers=0), "reward.math.")
 
 
 @pytest.mark.dist  # reward worker processes

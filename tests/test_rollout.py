@@ -23,6 +23,7 @@ import torch
 # to the other processes on the 2-core CI machine.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from megatron_agpo.registry import require_valid
 from megatron_agpo.rollout import (  # noqa: E402
     PromptTooLongError,
     RolloutBatch,
@@ -250,21 +251,26 @@ def test_batch_refuses_mixed_and_stale_versions():
 
 def test_config_validation_names_field():
     with pytest.raises(ValueError, match="bucket_mb"):
-        RolloutConfig(model_path="x", bucket_mb=0)
+        require_valid(RolloutConfig(model_path="x", bucket_mb=0), "rollout.engine.")
     with pytest.raises(ValueError, match="replica_cuda_devices"):
-        RolloutConfig(model_path="x", num_replicas=2, replica_cuda_devices=("0",))
+        require_valid(
+            RolloutConfig(model_path="x", num_replicas=2, replica_cuda_devices=("0",)),
+            "rollout.engine.",
+        )
     with pytest.raises(ValueError, match="sync_channel='nccl'"):
-        RolloutConfig(model_path="x", sync_channel="nccl")
+        require_valid(RolloutConfig(model_path="x", sync_channel="nccl"), "rollout.engine.")
     with pytest.raises(ValueError, match="sync_backend"):
-        RolloutConfig(model_path="x", sync_backend="mpi")
+        require_valid(RolloutConfig(model_path="x", sync_backend="mpi"), "rollout.engine.")
     with pytest.raises(ValueError, match="sync_port"):
-        RolloutConfig(model_path="x", sync_port=-1)
+        require_valid(RolloutConfig(model_path="x", sync_port=-1), "rollout.engine.")
     with pytest.raises(ValueError, match="launch='ssh'"):
-        RolloutConfig(model_path="x", launch="ssh")
+        require_valid(RolloutConfig(model_path="x", launch="ssh"), "rollout.engine.")
     with pytest.raises(ValueError, match="secret_file is required"):
-        RolloutConfig(model_path="x", launch="external")
+        require_valid(RolloutConfig(model_path="x", launch="external"), "rollout.engine.")
     with pytest.raises(ValueError, match="heartbeat_timeout_s"):
-        RolloutConfig(model_path="x", heartbeat_s=5, heartbeat_timeout_s=6)
+        require_valid(
+            RolloutConfig(model_path="x", heartbeat_s=5, heartbeat_timeout_s=6), "rollout.engine."
+        )
 
 
 def test_buckets_are_bounded_and_roundtrip():

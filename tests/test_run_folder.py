@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_agpo.registry import require_valid
 from megatron_agpo.trainer import rundir
 from tests.dist_utils import run_distributed
 
@@ -101,7 +102,7 @@ def test_existing_setting_is_checked():
     from megatron_agpo.trainer.config import LoggingSection
 
     with pytest.raises(ValueError, match="refuse, archive or overwrite"):
-        LoggingSection(existing="keep")
+        require_valid(LoggingSection(existing="keep"), "logging.")
 
 
 def _two_ranks(rank, world, run):
@@ -119,6 +120,7 @@ def test_verdicts_reach_every_rank(tmp_path):
     run_distributed(_two_ranks, 2, str(tmp_path))
 
 
+@pytest.mark.dist  # a second process holds the lock
 def test_trainer_start_on_a_held_folder_exits_2_naming_the_holder(tmp_path, capsys, monkeypatch):
     from megatron_agpo.trainer.loop import Trainer
 

@@ -147,7 +147,7 @@ def test_offline_run_files_hold_what_was_logged(tmp_path, offline_env, capsys):
 
 
 def test_settings_from_the_train_config():
-    from megatron_agpo.train import load_config
+    from megatron_agpo.trainer.compose import load_config
 
     assert wandb_settings(load_config([])) is None
     s = wandb_settings(
@@ -163,7 +163,7 @@ def test_trainer_config_turns_it_on(tmp_path, offline_env):
     logging.wandb=true there, the first row starts the W&B run."""
     import dataclasses
 
-    from megatron_agpo.train import load_config
+    from megatron_agpo.trainer.compose import load_config
 
     for on in (False, True):
         run_dir = tmp_path / f"run-{on}"

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-# Plain str (validated in __post_init__), not Literal: the config is a Hydra structured
+# Plain str (checked by `problems`), not Literal: the config is a Hydra structured
 # config, and OmegaConf does not accept Literal annotations.
 AggMode = str  # one of AGG_MODES
 KLEstimator = str  # "k1" | "k3"
@@ -112,54 +112,42 @@ class PolicyLossConfig:
     fuse_output_layer."""
 
     def problems(self, prefix: str = "algorithm.loss.") -> list[str]:
-        """The importance-weight fields' problems, one line each naming the full key."""
+        """This section's problems, one line each naming the full key (none are checked at
+        construction: the loss functions take the config as given)."""
         out = []
-        if self.tis_mode not in TIS_MODES:
-            out.append(f"{prefix}tis_mode={self.tis_mode!r}: must be one of {list(TIS_MODES)}")
+        checks = {
+            "eps_low": (0 <= self.eps_low < 1, "must be in [0, 1)"),
+            "eps_high": (self.eps_high >= 0, "must be >= 0"),
+            "dual_clip_c": (self.dual_clip_c is None or self.dual_clip_c > 1, "must be > 1"),
+            "kl_estimator": (self.kl_estimator in ("k1", "k3"), "must be 'k1' or 'k3'"),
+            "tis_cap": (self.tis_cap is None or self.tis_cap > 0, "must be > 0"),
+            "tis_mode": (self.tis_mode in TIS_MODES, f"must be one of {list(TIS_MODES)}"),
+            "agg_mode": (self.agg_mode in AGG_MODES, f"must be one of {list(AGG_MODES)}"),
+            "norm_constant": (
+                self.norm_constant is None or self.norm_constant > 0,
+                "must be > 0",
+            ),
+            "kl_clamp": (self.kl_clamp is None or self.kl_clamp > 0, "must be > 0"),
+            "producer": (self.producer in ("torch", "triton"), "must be 'torch' or 'triton'"),
+            "ratio_level": (
+                self.ratio_level in ("token", "sequence"),
+                "must be 'token' or 'sequence'",
+            ),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                out.append(f"{prefix}{name}={getattr(self, name)!r}: {rule}")
         if self.tis_low is not None:
             if self.tis_low < 0:
                 out.append(f"{prefix}tis_low={self.tis_low} must be >= 0")
             elif self.tis_cap is not None and self.tis_low >= self.tis_cap:
                 out.append(f"{prefix}tis_low={self.tis_low} must be below tis_cap={self.tis_cap}")
-        return out
-
-    def __post_init__(self) -> None:
-        found = self.problems("PolicyLossConfig.")
-        if found:
-            raise ValueError(found[0])
-        if not 0 <= self.eps_low < 1:
-            raise ValueError(f"PolicyLossConfig.eps_low={self.eps_low} must be in [0, 1)")
-        if self.eps_high < 0:
-            raise ValueError(f"PolicyLossConfig.eps_high={self.eps_high} must be >= 0")
-        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
-            raise ValueError(f"PolicyLossConfig.dual_clip_c={self.dual_clip_c} must be > 1")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(
-                f"PolicyLossConfig.kl_estimator={self.kl_estimator!r}: must be 'k1' or 'k3'"
-            )
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"PolicyLossConfig.tis_cap={self.tis_cap} must be > 0")
-        if self.agg_mode not in AGG_MODES:
-            raise ValueError(
-                f"PolicyLossConfig.agg_mode={self.agg_mode!r}: must be one of {list(AGG_MODES)}"
-            )
-        if self.norm_constant is not None and self.norm_constant <= 0:
-            raise ValueError(f"PolicyLossConfig.norm_constant={self.norm_constant} must be > 0")
-        if self.kl_clamp is not None and self.kl_clamp <= 0:
-            raise ValueError(f"PolicyLossConfig.kl_clamp={self.kl_clamp} must be > 0")
-        if self.producer not in ("torch", "triton"):
-            raise ValueError(
-                f"PolicyLossConfig.producer={self.producer!r}: must be 'torch' or 'triton'"
-            )
         if self.producer == "triton" and self.fuse_output_layer:
-            raise ValueError(
-                "PolicyLossConfig.producer='triton' computes from logits: it cannot be combined "
-                "with fuse_output_layer=true (use producer=torch there)"
+            out.append(
+                f"{prefix}producer='triton' computes from logits: it cannot be combined "
+                f"with {prefix}fuse_output_layer=true (use producer=torch there)"
             )
-        if self.ratio_level not in ("token", "sequence"):
-            raise ValueError(
-                f"PolicyLossConfig.ratio_level={self.ratio_level!r}: must be 'token' or 'sequence'"
-            )
+        return out
 
     @property
     def needs_entropy_grad(self) -> bool:

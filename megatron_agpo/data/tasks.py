@@ -1,6 +1,10 @@
 """A run's prompts, by `data.kind`: the synthetic arithmetic task, a MATH-style / verl file, or
 search-ads relevance pairs. One entry point for the trainer (`load_task`).
 
+Each source is registered in `DATA_SOURCES` (`register_source(name, config=...)`) with what
+builds its (train, held-out, encoding) examples from the run's data section; a source with
+settings of its own (relevance) has them as `data.<name>.*`.
+
 Prompts are tokenized here and filtered against what the engine can really take: a prompt
 must leave room for the response inside the engine's context (max_model_len -
 max_new_tokens), so a prompt that the engine would refuse is dropped and counted at load
@@ -20,8 +24,11 @@ from megatron_agpo.data.loaders import (
     load_prompts,
 )
 from megatron_agpo.data.records import DataValidationError, PromptExample
+from megatron_agpo.data.relevance import RelevanceDataConfig
+from megatron_agpo.registry import Registry
 
-KINDS = ("arithmetic", "math_jsonl", "relevance")
+DATA_SOURCES = Registry("data source", "data.kind")
+register_source = DATA_SOURCES.register
 
 
 @dataclass
@@ -45,33 +52,43 @@ def prompt_budget(max_prompt_tokens: int, max_model_len: int, max_new_tokens: in
     return min(max_prompt_tokens, max_model_len - max_new_tokens)
 
 
-def _examples(data) -> tuple[list[PromptExample], list[PromptExample], DataConfig]:
-    """(train, held-out, encoding settings) before tokenization."""
-    if data.kind == "arithmetic":
-        from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
+Examples = tuple[list[PromptExample], list[PromptExample], DataConfig]
 
-        a = ArithmeticConfig(
-            levels=tuple(data.levels), seed=data.seed, num_train=data.num_train,
-            num_eval=data.num_eval,
-        )  # fmt: skip
-        enc = DataConfig(instruction_suffix="", max_prompt_tokens=data.max_prompt_tokens)
-        return generate_arithmetic(a, "train"), generate_arithmetic(a, "eval"), enc
-    if data.kind == "relevance":
-        from megatron_agpo.data.relevance import relevance_examples
 
-        train, held = relevance_examples(data)
-        return train, held, DataConfig(max_prompt_tokens=data.max_prompt_tokens)
+@register_source("arithmetic")
+def arithmetic_examples(data) -> Examples:
+    """The synthetic arithmetic task (data.levels, num_train, num_eval, seed)."""
+    from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
+
+    a = ArithmeticConfig(
+        levels=tuple(data.levels), seed=data.seed, num_train=data.num_train,
+        num_eval=data.num_eval,
+    )  # fmt: skip
+    enc = DataConfig(instruction_suffix="", max_prompt_tokens=data.max_prompt_tokens)
+    return generate_arithmetic(a, "train"), generate_arithmetic(a, "eval"), enc
+
+
+@register_source("math_jsonl")
+def file_examples(data) -> Examples:
+    """A MATH-style or verl file (data.path, data.format); the first num_eval rows held out."""
     enc = DataConfig(path=data.path, format=data.format, max_prompt_tokens=data.max_prompt_tokens)
     held, train = held_out_split(load_prompts(enc), data.num_eval, data.path)
     return train, held, enc
 
 
+@register_source("relevance", config=RelevanceDataConfig)
+def relevance_source(data) -> Examples:
+    """Search-ads query-item pairs (data.relevance)."""
+    from megatron_agpo.data.relevance import relevance_examples
+
+    train, held = relevance_examples(data)
+    return train, held, DataConfig(max_prompt_tokens=data.max_prompt_tokens)
+
+
 def load_task(data, tokenizer, max_model_len: int, max_new_tokens: int) -> TaskPrompts:
     """`data` is the run's DataSection; the engine's context and response budget bound the
     prompts (see the module docstring)."""
-    if data.kind not in KINDS:
-        raise ValueError(f"data.kind={data.kind!r}: one of {', '.join(KINDS)}")
-    train, held, enc = _examples(data)
+    train, held, enc = DATA_SOURCES.get(data.kind).build(data)
     budget = prompt_budget(data.max_prompt_tokens, max_model_len, max_new_tokens)
     if budget < 1:
         raise ValueError(

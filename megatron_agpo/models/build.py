@@ -39,6 +39,13 @@ def layer_spec(cfg: ModelConfig):
     otherwise. Both name their weights so that `models.weights` maps them to HF."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if cfg.is_moe:
+        from megatron_agpo.models.moe import moe_layer_spec
+
+        te = uses_transformer_engine(cfg, detect().transformer_engine)
+        if te:
+            check_fp8_available(cfg.fp8, cfg.fp8_recipe)
+        return moe_layer_spec(cfg, transformer_engine=te)
     if uses_transformer_engine(cfg, detect().transformer_engine):
         check_fp8_available(cfg.fp8, cfg.fp8_recipe)
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
@@ -71,7 +78,12 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg.validate(tensor_parallel=tp, pipeline_parallel=pp)
+    ep = (
+        parallel_state.get_expert_model_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized()
+        else 1
+    )
+    cfg.validate(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
     backends = detect()
     check_fp8_available(cfg.fp8, cfg.fp8_recipe)
     dtype = cfg.torch_dtype
@@ -111,8 +123,16 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
 
 
 def _fusions(backends) -> dict:
+        # Experts, router, dispatcher (models/moe.py); nothing for a dense model.
+        **_moe_kwargs(cfg, ep, uses_transformer_engine(cfg, backends.transformer_engine)),
     """The TransformerConfig switches of `megatron_fusions` (the overlap_* ones are DDP's)."""
     import dataclasses
+
+def _moe_kwargs(cfg: ModelConfig, expert_parallel: int, transformer_engine: bool) -> dict:
+    from megatron_agpo.models.moe import moe_transformer_kwargs
+
+    return moe_transformer_kwargs(cfg, expert_parallel, transformer_engine)
+
 
     from megatron_agpo.backends import megatron_fusions
 

@@ -86,15 +86,13 @@ def render_search(plans: list[Plan]) -> str:
 
 
 def _composed(overrides: list[str]):
-    """conf/train.yaml with the overrides, composed but not validated."""
-    from hydra import compose, initialize_config_dir
+    """conf/train.yaml with the overrides under the planner's schema, composed but not
+    validated."""
+    from megatron_agpo.plan.config import plan_schema
+    from megatron_agpo.trainer.compose import compose, load_plugins
 
-    from megatron_agpo.train import CONF_DIR
-    from megatron_agpo.trainer.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name="train", overrides=overrides)
+    load_plugins(overrides)
+    return compose(overrides, root=plan_schema())
 
 
 def _cluster_world(overrides: list[str]) -> int:
@@ -104,8 +102,8 @@ def _cluster_world(overrides: list[str]) -> int:
 
 
 def plan_from_overrides(overrides: list[str]) -> tuple[Plan, str, object]:
-    """(plan, where the architecture came from, the TrainConfig) for Hydra overrides."""
-    from megatron_agpo.train import load_config
+    """(plan, where the architecture came from, the PlanConfig) for Hydra overrides."""
+    from megatron_agpo.plan.config import load_plan_config
 
     if not any(o.split("=", 1)[0].lstrip("+") == "nproc" for o in overrides):
         # The trainer's ranks on the planned cluster: what srun starts (nproc only matters
@@ -116,7 +114,7 @@ def plan_from_overrides(overrides: list[str]) -> tuple[Plan, str, object]:
     quant = composed.rollout.engine.get("quantization", "") or ""
     planned = None
     try:
-        cfg = load_config(overrides)
+        cfg = load_plan_config(overrides)
     except Exception:
         if fp8 == "none" and not quant:
             raise
@@ -125,9 +123,8 @@ def plan_from_overrides(overrides: list[str]) -> tuple[Plan, str, object]:
         neutral = [*overrides, "model.fp8=none"]
         if quant:
             neutral.append("rollout.engine.quantization=")
-        cfg = load_config(neutral)
+        cfg = load_plan_config(neutral)
         planned = (fp8, quant)
-    cfg.cluster.validate()
     arch, source = resolve_arch(cfg)
     name = source.rsplit("/", 1)[-1].removesuffix(".json") if "/" in source else source
     if name == "config":

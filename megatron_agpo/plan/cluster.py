@@ -1,8 +1,9 @@
 """The cluster a plan is for, and what the planner assumes beyond the trainer's own config.
 
-`ClusterSection` is the `cluster:` section of the run's config (conf/cluster/); the trainer
-ignores it, `agpo-plan` reads it beside every other section, so a plan and a run are sized from
-one file. `GPU_KINDS` holds the published figures of each GPU kind; every value can be given by
+`ClusterSection` is the `cluster:` section of the planner's root config
+(`megatron_agpo.plan.config.PlanConfig`: the run's config plus this; conf/cluster/); the trainer
+does not have it, `agpo-plan` reads it beside every other section, so a plan and a run are sized
+from one file. `GPU_KINDS` holds the published figures of each GPU kind; every value can be given by
 hand instead (`cluster.gpu=custom` and the `*_override` fields, or any single override).
 """
 
@@ -134,20 +135,24 @@ class ClusterSection:
                 raise ValueError(f"cluster.gpu=custom needs cluster.{k}_override > 0")
         return spec
 
-    def validate(self) -> None:
-        """Raise ValueError naming the field that is out of range."""
-        self.spec()
-        positive = ("nodes", "gpus_per_node", "virtual_pipeline", "context_parallel")
-        for name in positive:
+    def problems(self, prefix: str = "cluster.") -> list[str]:
+        """This section's problems, one line each naming the key."""
+        out = []
+        try:
+            self.spec()
+        except ValueError as e:
+            out.append(str(e))
+        for name in ("nodes", "gpus_per_node", "virtual_pipeline", "context_parallel"):
             if getattr(self, name) < 1:
-                raise ValueError(f"cluster.{name}={getattr(self, name)} must be >= 1")
+                out.append(f"{prefix}{name}={getattr(self, name)} must be >= 1")
         if self.recompute not in ("none", "selective", "full"):
-            raise ValueError(f"cluster.recompute={self.recompute!r}: none, selective or full")
+            out.append(f"{prefix}recompute={self.recompute!r}: none, selective or full")
         for name in ("matmul_efficiency", "hbm_efficiency", "link_efficiency"):
             if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"cluster.{name}={getattr(self, name)} must be in (0, 1]")
+                out.append(f"{prefix}{name}={getattr(self, name)} must be in (0, 1]")
         if self.prompt_tokens_mean < 1:
-            raise ValueError(f"cluster.prompt_tokens_mean={self.prompt_tokens_mean} must be >= 1")
+            out.append(f"{prefix}prompt_tokens_mean={self.prompt_tokens_mean} must be >= 1")
+        return out
 
     @property
     def world_size(self) -> int:

@@ -22,9 +22,9 @@ MODELS = {
 
 
 def best_plans(model_overrides: list[str], scaled: bool) -> list[tuple[int, Plan | None]]:
-    from megatron_agpo.train import load_config
+    from megatron_agpo.plan.config import load_plan_config
 
-    cfg = load_config([*model_overrides, "cluster.nodes=1", "nproc=64"])
+    cfg = load_plan_config([*model_overrides, "cluster.nodes=1", "nproc=64"])
     arch, _ = resolve_arch(cfg)
     base = Layout.from_config(cfg)
     out = []

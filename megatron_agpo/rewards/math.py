@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from megatron_agpo.registry import require_valid
 from megatron_agpo.rewards.answer import check_answer
 from megatron_agpo.rewards.base import RewardStats, RewardUnavailable
 from megatron_agpo.rewards.pool import CallTimeout, DeadlinePool, WorkerError
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 VerifyFn = Callable[[str, str], "bool | None"]
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Hydra cannot apply reward.math.* overrides to a frozen node
 class RewardConfig:
     """How the math reward verifies answers."""
 
@@ -56,22 +57,24 @@ class RewardConfig:
     numeric_precision: int = 15
     """math-verify: significant digits used when evaluating expressions numerically."""
 
-    def __post_init__(self) -> None:
-        if self.timeout_s <= 0:
-            raise ValueError(f"RewardConfig.timeout_s must be > 0, got {self.timeout_s}")
-        if self.num_workers < 1:
-            raise ValueError(f"RewardConfig.num_workers must be >= 1, got {self.num_workers}")
-        if not 0 <= self.retries <= 10:
-            raise ValueError(f"RewardConfig.retries must be in [0, 10], got {self.retries}")
-        if not 0.0 <= self.max_unscored_fraction <= 1.0:
-            raise ValueError(
-                "RewardConfig.max_unscored_fraction must be in [0, 1], got "
-                f"{self.max_unscored_fraction}"
-            )
-        if self.start_method not in ("spawn", "forkserver"):
-            raise ValueError(
-                f"RewardConfig.start_method must be spawn or forkserver, got {self.start_method!r}"
-            )
+    def problems(self, prefix: str = "reward.math.") -> list[str]:
+        """This section's problems, one line each naming the key."""
+        out = []
+        checks = {
+            "timeout_s": (self.timeout_s > 0, "must be > 0"),
+            "num_workers": (self.num_workers >= 1, "must be >= 1"),
+            "retries": (0 <= self.retries <= 10, "must be in [0, 10]"),
+            "max_unscored_fraction": (
+                0.0 <= self.max_unscored_fraction <= 1.0,
+                "must be in [0, 1]",
+            ),
+            "start_method": (self.start_method in ("spawn", "forkserver"), "spawn or forkserver"),
+            "startup_timeout_s": (self.startup_timeout_s > 0, "must be > 0"),
+        }
+        for name, (ok, rule) in checks.items():
+            if not ok:
+                out.append(f"{prefix}{name}={getattr(self, name)!r}: {rule}")
+        return out
 
 
 def _as_latex(text: str) -> str:
@@ -127,6 +130,7 @@ class MathReward:
 
     def __init__(self, config: RewardConfig | None = None, verify_fn: VerifyFn | None = None):
         self.config = config or RewardConfig()
+        require_valid(self.config, "reward.math.")
         self._custom_fn = verify_fn is not None
         self._pool = DeadlinePool(
             verify_fn or verify_boxed_answer,
@@ -288,7 +292,7 @@ def score_batch(
     return default_math_reward().score_batch(responses, ground_truths, prompts=prompts)
 
 
-@register_reward("math")
+@register_reward("math", config=RewardConfig)
 def build_math_reward(section) -> MathReward:
     """`reward.name=math`: the math reward with `reward.math`'s settings."""
     return MathReward(section.math)

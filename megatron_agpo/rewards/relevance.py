@@ -126,7 +126,7 @@ class RelevanceReward:
         self.close()
 
 
-@register_reward("relevance")
+@register_reward("relevance", config=RelevanceRewardConfig)
 def build_relevance_reward(section) -> RelevanceReward:
     """`reward.name=relevance`: the relevance reward with `reward.relevance`'s settings."""
     return RelevanceReward(section.relevance)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_agpo.registry import require_valid
 from megatron_agpo.rollout import vllm_engine
 from megatron_agpo.rollout.config import RolloutConfig
 from megatron_agpo.rollout.types import (
@@ -175,6 +176,7 @@ class ColocatedEngine:
     """`RolloutEngine` backed by one `vllm.LLM` in this process."""
 
     def __init__(self, config: RolloutConfig) -> None:
+        require_valid(config, "rollout.engine.")
         self.config = config
         self._groups = _VllmProcessGroups()
         set_num_threads = torch.set_num_threads

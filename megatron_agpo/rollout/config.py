@@ -96,9 +96,15 @@ class RolloutConfig:
     (`megatron_agpo.models.precision.needs_tis`)."""
 
     def __post_init__(self) -> None:
+        # Coercion only (a YAML list becomes a tuple; the heartbeat follows its timeout);
+        # the checks are `problems`.
         self.replica_cuda_devices = tuple(self.replica_cuda_devices)
         if self.heartbeat_timeout_s > 0 and self.heartbeat_s is None:
             self.heartbeat_s = self.heartbeat_timeout_s / 6
+
+    def problems(self, prefix: str = "rollout.engine.") -> list[str]:
+        """This section's problems, one line each naming the key."""
+        out: list[str] = []
         hb = self.heartbeat_s
         # name -> (ok, the range in words)
         checks = {
@@ -126,8 +132,7 @@ class RolloutConfig:
         }
         for name, (ok, rule) in checks.items():
             if not ok:
-                value = getattr(self, name)
-                raise ValueError(f"RolloutConfig.{name}={value!r} is out of range: {rule}")
+                out.append(f"{prefix}{name}={getattr(self, name)!r} is out of range: {rule}")
         choices = {
             "sync_channel": ("zmq", "collective"),
             "sync_backend": ("auto", "gloo", "nccl"),
@@ -136,19 +141,18 @@ class RolloutConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"RolloutConfig.{name}={getattr(self, name)!r} is not one of {allowed}"
-                )
+                out.append(f"{prefix}{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.launch == "external" and not self.secret_file:
-            raise ValueError(
-                'RolloutConfig.secret_file is required with launch="external" (the replicas '
+            out.append(
+                f'{prefix}secret_file is required with launch="external" (the replicas '
                 "read the same file): python -m megatron_agpo.rollout.wire new-secret FILE"
             )
         if self.replica_cuda_devices and len(self.replica_cuda_devices) != self.num_replicas:
-            raise ValueError(
-                f"RolloutConfig.replica_cuda_devices has {len(self.replica_cuda_devices)} "
+            out.append(
+                f"{prefix}replica_cuda_devices has {len(self.replica_cuda_devices)} "
                 f"entries for num_replicas={self.num_replicas}"
             )
+        return out
 
     @property
     def bucket_bytes(self) -> int:

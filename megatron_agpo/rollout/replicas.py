@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import zmq
 
+from megatron_agpo.registry import require_valid
 from megatron_agpo.rollout import vllm_engine, wire
 from megatron_agpo.rollout.config import RolloutConfig
 from megatron_agpo.rollout.types import (
@@ -98,7 +99,8 @@ class ReplicaPool:
         endpoint_file: str | Path | None = None,
     ) -> None:
         if not config.model_path:
-            raise ValueError("RolloutConfig.model_path is empty")
+            raise ValueError("rollout.engine.model_path is empty")
+        require_valid(config, "rollout.engine.")
         self.config = config
         self._own_log_dir = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="agpo_replicas_"))
@@ -116,6 +118,12 @@ class ReplicaPool:
         self._versions: list[int | None] = [None] * n
         self._failed: dict[int, str] = {}
         self._seq = 0
+        # Overlapped generation (`submit` / `collect`): the replicas of each outstanding
+        # request, replies that arrived while the pool waited on something else, and each
+        # replica's idle seconds since start (as it last reported them).
+        self._outstanding: dict[int, list[int]] = {}
+        self._stash: dict[tuple[int, int], dict] = {}
+        self.replica_idle_s: list[float] = [0.0] * n
         self._channel: CollectiveChannel | None = None
         self._accepting = True
         self._wrote_endpoint = False
@@ -258,6 +266,8 @@ class ReplicaPool:
                 self._hello(i, peer, header)
             elif self._index_of.get(peer) == i:
                 self._last_seen[i] = time.monotonic()
+                if isinstance(header.get("idle_s"), (int, float)):
+                    self.replica_idle_s[i] = float(header["idle_s"])
                 self._inbox[i].append(header)
 
     def _hello(self, i: int, peer: bytes, header: dict) -> None:
@@ -353,11 +363,15 @@ class ReplicaPool:
     def _take(self, i: int, seq: int | None) -> dict | None:
         """Replica i's reply with this `seq`, if it arrived (late replies to requests we gave
         up on are dropped)."""
+        if (i, seq) in self._stash:
+            return self._stash.pop((i, seq))
         inbox = self._inbox[i]
         while inbox:
             header = inbox.pop(0)
             if header.get("seq") == seq:
                 return header
+            if header.get("seq") in self._outstanding:  # a submitted request's: kept
+                self._stash[(i, header["seq"])] = header
         return None
 
     def _gather(
@@ -513,6 +527,53 @@ class ReplicaPool:
         replies = self._gather(used, time.monotonic() + timeout, "generate", timeout, seq)
         samples: list[Sample] = [sample_from_json(s) for r in replies for s in r["samples"]]
         return RolloutBatch.from_samples(samples, expected_version)
+
+    def submit(self, requests: Sequence[RolloutRequest], partial: str = "finish") -> int:
+        """Start sampling `requests` and return at once (overlapped generation): a ticket for
+        `collect`. The replicas take it in order behind whatever they already have; a weight
+        sync sent later reaches them after it (partial="finish": the request ends under the
+        weights it started with) or interrupts it (partial="resume": the sync loads, the
+        responses continue under the new weights; every token keeps the version and the
+        log-prob of the weights that sampled it). No version check here: `collect` returns
+        what each sample's tokens were sampled with, and the trainer bounds the staleness."""
+        if partial not in ("finish", "resume"):
+            raise ValueError(f"partial={partial!r}: must be 'finish' or 'resume'")
+        vllm_engine.check_prompt_lengths(requests, self.max_model_len)
+        self._check_usable(range(self.num_replicas))
+        seq = self._next_seq()
+        chunks = _split(len(requests), self.num_replicas)
+        used = [i for i, c in enumerate(chunks) if len(c)]
+        self._outstanding[seq] = used
+        for i in used:
+            self._send(
+                i,
+                {
+                    "op": "generate",
+                    "seq": seq,
+                    "prompt_ids": list(chunks[i]),
+                    "requests": [request_to_json(requests[j]) for j in chunks[i]],
+                    "partial": partial,
+                },
+            )
+        return seq
+
+    def collect(self, ticket: int) -> RolloutBatch:
+        """The samples of a `submit`ted request, in prompt order, waiting for them (bounded
+        by `request_timeout_s` from now); they may mix weight versions."""
+        used = self._outstanding[ticket]
+        timeout = self.config.request_timeout_s
+        try:
+            replies = self._gather(used, time.monotonic() + timeout, "generate", timeout, ticket)
+        finally:
+            self._outstanding.pop(ticket, None)
+        samples: list[Sample] = [sample_from_json(s) for r in replies for s in r["samples"]]
+        return RolloutBatch.from_samples(samples, allow_mixed=True)
+
+    def cancel(self, ticket: int) -> None:
+        """Forget a submitted request (its replies are dropped when they arrive)."""
+        self._outstanding.pop(ticket, None)
+        for key in [k for k in self._stash if k[1] == ticket]:
+            del self._stash[key]
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[list[float]]]:
         """Every replica's prompt log-probs on the same sequences: [replica][sequence][t-1]."""

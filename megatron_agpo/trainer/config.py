@@ -1,20 +1,29 @@
 """The run's configuration: one dataclass per component, composed into `TrainConfig`.
 
-Each component's defaults live in its own dataclass (some in the component's module:
-`PolicyLossConfig`, `ParallelConfig`, `OptimizerSettings`, `RolloutConfig`, `RewardConfig`).
-`conf/*.yaml` only selects and overrides; `register_configs` makes the schema known to Hydra so
-unknown keys fail.
+Each component owns its settings' dataclass, in its own module (`PolicyLossConfig`,
+`ParallelConfig`, `OptimizerSettings`, `RolloutConfig`, the rewards' and data sources' configs,
+registered beside them in `megatron_agpo.registry`); the loop's own sections are here.
+`TrainConfig` only composes them and adds the checks that span sections. Every section reports
+its problems with `problems(prefix)` (one line each naming the full key); `__post_init__` only
+coerces. `conf/*.yaml` only selects and overrides; `schema()` (with the settings of rewards
+registered by the run's `imports`) is what Hydra composes it into
+(`megatron_agpo.trainer.compose`), so unknown keys fail.
+The cluster a run is planned for is not here: it is the planner's (`megatron_agpo.plan`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 from megatron_agpo.algorithms import AdvantageConfig, PolicyLossConfig, resolve
 from megatron_agpo.data.relevance import RelevanceDataConfig
+from megatron_agpo.data.tasks import DATA_SOURCES
 from megatron_agpo.parallel import OptimizerSettings, ParallelConfig
-from megatron_agpo.plan.cluster import ClusterSection
+from megatron_agpo.registry import config_problems, need
 from megatron_agpo.rewards.math import RewardConfig
+from megatron_agpo.rewards.registry import REWARDS
 from megatron_agpo.rewards.relevance import RelevanceRewardConfig
 from megatron_agpo.rollout.config import RolloutConfig
 
@@ -44,6 +53,13 @@ class AlgorithmConfig:
     the batch mean, a stability diagnostic in docs/results)."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """The per-token surrogate and its aggregation."""
+
+    def problems(self, prefix: str) -> list[str]:
+        try:
+            self.advantage_config()
+        except ValueError as e:  # an unknown preset or rule
+            return [f"{prefix}name={self.name!r}: {e}"]
+        return []
 
     def advantage_config(self) -> AdvantageConfig:
         names = ("neg_rule", "neg_weight", "pos_rule", "pos_weight", "std", "pos_adv_max", "tau",
@@ -91,6 +107,12 @@ class ModelSection:
     parallel.use_distributed_optimizer)."""
     first_last_layers_bf16: bool = False
     """Keep the first and last transformer layer out of FP8 (not with fp8_recipe=delayed)."""
+
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        need(out, self.params_dtype in ("float32", "bfloat16"), f"{prefix}params_dtype",
+             self.params_dtype, "float32 or bfloat16")  # fmt: skip
+        return out
 
     def precision_problems(
         self, use_distributed_optimizer: bool = True, rollout_quantization: str = ""
@@ -161,6 +183,21 @@ class DataSection:
     relevance: RelevanceDataConfig = field(default_factory=RelevanceDataConfig)
     """data.kind=relevance: pairs, label set and prompt template (megatron_agpo.data.relevance)."""
 
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        kinds = DATA_SOURCES.names()
+        need(out, self.kind in kinds, f"{prefix}kind", self.kind, "one of " + ", ".join(kinds))
+        if self.kind == "math_jsonl" and not self.path:
+            out.append(f"{prefix}path is empty: {prefix}kind=math_jsonl needs {prefix}path=FILE")
+        need(out, self.format in ("problem", "verl"), f"{prefix}format", self.format,
+             "problem or verl")  # fmt: skip
+        for key in ("prompts_per_step", "max_prompt_tokens"):
+            need(out, getattr(self, key) >= 1, prefix + key, getattr(self, key), "must be >= 1")
+        need(out, self.num_eval >= 0, f"{prefix}num_eval", self.num_eval, "must be >= 0")
+        if self.kind == "arithmetic":
+            need(out, self.num_train >= 1, f"{prefix}num_train", self.num_train, "must be >= 1")
+        return out
+
 
 @dataclass
 class RolloutSection:
@@ -178,6 +215,30 @@ class RolloutSection:
     """Response length limit."""
     engine: RolloutConfig = field(default_factory=RolloutConfig)
     """The vLLM engine(s); model_path is filled from the policy when empty."""
+    partial: str = "finish"
+    """With overlap (trainer.max_staleness > 0): what a weight update does to the responses
+    the replicas are generating. finish: they end under the weights they started with (the
+    sync waits for them; one-step-off). resume: the replicas pause between two engine steps,
+    load the new weights and continue every unfinished response from its partial tokens; each
+    token keeps the version and log-prob of the weights that sampled it. Replicas only."""
+
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        need(out, self.mode in ("replicas", "colocated"), f"{prefix}mode", self.mode,
+             "replicas or colocated")  # fmt: skip
+        need(out, self.n >= 1, f"{prefix}n", self.n, "must be >= 1")
+        need(out, self.partial in ("finish", "resume"), f"{prefix}partial", self.partial,
+             "finish or resume")  # fmt: skip
+        need(out, self.temperature >= 0, f"{prefix}temperature", self.temperature, "must be >= 0")
+        need(out, 0 < self.top_p <= 1, f"{prefix}top_p", self.top_p, "must be in (0, 1]")
+        need(out, self.max_new_tokens >= 1, f"{prefix}max_new_tokens", self.max_new_tokens,
+             "must be >= 1")  # fmt: skip
+        if self.max_new_tokens >= self.engine.max_model_len:
+            out.append(
+                f"{prefix}max_new_tokens={self.max_new_tokens} leaves no room for a prompt in "
+                f"{prefix}engine.max_model_len={self.engine.max_model_len}"
+            )
+        return out
 
 
 @dataclass
@@ -229,6 +290,31 @@ class TrainerSection:
     seed: int = 1234
     """Seed of the sampling: each request's vLLM seed derives from it, the step, the dynamic
     sampling round and the prompt. (Model init uses parallel.seed, prompt order data.seed.)"""
+    max_staleness: int = 0
+    """Generation overlapping training: the replicas sample the next batches while the trainer
+    updates, and a sample is trained on while the weights that sampled its oldest token are
+    at most this many versions behind the trainer's (older ones are dropped and counted,
+    never trained on). 0: synchronous, sample then train (the default). Needs
+    rollout.mode=replicas; the loss corrects with the behaviour importance weight
+    (algorithm.loss.tis_mode, docs/ALGORITHM.md)."""
+
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        for key in ("steps", "micro_batch_size", "ppo_epochs", "mini_batches", "eval_n",
+                    "max_sampling_rounds", "max_skipped_steps"):  # fmt: skip
+            need(out, getattr(self, key) >= 1, prefix + key, getattr(self, key), "must be >= 1")
+        need(out, self.eval_every >= 0, f"{prefix}eval_every", self.eval_every,
+             "must be >= 0 (0: never)")  # fmt: skip
+        need(out, self.token_budget >= 0, f"{prefix}token_budget", self.token_budget,
+             "must be >= 0")  # fmt: skip
+        need(out, self.max_staleness >= 0, f"{prefix}max_staleness", self.max_staleness,
+             "must be >= 0 (0: synchronous)")  # fmt: skip
+        need(out, self.old_logp in ("recompute", "rollout"), f"{prefix}old_logp", self.old_logp,
+             "recompute or rollout")  # fmt: skip
+        need(out, self.dynamic_sampling in ("off", "zero_advantage", "identical_rewards"),
+             f"{prefix}dynamic_sampling", self.dynamic_sampling,
+             "off, zero_advantage or identical_rewards")  # fmt: skip
+        return out
 
 
 @dataclass
@@ -244,6 +330,15 @@ class SchedulerSection:
     decay_steps: int = 0
     """Updates over which the lr decays; 0: every update of the run (steps x ppo_epochs x
     mini_batches)."""
+
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        need(out, self.decay_style in ("constant", "linear", "cosine"), f"{prefix}decay_style",
+             self.decay_style, "constant, linear or cosine")  # fmt: skip
+        need(out, self.warmup_steps >= 0, f"{prefix}warmup_steps", self.warmup_steps,
+             "must be >= 0")  # fmt: skip
+        need(out, self.decay_steps >= 0, f"{prefix}decay_steps", self.decay_steps, "must be >= 0")
+        return out
 
 
 @dataclass
@@ -273,6 +368,17 @@ class CheckpointSection:
     run exits 69 with one line naming the failure, the checkpoint and how to resume (the same
     command resumes it exactly). false: exit 69 without saving."""
 
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        need(out, self.save_every >= 0, f"{prefix}save_every", self.save_every,
+             "must be >= 0 (0: only at the end)")  # fmt: skip
+        need(out, self.keep_last >= 1, f"{prefix}keep_last", self.keep_last, "must be >= 1")
+        need(out, isinstance(self.save_on_failure, bool), f"{prefix}save_on_failure",
+             self.save_on_failure, "must be true or false")  # fmt: skip
+        need(out, self.save_before_end_s >= 0, f"{prefix}save_before_end_s",
+             self.save_before_end_s, "must be >= 0")  # fmt: skip
+        return out
+
 
 @dataclass
 class LoggingSection:
@@ -301,12 +407,15 @@ class LoggingSection:
     holding an earlier run's metrics.jsonl lines or checkpoints: refuse (exit 2), archive
     (move them to run_dir/archive/<time>/) or overwrite (delete them)."""
 
-    def __post_init__(self) -> None:
-        if self.existing not in ("refuse", "archive", "overwrite"):
-            raise ValueError(
-                f"LoggingSection.existing must be refuse, archive or overwrite, got "
-                f"{self.existing!r}"
-            )
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        need(out, self.verbosity in ("quiet", "info", "debug"), f"{prefix}verbosity",
+             self.verbosity, "quiet, info or debug")  # fmt: skip
+        need(out, self.wandb_mode in ("auto", "online", "offline"), f"{prefix}wandb_mode",
+             self.wandb_mode, "auto, online or offline")  # fmt: skip
+        need(out, self.existing in ("refuse", "archive", "overwrite"), f"{prefix}existing",
+             self.existing, "refuse, archive or overwrite")  # fmt: skip
+        return out
 
 
 @dataclass
@@ -320,6 +429,18 @@ class RewardSection:
     """The math reward (math-verify in workers under a deadline)."""
     relevance: RelevanceRewardConfig = field(default_factory=RelevanceRewardConfig)
     """The relevance reward (one boxed label against the gold label)."""
+
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        names = REWARDS.names()
+        need(out, self.name in names, f"{prefix}name", self.name, "one of " + ", ".join(names))
+        return out
+
+
+def _reward_section(extra: tuple[tuple[str, type], ...]) -> type:
+    """RewardSection with a sub-config for each reward registered beyond the built-ins."""
+    fields = [(n, c, field(default_factory=c)) for n, c in extra]
+    return dataclasses.make_dataclass("RewardSection", fields, bases=(RewardSection,))
 
 
 @dataclass
@@ -337,10 +458,12 @@ class TrainConfig:
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    cluster: ClusterSection = field(default_factory=ClusterSection)
-    """The cluster `agpo-plan` sizes this run for (megatron_agpo.plan); the trainer ignores it."""
     nproc: int = 2
     """Processes to start when `agpo-train` runs outside torchrun/srun (CPU default: 2)."""
+    imports: list[str] = field(default_factory=list)
+    """Python modules imported before the config is composed, e.g. imports=[my_pkg.rewards]:
+    they register components (`register_reward(name, config=...)`), whose settings then
+    become keys (`reward.<name>.<field>`). Every rank imports them too."""
 
     def validate(self) -> None:
         """Raise `ConfigError` listing every problem of `problems()` (one line each)."""
@@ -349,95 +472,31 @@ class TrainConfig:
             raise ConfigError(found)
 
     def problems(self) -> list[str]:
-        """Every range, choice and cross-section problem, one line each, naming the key.
+        """Every problem, one line each naming the key: each section's own (`problems(prefix)`,
+        walked by `config_problems`), then the checks that span sections.
 
         Pure (no files, no network): `megatron_agpo.validate.preflight` adds the checks that
         read paths (model folder, data file)."""
+        return config_problems(self) + self.cross_problems()
+
+    def cross_problems(self) -> list[str]:
+        """The checks that read more than one section."""
         out: list[str] = []
-
-        def need(ok: bool, key: str, value, rule: str) -> None:
-            if not ok:
-                out.append(f"{key}={value!r}: {rule}")
-
-        d, r, t, s = self.data, self.rollout, self.trainer, self.scheduler
+        d, r, t, s, p = self.data, self.rollout, self.trainer, self.scheduler, self.parallel
         try:
             adv = self.algorithm.advantage_config()
-        except ValueError as e:  # an unknown preset or rule
-            out.append(f"algorithm: {e}")
+        except ValueError:  # reported by AlgorithmConfig.problems
             adv = None
-        need(r.mode in ("replicas", "colocated"), "rollout.mode", r.mode, "replicas or colocated")
-        need(
-            t.old_logp in ("recompute", "rollout"),
-            "trainer.old_logp",
-            t.old_logp,
-            "recompute or rollout",
-        )
-        need(
-            d.kind in ("arithmetic", "math_jsonl", "relevance"),
-            "data.kind",
-            d.kind,
-            "arithmetic, math_jsonl or relevance",
-        )
-        if d.kind == "math_jsonl" and not d.path:
-            out.append("data.path is empty: data.kind=math_jsonl needs data.path=FILE")
-        need(d.format in ("problem", "verl"), "data.format", d.format, "problem or verl")
-        need(d.prompts_per_step >= 1, "data.prompts_per_step", d.prompts_per_step, "must be >= 1")
-        need(
-            d.max_prompt_tokens >= 1, "data.max_prompt_tokens", d.max_prompt_tokens, "must be >= 1"
-        )
-        need(d.num_eval >= 0, "data.num_eval", d.num_eval, "must be >= 0")
-        if d.kind == "arithmetic":
-            need(d.num_train >= 1, "data.num_train", d.num_train, "must be >= 1")
-        need(r.n >= 1, "rollout.n", r.n, "must be >= 1")
         if adv is not None and r.n < 2 and "group" in (adv.pos_rule, adv.neg_rule):
             out.append(f"rollout.n={r.n}: a group advantage ({self.algorithm.name}) needs n >= 2")
-        need(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0")
-        need(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
-        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
-        if r.max_new_tokens >= r.engine.max_model_len:
-            out.append(
-                f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in "
-                f"rollout.engine.max_model_len={r.engine.max_model_len}"
-            )
-        for key in (
-            "steps",
-            "micro_batch_size",
-            "ppo_epochs",
-            "mini_batches",
-            "eval_n",
-            "max_sampling_rounds",
-            "max_skipped_steps",
-        ):
-            need(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "must be >= 1")
-        need(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0: never)")
-        need(t.token_budget >= 0, "trainer.token_budget", t.token_budget, "must be >= 0")
         total = d.prompts_per_step * r.n
         if t.mini_batches >= 1 and total >= 1 and total % t.mini_batches:
             out.append(
                 f"{total} sequences per step (data.prompts_per_step x rollout.n) do not split "
                 f"into trainer.mini_batches={t.mini_batches}"
             )
-        need(
-            t.dynamic_sampling in ("off", "zero_advantage", "identical_rewards"),
-            "trainer.dynamic_sampling",
-            t.dynamic_sampling,
-            "off, zero_advantage or identical_rewards",
-        )
-        need(
-            s.decay_style in ("constant", "linear", "cosine"),
-            "scheduler.decay_style",
-            s.decay_style,
-            "constant, linear or cosine",
-        )
-        need(s.warmup_steps >= 0, "scheduler.warmup_steps", s.warmup_steps, "must be >= 0")
-        need(s.decay_steps >= 0, "scheduler.decay_steps", s.decay_steps, "must be >= 0")
-        need(self.optimizer.lr > 0, "optimizer.lr", self.optimizer.lr, "must be > 0")
-        need(
-            0 <= s.min_lr <= self.optimizer.lr,
-            "scheduler.min_lr",
-            s.min_lr,
-            f"must be in [0, optimizer.lr={self.optimizer.lr}]",
-        )
+        need(out, 0 <= s.min_lr <= self.optimizer.lr, "scheduler.min_lr", s.min_lr,
+             f"must be in [0, optimizer.lr={self.optimizer.lr}]")  # fmt: skip
         # Only meaningful once the run's length is valid (trainer.steps=0 is reported above).
         run_ok = min(t.steps, t.ppo_epochs, t.mini_batches) >= 1
         if run_ok and 1 <= s.warmup_steps >= self.total_updates():
@@ -446,62 +505,27 @@ class TrainConfig:
                 f"{self.total_updates()} optimizer updates (scheduler.decay_steps, else "
                 "trainer.steps x ppo_epochs x mini_batches)"
             )
-        need(
-            self.checkpoint.save_every >= 0,
-            "checkpoint.save_every",
-            self.checkpoint.save_every,
-            "must be >= 0 (0: only at the end)",
-        )
-        need(
-            self.checkpoint.keep_last >= 1,
-            "checkpoint.keep_last",
-            self.checkpoint.keep_last,
-            "must be >= 1",
-        )
-        need(
-            isinstance(self.checkpoint.save_on_failure, bool),
-            "checkpoint.save_on_failure",
-            self.checkpoint.save_on_failure,
-            "must be true or false",
-        )
-        need(
-            self.logging.verbosity in ("quiet", "info", "debug"),
-            "logging.verbosity",
-            self.logging.verbosity,
-            "quiet, info or debug",
-        )
-        need(
-            self.logging.wandb_mode in ("auto", "online", "offline"),
-            "logging.wandb_mode",
-            self.logging.wandb_mode,
-            "auto, online or offline",
-        )
-        need(
-            self.model.params_dtype in ("float32", "bfloat16"),
-            "model.params_dtype",
-            self.model.params_dtype,
-            "float32 or bfloat16",
-        )
-        p = self.parallel
-        need(p.tensor_parallel >= 1, "parallel.tensor_parallel", p.tensor_parallel, "must be >= 1")
-        need(
-            p.pipeline_parallel >= 1,
-            "parallel.pipeline_parallel",
-            p.pipeline_parallel,
-            "must be >= 1",
-        )
-        need(self.nproc >= 1, "nproc", self.nproc, "must be >= 1")
-        if p.sequence_parallel and p.tensor_parallel == 1:
-            out.append("parallel.sequence_parallel=True needs parallel.tensor_parallel > 1")
+        need(out, self.nproc >= 1, "nproc", self.nproc, "must be >= 1")
+        if r.mode == "colocated" and t.max_staleness > 0:
+            out.append(
+                f"trainer.max_staleness={t.max_staleness} needs rollout.mode=replicas: the "
+                "colocated engine shares the trainer's devices and cannot overlap (use 0)"
+            )
+        if r.mode == "colocated" and r.partial == "resume":
+            out.append(
+                "rollout.partial=resume needs rollout.mode=replicas: the colocated engine "
+                "cannot be interrupted by a weight update (use finish)"
+            )
+        if t.max_staleness > 0 and t.old_logp != "recompute":
+            out.append(
+                f"trainer.max_staleness={t.max_staleness} needs trainer.old_logp=recompute: the "
+                "proximal policy is the trainer's recomputed log-probs (docs/ALGORITHM.md)"
+            )
         if not self.model.hf_path and p.tensor_parallel >= 1 and p.pipeline_parallel >= 1:
             out.extend(self._tiny_model_problems())
         out.extend(
             self.model.precision_problems(p.use_distributed_optimizer, r.engine.quantization)
         )
-        from megatron_agpo.rewards.registry import reward_names
-
-        need(self.reward.name in reward_names(), "reward.name", self.reward.name,
-             "one of " + ", ".join(reward_names()))  # fmt: skip
         return out
 
     def _tiny_model_problems(self) -> list[str]:
@@ -558,8 +582,19 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
-def register_configs() -> None:
-    """Register TrainConfig as Hydra's schema for conf/train.yaml."""
-    from hydra.core.config_store import ConfigStore
+def schema() -> type[TrainConfig]:
+    """TrainConfig, extended with the settings of every reward registered beyond the built-ins
+    (a user's, imported by `imports=`)."""
+    own = {f.name for f in dataclasses.fields(RewardSection)}
+    extra = tuple((n, c) for n, c in REWARDS.configs().items() if n not in own)
+    return _extended(extra) if extra else TrainConfig
 
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+@functools.cache
+def _extended(extra: tuple[tuple[str, type], ...]) -> type[TrainConfig]:
+    section = _reward_section(extra)
+    return dataclasses.make_dataclass(
+        "TrainConfig",
+        [("reward", section, field(default_factory=section))],
+        bases=(TrainConfig,),
+    )
