@@ -79,6 +79,15 @@ _CUDA_MODULES = (
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    # Mixture of experts: the router moves its weight to `torch.cuda.current_device()` before
+    # gating; the all-to-all dispatcher copies its split sizes to the host on a side
+    # `torch.cuda.Stream` and waits on its event (both stand-ins below); the experts allocate
+    # their token counts on the current device.
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.moe_layer",
 )
 
 _FACTORIES = (
@@ -107,8 +116,39 @@ def _redirect(fn):
     return wrapper
 
 
+class _HostStream:
+    """A CUDA stream (and its event) where there is only the host: work is already done in
+    order when it is queued, so waits and synchronisations return at once. The MoE all-to-all
+    dispatcher copies its split sizes device-to-host on a side stream and waits on its event;
+    on the CPU those copies are plain tensors already."""
+
+    def wait_stream(self, _other) -> None:
+        return None
+
+    def record_event(self, *_args, **_kwargs):
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _HostStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+_HOST_STREAM = _HostStream()
+
+
 class _CudaOnCpu:
     """Stands in for `torch.cuda` inside the patched modules."""
+
+    Event = staticmethod(lambda *_a, **_k: _HOST_STREAM)
+    Stream = staticmethod(lambda *_a, **_k: _HOST_STREAM)
 
     random = types.SimpleNamespace(
         get_rng_state=lambda device=None: torch.get_rng_state(),
@@ -129,6 +169,14 @@ class _CudaOnCpu:
     @staticmethod
     def empty_cache():
         return None
+
+    @staticmethod
+    def current_stream(device=None):
+        return _HOST_STREAM
+
+    @staticmethod
+    def stream(_stream):
+        return contextlib.nullcontext()
 
     @staticmethod
     def get_rng_state(device=None):
@@ -210,9 +258,22 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
+def _router_gemm_without_te() -> None:
+    """megatron-core 0.16.1's router gating (`moe_utils.RouterGatingLinearFunction`) tests
+    `te_general_gemm is not None`, but the name is bound only when Transformer Engine imports:
+    without TE every MoE forward raises NameError. Bound to None, the router takes its own
+    torch.mm path (in the router dtype), which is also the path it takes in float64. Needed
+    wherever TE is absent, with or without CUDA."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def enable() -> bool:
     """Install the CPU patches once. Returns True when they are active (no CUDA)."""
     global _ENABLED
+    _router_gemm_without_te()
     if torch.cuda.is_available():
         return False
     with _LOCK:

@@ -25,6 +25,9 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # Qwen3 mixtures of experts (Qwen3-30B-A3B, 235B-A22B): Qwen3's attention, every layer's
+    # MLP a softmax top-k router over SwiGLU experts (no shared expert).
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 # float64 is for numerics tests on CPU (logits against transformers in double precision).
@@ -105,6 +108,20 @@ class ModelConfig:
     """Leading layers kept out of FP8 when first_last_layers_bf16."""
     num_layers_at_end_in_bf16: int = 1
     """Trailing layers kept out of FP8 when first_last_layers_bf16."""
+    num_experts: int = 0
+    """Routed experts in each MoE layer (HF `num_experts`); 0 for a dense model."""
+    moe_router_topk: int = 0
+    """Experts each token is sent to (HF `num_experts_per_tok`)."""
+    moe_ffn_hidden_size: int = 0
+    """Each expert's SwiGLU width (HF `moe_intermediate_size`)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise each token's top-k routing probabilities to sum to 1 (HF
+    `norm_topk_prob`; true in the released Qwen3-MoE checkpoints)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of megatron's load-balancing loss (`aux_loss`: experts x sum over experts of
+    the fraction of tokens routed there x the mean routing probability, per layer) added to
+    the training loss through the router; 0 turns it off. The checkpoint's own
+    `router_aux_loss_coef` (a pre-training setting) is kept in `extra`, not applied."""
     init_method_std: float = 0.02
     """Std of the random init used before weights are loaded."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +143,10 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.make_vocab_size_divisible_by
         return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def heads_per_group(self) -> int:
@@ -158,11 +179,11 @@ class ModelConfig:
             raise UnsupportedModelError(f"hidden_act {hf['hidden_act']!r}: only 'silu' (SwiGLU)")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=True is not supported")
-        if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        if family in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
             raise UnsupportedModelError(
                 f"{arch} use_sliding_window=True is not supported (sliding-window attention)"
             )
-        if family in ("llama", "qwen3") and hf.get("attention_bias"):
+        if family in ("llama", "qwen3", "qwen3_moe") and hf.get("attention_bias"):
             # Both put the bias on o_proj too, which megatron's add_qkv_bias does not cover.
             raise UnsupportedModelError(f"{arch} attention_bias=True is not supported")
 
@@ -193,11 +214,13 @@ class ModelConfig:
             "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
             "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "qkv_bias": family == "qwen2",
-            "qk_layernorm": family == "qwen3",
+            "qk_layernorm": family in ("qwen3", "qwen3_moe"),
             "bos_token_id": hf.get("bos_token_id"),
             "eos_token_id": hf.get("eos_token_id"),
             "pad_token_id": hf.get("pad_token_id"),
         }
+        if family == "qwen3_moe":
+            known.update(_qwen3_moe_fields(hf, arch))
         dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
         if dtype in _DTYPES:
             known["params_dtype"] = dtype
@@ -237,6 +260,19 @@ class ModelConfig:
             pad_token_id=self.pad_token_id,
             dtype=self.params_dtype,
         )
+        if self.is_moe:
+            # The source's spelling: `num_experts` (released files) or `num_local_experts`
+            # (written by transformers >= 5); both read back.
+            hf["num_local_experts" if "num_local_experts" in hf else "num_experts"] = (
+                self.num_experts
+            )
+            hf.update(
+                num_experts_per_tok=self.moe_router_topk,
+                moe_intermediate_size=self.moe_ffn_hidden_size,
+                norm_topk_prob=self.moe_norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
         hf.pop("torch_dtype", None)
         hf.pop("rope_scaling", None)
         hf["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
@@ -251,6 +287,7 @@ class ModelConfig:
         pipeline_parallel: int = 1,
         tokenizer_vocab_size: int | None = None,
         special_token_ids: dict[str, int | None] | None = None,
+        expert_parallel: int = 1,
     ) -> None:
         """Raise ValueError naming the field and value that do not fit."""
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -290,6 +327,24 @@ class ModelConfig:
             raise ValueError(
                 f"num_layers={self.num_layers} is not divisible by pipeline_parallel={pp}"
             )
+        if self.is_moe:
+            if not 0 < self.moe_router_topk <= self.num_experts:
+                raise ValueError(
+                    f"moe_router_topk={self.moe_router_topk} must be between 1 and "
+                    f"num_experts={self.num_experts}"
+                )
+            if self.moe_ffn_hidden_size <= 0:
+                raise ValueError(f"moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be > 0")
+            if self.num_experts % expert_parallel:
+                raise ValueError(
+                    f"num_experts={self.num_experts} is not divisible by "
+                    f"parallel.expert_parallel={expert_parallel}"
+                )
+        elif expert_parallel > 1:
+            raise ValueError(
+                f"parallel.expert_parallel={expert_parallel} needs a mixture-of-experts model; "
+                f"{self.architecture} is dense"
+            )
         if tokenizer_vocab_size is not None and self.vocab_size < tokenizer_vocab_size:
             raise ValueError(
                 f"vocab_size={self.vocab_size} is smaller than the tokenizer's "
@@ -324,3 +379,25 @@ class ModelConfig:
             for n in ("bos_token_id", "eos_token_id", "pad_token_id")
         }
         self.validate(tokenizer_vocab_size=len(tokenizer), special_token_ids=specials)
+
+
+def _qwen3_moe_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-MoE config.json. Layers without experts (`mlp_only_layers`,
+    `decoder_sparse_step` > 1; no released Qwen3-MoE has them) are refused."""
+    if hf.get("mlp_only_layers"):
+        raise UnsupportedModelError(
+            f"{arch} mlp_only_layers={hf['mlp_only_layers']} is not supported (dense layers "
+            "among the MoE layers)"
+        )
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise UnsupportedModelError(
+            f"{arch} decoder_sparse_step={hf['decoder_sparse_step']} is not supported "
+            "(only every layer an MoE layer)"
+        )
+    return {
+        # transformers >= 5 writes `num_local_experts`; the released files `num_experts`.
+        "num_experts": int(hf.get("num_experts") or hf["num_local_experts"]),
+        "moe_router_topk": int(hf["num_experts_per_tok"]),
+        "moe_ffn_hidden_size": int(hf["moe_intermediate_size"]),
+        "moe_norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+    }

@@ -60,9 +60,9 @@ def tiny_hf_model(
     seed: int = 0,
     **overrides,
 ) -> Path:
-    """A random small Llama / Qwen2 / Qwen3 checkpoint (GQA 4 heads / 2 KV heads, 2 layers,
-    vocab 100) with a word-level tokenizer, saved as an HF folder. Qwen3's heads are 32 wide
-    in a 64-wide model (head_dim set on its own, as in the real ones), so a layout that
+    """A random small Llama / Qwen2 / Qwen3 / Qwen3-MoE checkpoint (GQA 4 heads / 2 KV heads,
+    2 layers, vocab 100) with a word-level tokenizer, saved as an HF folder. Qwen3's heads are
+    32 wide in a 64-wide model (head_dim set on its own, as in the real ones), so a layout that
     assumed hidden / heads would fail. Norm weights (q/k head norms included) and biases are
     random, not HF's ones and zeros, so a weight that is dropped or misplaced shows."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,6 +87,12 @@ def tiny_hf_model(
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
         kw["head_dim"] = 32
         model_type = "qwen3"
+    elif architecture == "Qwen3MoeForCausalLM":
+        # 4 experts of width 48, 2 a token, renormalised as in the released models.
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
+        kw.update(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                  norm_topk_prob=True)  # fmt: skip
+        model_type = "qwen3_moe"
     else:
         raise ValueError(f"no tiny config for {architecture}")
     kw.update(overrides)
@@ -98,6 +104,10 @@ def tiny_hf_model(
         for n, p in model.named_parameters():
             if n.endswith("bias") or "norm" in n:
                 p.normal_(1.0 if "norm" in n else 0.0, 0.1)
+            elif n.endswith("mlp.gate.weight"):
+                # Router logits of O(1) rather than O(0.1): clear top-k choices, so routing
+                # is not decided by rounding (float32 engines against float64 references).
+                p.normal_(0.0, 0.5)
     model.save_pretrained(out)
     _tiny_tokenizer(kw["vocab_size"]).save_pretrained(out)
     return out

@@ -13,6 +13,13 @@ Megatron layouts, per TP rank r (each rank owns G/t query groups and F/t ffn col
   self_attention.{q,k}_layernorm.weight [D], one weight for all heads) included.
 Concatenating all ranks' qkv shards gives the same grouped layout over all G groups, so the
 q/k/v split does not depend on t; fc1 must be split per shard (gate/up are per rank).
+
+Mixture of experts (Qwen3-MoE; E experts, F_e expert width, e = EP size): each EP rank r
+holds experts r*E/e .. (r+1)*E/e - 1, whole (expert TP is 1), replicated over TP.
+- mlp.router.weight [E, H] = HF mlp.gate.weight (replicated);
+- mlp.experts.local_experts.j.linear_fc1.weight [2F_e, H] = [gate_proj; up_proj] of HF expert
+  r*E/e + j, linear_fc2.weight [H, F_e] = its down_proj (TE's grouped experts:
+  mlp.experts.linear_fc1.weight<j>, linear_fc2.weight<j>, the same layouts).
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ class _Rule:
     to_hf: Callable[[torch.Tensor], list[torch.Tensor]]
     from_hf: Callable[[list[torch.Tensor], int, int], torch.Tensor]
     vocab: bool = False
+    expert: int | None = None
+    """For an expert's weight, its local index on this EP rank (gathered over EP on export)."""
 
 
 def _replicated(hf_name: str) -> _Rule:
@@ -119,6 +128,7 @@ def _rules_for_layer(i: int, cfg: ModelConfig) -> dict[str, _Rule]:
 
     rules = {
         "input_layernorm.weight": _replicated(f"{hf}input_layernorm.weight"),
+        "mlp.router.weight": _replicated(f"{hf}mlp.gate.weight"),
         "self_attention.linear_qkv.weight": qkv_rule("weight"),
         "self_attention.linear_proj.weight": _sliced(f"{hf}self_attn.o_proj.weight", 1),
         "pre_mlp_layernorm.weight": _replicated(f"{hf}post_attention_layernorm.weight"),
@@ -130,6 +140,10 @@ def _rules_for_layer(i: int, cfg: ModelConfig) -> dict[str, _Rule]:
         ),
         "mlp.linear_fc2.weight": _sliced(f"{hf}mlp.down_proj.weight", 1),
     }
+    if cfg.is_moe:  # every layer's MLP is the experts (matched in rule_for) and the router
+        del rules["mlp.linear_fc1.weight"], rules["mlp.linear_fc2.weight"]
+    else:
+        del rules["mlp.router.weight"]
     if cfg.qkv_bias:
         rules["self_attention.linear_qkv.bias"] = qkv_rule("bias")
     if cfg.qk_layernorm:
@@ -145,17 +159,44 @@ _TE_ALIASES = {
 }
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# An expert's weights: SequentialMLP's (local spec) and TEGroupedMLP's (TE spec) names.
+_EXPERT_RE = re.compile(
+    r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$"
+)
 
 
-def rule_for(name: str, cfg: ModelConfig, layer_offset: int = 0) -> _Rule | None:
-    """The rule for a megatron parameter name (local layer index + layer_offset = global).
-    None for non-weight entries (TE `_extra_state`)."""
+def _expert_rule(hf_layer: str, fc: str, local: int, global_: int) -> _Rule:
+    hf = f"{hf_layer}mlp.experts.{global_}."
+    if fc == "linear_fc2":
+        return _Rule((f"{hf}down_proj.weight",), None, lambda t: [t], lambda ts, r, s: ts[0],
+                     expert=local)  # fmt: skip
+    return _Rule(
+        (f"{hf}gate_proj.weight", f"{hf}up_proj.weight"),
+        None,
+        lambda t: list(torch.chunk(t, 2, dim=0)),
+        lambda ts, r, s: torch.cat(ts, dim=0),
+        expert=local,
+    )
+
+
+def rule_for(
+    name: str, cfg: ModelConfig, layer_offset: int = 0, expert_offset: int = 0
+) -> _Rule | None:
+    """The rule for a megatron parameter name (local layer index + layer_offset = global;
+    local expert index + expert_offset = global, for an MoE model's experts). None for
+    non-weight entries (TE `_extra_state`)."""
     m = _LAYER_RE.match(name)
     if m:
         suffix = _TE_ALIASES.get(m.group(2), m.group(2))
         if suffix.endswith("_extra_state"):
             return None
-        rules = _rules_for_layer(int(m.group(1)) + layer_offset, cfg)
+        layer = int(m.group(1)) + layer_offset
+        e = _EXPERT_RE.match(suffix) if cfg.is_moe else None
+        if e:
+            local = int(e.group(1) if e.group(1) is not None else e.group(4))
+            fc = e.group(2) or e.group(3)
+            return _expert_rule(f"model.layers.{layer}.", fc, local, local + expert_offset)
+        rules = _rules_for_layer(layer, cfg)
         if suffix not in rules:
             raise KeyError(f"no HF mapping for megatron parameter {name!r}")
         return rules[suffix]
@@ -240,11 +281,13 @@ def hf_to_megatron_tensors(
     tp_rank: int = 0,
     tp_size: int = 1,
     layer_offset: int = 0,
+    expert_offset: int = 0,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """For each megatron (local) parameter, its tensor for TP rank tp_rank, built from HF
-    tensors fetched one at a time by get_hf(hf_name). Checks shapes."""
+    tensors fetched one at a time by get_hf(hf_name). Checks shapes. expert_offset: the
+    global index of this EP rank's first expert (MoE)."""
     for name, shape in names_and_shapes:
-        rule = rule_for(name, cfg, layer_offset)
+        rule = rule_for(name, cfg, layer_offset, expert_offset)
         if rule is None:
             continue
         t = rule.from_hf([get_hf(n) for n in rule.hf_names], tp_rank, tp_size)
@@ -276,6 +319,21 @@ def _layer_offset(model) -> int:
     return get_transformer_layer_offset(model.config)
 
 
+def _ep(cfg: ModelConfig):
+    """(EP rank, EP size, EP group, local experts per rank) of this process."""
+    from megatron.core import parallel_state
+
+    if not cfg.is_moe or not parallel_state.model_parallel_is_initialized():
+        return 0, 1, None, cfg.num_experts
+    size = parallel_state.get_expert_model_parallel_world_size()
+    return (
+        parallel_state.get_expert_model_parallel_rank(),
+        size,
+        parallel_state.get_expert_model_parallel_group(),
+        cfg.num_experts // size,
+    )
+
+
 def _tp():
     from megatron.core import parallel_state
 
@@ -294,10 +352,12 @@ def load_hf_weights(model, hf: HFWeights | str | Path, cfg: ModelConfig) -> None
     tensors its shard needs, one at a time)."""
     hf = hf if isinstance(hf, HFWeights) else HFWeights(hf)
     tp_rank, tp_size, _ = _tp()
+    ep_rank, _, _, local_experts = _ep(cfg)
     for m in _unwrap(model):
         params = dict(m.named_parameters())
         shapes = [(n, p.shape) for n, p in params.items()]
-        loaded = hf_to_megatron_tensors(hf.get, shapes, cfg, tp_rank, tp_size, _layer_offset(m))
+        loaded = hf_to_megatron_tensors(hf.get, shapes, cfg, tp_rank, tp_size, _layer_offset(m),
+                                        ep_rank * local_experts)  # fmt: skip
         for name, t in loaded:
             params[name].copy_(t)
 
@@ -316,7 +376,9 @@ def megatron_to_hf_tensors(
     model_or_state: a GPTModel (optionally wrapped in DDP / Float16Module, or a list of
     chunks) or a dict {megatron local name: tensor} such as `model.state_dict()`.
     With TP > 1 every rank of the TP group must call this (TP shards are all-gathered); all
-    TP ranks receive every tensor. Layers carry global HF indices (local + PP offset); each
+    TP ranks receive every tensor. Likewise with EP > 1 (MoE): each expert weight is
+    all-gathered over the EP group and every EP rank yields all experts' tensors.
+    Layers carry global HF indices (local + PP offset); each
     PP stage yields only the layers it holds. A tied output layer on the last stage is skipped
     (HF has only embed_tokens). The padded vocabulary rows are stripped. Tensors are cast to
     `dtype` (default cfg.params_dtype): megatron keeps norm weights in fp32 in a bf16 model,
@@ -324,6 +386,9 @@ def megatron_to_hf_tensors(
     """
     dtype = dtype or cfg.torch_dtype
     tp_rank, tp_size, tp_group = _tp() if gather else (0, 1, None)
+    ep_rank, ep_size, ep_group, local_experts = _ep(cfg)
+    if not gather:  # this rank's own experts only, under their global names
+        ep_size = 1
     if isinstance(model_or_state, dict):
         items = [(model_or_state, layer_offset or 0)]
     else:
@@ -335,10 +400,20 @@ def megatron_to_hf_tensors(
         for name, local in state.items():
             if cfg.tie_word_embeddings and name == "output_layer.weight":
                 continue
-            rule = rule_for(name, cfg, offset)
+            rule = rule_for(name, cfg, offset, ep_rank * local_experts)
             if rule is None:
                 continue
             pieces = rule.to_hf(local.detach())
+            if rule.expert is not None and ep_size > 1:
+                # Every EP rank holds its own experts under the same local names: gather
+                # expert j of each rank k (global k * local_experts + j).
+                for j, piece in enumerate(pieces):
+                    parts = [torch.empty_like(piece) for _ in range(ep_size)]
+                    dist.all_gather(parts, piece.contiguous(), group=ep_group)
+                    for k, part in enumerate(parts):
+                        other = rule_for(name, cfg, offset, k * local_experts)
+                        yield other.hf_names[j], part.to(dtype).contiguous()
+                continue
             for hf_name, piece in zip(rule.hf_names, pieces, strict=True):
                 full = piece
                 if rule.tp_dim is not None and tp_size > 1:
@@ -397,8 +472,11 @@ def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, t
     from megatron.core import parallel_state as ps
 
     replica = dist.is_initialized() and ps.model_parallel_is_initialized()
-    if replica and ps.get_data_parallel_rank() != 0:
-        return  # a replica of DP rank 0's weights: nothing of it is consumed
+    if replica and ps.get_data_parallel_rank() != 0 and _ep(cfg)[1] == 1:
+        # A replica of DP rank 0's weights: nothing of it is consumed. (With expert
+        # parallelism the experts are spread over DP ranks, so every rank takes part in the
+        # EP all-gathers and rank 0 yields them all.)
+        return
     own = megatron_to_hf_tensors(model, cfg)
     if ps.get_pipeline_model_parallel_world_size() == 1 or not dist.is_initialized():
         if not dist.is_initialized() or dist.get_rank() == 0:
