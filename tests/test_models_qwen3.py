@@ -84,12 +84,12 @@ def test_unsupported_qwen3_options_refused(qwen3_dirs, extra, message):
 
 def test_unsupported_architecture_keeps_one_line_error():
     with pytest.raises(UnsupportedModelError) as e:
-        ModelConfig.from_hf({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 8})
+        ModelConfig.from_hf({"architectures": ["MixtralForCausalLM"], "hidden_size": 8})
     msg = str(e.value)
     assert "\n" not in msg
     assert msg == (
-        "architecture 'Qwen3MoeForCausalLM' is not supported; supported: "
-        "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+        "architecture 'MixtralForCausalLM' is not supported; supported: "
+        "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"
     )
 
 
