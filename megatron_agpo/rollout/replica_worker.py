@@ -190,10 +190,13 @@ class Worker:
         self.llm = vllm_engine.build_llm(config, seed=config.seed + index)
         self.version: int | None = 0  # None: a sync failed half-way, weights are unknown
         self.pending: list | None = None  # a message read while a sync was being aborted
+        self.backlog: list[tuple[dict, list]] = []  # read during a resumable generation
+        self.idle_s = 0.0  # seconds spent waiting for work (reported in every reply)
         self.channel: CollectiveChannel | None = None
 
     def send(self, header: dict, seq: int | None) -> None:
-        header = {**header, "seq": seq, "version": self.version, "replica": self.index}
+        header = {**header, "seq": seq, "version": self.version, "replica": self.index,
+                  "idle_s": self.idle_s}  # fmt: skip
         self.sock.send_multipart(wire.encode(header))
 
     def recv(self, timeout_s: float | None) -> tuple[dict, list]:
@@ -212,7 +215,12 @@ class Worker:
     def serve(self) -> None:
         self.send({"op": "ready", "ok": True, "pid": os.getpid()}, 0)
         while True:
-            header, _ = self.recv(None)
+            if self.backlog:
+                header, _ = self.backlog.pop(0)
+            else:
+                t0 = time.monotonic()
+                header, _ = self.recv(None)
+                self.idle_s += time.monotonic() - t0
             seq = header.get("seq")
             op = header["op"]
             if op == "shutdown":
@@ -233,9 +241,15 @@ class Worker:
             if self.version is None:
                 raise RuntimeError("weights are unknown after a failed sync; sync again")
             requests = [wire.request_from_json(r) for r in header["requests"]]
-            samples = vllm_engine.run_generate(
-                self.llm, requests, header["prompt_ids"], self.version
-            )
+            if header.get("partial") == "resume":
+                samples = vllm_engine.run_generate_resumable(
+                    self.llm, requests, header["prompt_ids"], lambda: self.version,
+                    self.sync_between_steps,
+                )  # fmt: skip
+            else:
+                samples = vllm_engine.run_generate(
+                    self.llm, requests, header["prompt_ids"], self.version
+                )
             return {"ok": True, "samples": [wire.sample_to_json(s) for s in samples]}
         if op == "prompt_logprobs":
             return {
@@ -268,6 +282,32 @@ class Worker:
                 self.llm.wake_up()
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
+
+    def sync_between_steps(self) -> bool:
+        """Between two engine steps of a resumable generation: run a weight sync that has
+        arrived (pause, load, resume: the in-flight requests continue under the new weights)
+        and return True; any other message waits in the backlog for the serve loop."""
+        synced = False
+        while self.pending is None and self.sock.poll(0):
+            frames = self.sock.recv_multipart(copy=False)
+            header, rest = wire.decode_header(frames[0]), frames[1:]
+            if header.get("op") != "sync_begin":
+                self.backlog.append((header, rest))
+                continue
+            try:
+                reply = self.sync(header)
+            except SyncAborted as e:
+                reply = {"ok": False, "error": str(e)}
+            except Exception:  # noqa: BLE001 - reported to the trainer, which raises
+                reply = {"ok": False, "error": traceback.format_exc()}
+            self.send({"op": "sync_begin", **reply}, header.get("seq"))
+            if self.version is None:
+                raise RuntimeError("a weight sync failed during a generation; sync again")
+            synced = True
+        if self.pending is not None:  # what an aborted sync left: the serve loop's
+            self.backlog.append(self.pending)
+            self.pending = None
+        return synced
 
     def sync(self, header: dict) -> dict:
         timeout_s = float(header["timeout_s"])

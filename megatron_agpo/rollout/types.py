@@ -75,7 +75,13 @@ class Sample:
     truncated: bool
     """True when the response hit `max_new_tokens` without finishing (no EOS / stop string)."""
     weight_version: int
-    """Version of the weights that produced this sample (see `RolloutEngine.weight_version`)."""
+    """Version of the weights that produced this sample (see `RolloutEngine.weight_version`);
+    with a partial rollout that continued under newer weights, the version of its first
+    token (the oldest)."""
+    token_versions: tuple[int, ...] = ()
+    """The version that sampled each response token, when they differ (a partial rollout
+    interrupted by a weight update and resumed, `rollout.partial=resume`); empty: every token
+    is `weight_version`'s."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.response_token_ids):
@@ -83,6 +89,16 @@ class Sample:
                 f"sample (prompt {self.prompt_id}, #{self.sample_index}): "
                 f"{len(self.logprobs)} log-probs for {len(self.response_token_ids)} tokens"
             )
+        if self.token_versions and len(self.token_versions) != len(self.response_token_ids):
+            raise ValueError(
+                f"sample (prompt {self.prompt_id}, #{self.sample_index}): "
+                f"{len(self.token_versions)} token versions for "
+                f"{len(self.response_token_ids)} tokens"
+            )
+
+    def versions(self) -> tuple[int, ...]:
+        """The version of every response token."""
+        return self.token_versions or (self.weight_version,) * len(self.response_token_ids)
 
 
 class RolloutError(RuntimeError):
@@ -119,14 +135,21 @@ class RolloutBatch:
 
     @classmethod
     def from_samples(
-        cls, samples: Iterable[Sample], expected_version: int | None = None
+        cls,
+        samples: Iterable[Sample],
+        expected_version: int | None = None,
+        allow_mixed: bool = False,
     ) -> RolloutBatch:
         """Build a batch, refusing mixed versions and (when given) any other version than
-        `expected_version`."""
+        `expected_version`. allow_mixed (overlapped generation, `trainer.max_staleness` > 0):
+        samples of several versions are accepted, each keeping its own; the batch's
+        `weight_version` is then the oldest, and the trainer bounds the staleness."""
         ordered = tuple(sorted(samples, key=lambda s: (s.prompt_id, s.sample_index)))
         if not ordered:
             raise ValueError("a RolloutBatch needs at least one sample")
         versions = sorted({s.weight_version for s in ordered})
+        if allow_mixed:
+            return cls(samples=ordered, weight_version=versions[0])
         if len(versions) > 1:
             counts = {v: sum(s.weight_version == v for s in ordered) for v in versions}
             raise StaleWeightsError(

@@ -6,9 +6,10 @@ Runs wherever the `LLM` lives: in the training process (colocated) or in a repli
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -170,6 +171,104 @@ def run_generate(
                     weight_version=weight_version,
                 )
             )
+    return samples
+
+
+def resumed_seed(seed: int | None, sample: int, segment: int) -> int | None:
+    """The seed of sample `sample`'s `segment`-th piece in a resumable generation (a fixed
+    function of the request's seed, so a rerun samples the same)."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + sample * 7919 + segment * 104_729) % (2**31)
+
+
+def run_generate_resumable(
+    llm: LLM,
+    requests: Sequence[RolloutRequest],
+    prompt_ids: Sequence[int],
+    version: Callable[[], int | None],
+    between_steps: Callable[[], bool],
+) -> list[Sample]:
+    """Sample `requests` step by step, so a weight update can land mid-response.
+
+    Each sample is its own engine request (n=1; seeds `resumed_seed`). Between two engine
+    steps `between_steps()` runs any weight sync that has arrived and says whether one did;
+    then every unfinished request is aborted and added again with its partial response
+    appended to the prompt and the remaining token budget: it continues under the new
+    weights (its KV recomputed by them). Every token keeps the log-prob and the version
+    (`version()` when its piece started) of the weights that sampled it
+    (`Sample.token_versions`)."""
+    import itertools
+
+    from vllm import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    ids = itertools.count()
+    live: dict[str, dict] = {}
+    states = [
+        {"pid": int(pid), "k": k, "req": req, "tokens": [], "lps": [], "vers": [], "seg": 0,
+         "finish": None}
+        for pid, req in zip(prompt_ids, requests, strict=True)
+        for k in range(req.n)
+    ]  # fmt: skip
+
+    def add(st: dict) -> None:
+        req = st["req"]
+        left = req.max_new_tokens - len(st["tokens"])
+        piece = dataclasses.replace(
+            req, n=1, max_new_tokens=left, seed=resumed_seed(req.seed, st["k"], st["seg"])
+        )
+        params = sampling_params(piece)
+        params.output_kind = RequestOutputKind.CUMULATIVE
+        rid = f"agpo-resumable-{next(ids)}"
+        st["base"], st["version"] = len(st["tokens"]), version()
+        prompt = TokensPrompt(prompt_token_ids=list(req.prompt_token_ids) + st["tokens"])
+        engine.add_request(rid, prompt, params)
+        live[rid] = st
+
+    for st in states:
+        add(st)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            st = live.get(out.request_id)
+            if st is None or not out.outputs:
+                continue
+            comp = out.outputs[0]
+            new = list(comp.token_ids)
+            lps = [float(pos[t].logprob) for pos, t in zip(comp.logprobs, new, strict=True)]
+            b = st["base"]
+            st["tokens"], st["lps"] = st["tokens"][:b] + new, st["lps"][:b] + lps
+            st["vers"] = st["vers"][:b] + [st["version"]] * len(new)
+            if out.finished:
+                st["finish"] = comp.finish_reason or "abort"
+                del live[out.request_id]
+        if live and between_steps():  # new weights: every unfinished response resumes
+            engine.abort_request(list(live))
+            unfinished = list(live.values())
+            live.clear()
+            for st in unfinished:
+                st["seg"] += 1
+                add(st)
+    tok = llm.get_tokenizer()
+    samples = []
+    for st in states:
+        finish = st["finish"] or "abort"
+        vers = tuple(st["vers"])
+        samples.append(
+            Sample(
+                prompt_id=st["pid"],
+                sample_index=st["k"],
+                prompt_token_ids=st["req"].prompt_token_ids,
+                response_token_ids=tuple(st["tokens"]),
+                text=tok.decode(st["tokens"], skip_special_tokens=True),
+                logprobs=tuple(st["lps"]),
+                finish_reason=finish,  # type: ignore[arg-type]
+                truncated=finish == "length",
+                weight_version=vers[0] if vers else (st["version"] or 0),
+                token_versions=vers if len(set(vers)) > 1 else (),
+            )
+        )
     return samples
 
 

@@ -195,6 +195,7 @@ def sample_from_json(d: dict) -> Sample:
         "finish_reason": str(d["finish_reason"]),
         "truncated": bool(d["truncated"]),
         "weight_version": int(d["weight_version"]),
+        "token_versions": tuple(int(v) for v in d.get("token_versions", ())),
     }
     return Sample(**fields)  # type: ignore[arg-type]
 

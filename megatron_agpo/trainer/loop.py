@@ -205,7 +205,15 @@ class Trainer:
         self.engine = self.reward = self.metrics = None
         # Before the services start: the replicas must not inherit the handlers.
         self.preemption = ckpt.install_preemption(cfg.checkpoint)
+        self.stream = None
+        self._stream_start = 0
         self._resume()
+        if tr.max_staleness > 0:  # overlapped generation (rank 0 submits, every rank draws)
+            from megatron_agpo.trainer.overlap import RolloutStream
+
+            self.stream = RolloutStream(tr.max_staleness, self.data, self._stream_start)
+        self._idle_seen: list[float] = []
+        self._sync_wait_s = 0.0
         if self.rank == 0:
             self._start_services()
         if self.version > 0:  # resumed: the engine starts from the original weights
@@ -279,6 +287,8 @@ class Trainer:
         path, state = found
         self.step, self.version = state["step"], state["version"]
         self.data.load_state_dict(state["data"])
+        # Overlapped runs store the oldest untrained batch's stream position (else: the step).
+        self._stream_start = state.get("stream", self.step)
         if "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])
         self._saved_step = self.step
@@ -292,6 +302,9 @@ class Trainer:
             "data": self.data.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
+        if self.stream is not None:
+            # In-flight rollouts are dropped: the resumed run generates them again from here.
+            state["stream"], state["data"] = self.stream.position()
         path = ckpt.save(
             self.run_dir / "checkpoints",
             self.step,
@@ -309,12 +322,15 @@ class Trainer:
     def train_step(self) -> dict:
         """One RL step, the stages of docs/TRAINING.md in order."""
         cfg, t = self.cfg, Timer(cuda=self.device.type == "cuda")
+        wall0, self._sync_wait_s = time.perf_counter(), 0.0
         scored, sampling = self.collect(t)  # 1-4: rollout, reward, broadcast, advantages
         batch, minis = self.token_batch(scored)  # this rank's rows, on the model's device
         with t("logprob"):
             self.fill_logprobs(batch)  # 5: old (and reference) log-probs
+        sampling.update(self._importance_stats(batch))
         with t("update"):
             metrics, updated = self.update(batch, minis)  # 6-7: optimizer steps, inf/NaN skips
+        self._last_updated = bool(updated)
         if self.skipped_in_row >= cfg.trainer.max_skipped_steps:
             raise FloatingPointError(
                 f"{self.skipped_in_row} consecutive updates skipped for non-finite gradients"
@@ -323,17 +339,78 @@ class Trainer:
         with t("sync"):
             if updated:
                 self.sync_weights(self.version + 1)  # 8: the engine gets the new weights
-        return {**self._step_metrics(scored, batch, metrics, t, updated), **sampling}
+        row = {**self._step_metrics(scored, batch, metrics, t, updated), **sampling}
+        return {**row, **self._overlap_metrics(scored, t, time.perf_counter() - wall0)}
+
+    def _importance_stats(self, batch: TokenBatch) -> dict:
+        """The behaviour importance weight (proximal = old log-probs / behaviour = the
+        engine's) over this rank's loss tokens: mean, max, share truncated or masked."""
+        from megatron_agpo.algorithms import importance_weight_stats
+
+        if batch.old_logp is None or batch.rollout_logp is None:
+            return {}
+        m = batch.loss_mask.bool()
+        return importance_weight_stats(
+            batch.old_logp[m].detach().cpu(), batch.rollout_logp[m].cpu(),
+            torch.ones(int(m.sum()), dtype=torch.bool), self.cfg.algorithm.loss,
+        )  # fmt: skip
+
+    def _overlap_metrics(self, scored: ScoredRollouts, t: Timer, wall: float) -> dict:
+        """Rank 0: trainer and replica idle time, end-to-end tokens/s, and (overlapped runs)
+        the staleness histogram and the share of tokens per version."""
+        if self.rank != 0:
+            return {}
+        secs = t.seconds
+        tokens = float((scored.prompt_lens + scored.response_lens).sum())
+        out = {
+            "time/step_wall": wall,
+            "tokens_per_s_e2e": tokens / wall if wall > 0 else 0.0,
+            # Waiting on the engine for samples (the rollout stage's time).
+            "time/trainer_idle": secs.get("rollout", 0.0),
+            # Rank 0 inside the engine's weight update: the transfer, and (rollout.partial=
+            # finish) waiting for the replicas to finish the responses in flight.
+            "time/sync_wait": self._sync_wait_s,
+        }
+        idle = getattr(self.engine, "replica_idle_s", None)
+        if idle is not None:
+            seen = self._idle_seen or [0.0] * len(idle)
+            out["time/replica_idle"] = sum(a - b for a, b in zip(idle, seen, strict=True)) / max(
+                len(idle), 1
+            )
+            self._idle_seen = list(idle)
+        if self.stream is not None:
+            from megatron_agpo.trainer.overlap import staleness_metrics
+
+            tv = scored.token_versions
+            if tv is None:
+                tv = torch.full_like(scored.response_tokens, scored.weight_version)
+            # The version the update trained at: the step's own (self.version has moved on).
+            trained_at = self.version - int(self._last_updated)
+            out.update(staleness_metrics(tv, scored.sample_versions(), trained_at,
+                                         self.stream.k))  # fmt: skip
+            out["staleness/dropped_total"] = float(self.stream.dropped_total)
+        return out
 
     def generate(self, prompts, n: int, step_seed: int, round_: int = 0):
         """Rank 0: n sampled responses per prompt (a `RolloutBatch`, group order); None
         elsewhere. Seeds are fixed by (run, step, round, prompt)."""
         if self.rank != 0:
             return None
+        reqs = self._requests(prompts, n, step_seed, round_)
+
+        def rollout():
+            self.engine.wake_up()  # no-op unless the engine sleeps between rollouts (CUDA)
+            return self.engine.generate(reqs, expected_version=self.version)
+
+        return self._engine_call(rollout)  # None once the engine failed
+
+    def _requests(self, prompts, n: int, step_seed: int, round_: int = 0) -> list:
+        """The engine requests of `prompts`, n samples each, seeds fixed by (run, step,
+        round, prompt)."""
         from megatron_agpo.rollout.types import RolloutRequest
 
         r = self.cfg.rollout
-        reqs = [
+        return [
             RolloutRequest(
                 ex.prompt_ids,
                 n=n,
@@ -345,11 +422,35 @@ class Trainer:
             for i, ex in enumerate(prompts)
         ]
 
-        def rollout():
-            self.engine.wake_up()  # no-op unless the engine sleeps between rollouts (CUDA)
-            return self.engine.generate(reqs, expected_version=self.version)
+    def _submit(self, prompts, index: int) -> int | None:
+        """Rank 0: start sampling a stream batch (overlapped generation; seeds keyed by its
+        stream position); the engine's ticket, or None (elsewhere, or the engine failed)."""
+        if self.rank != 0:
+            return None
+        reqs = self._requests(prompts, self.cfg.rollout.n, index)
+        return self._engine_call(self.engine.submit, reqs, self.cfg.rollout.partial)
 
-        return self._engine_call(rollout)  # None once the engine failed
+    def _stream_next(self, t: Timer) -> tuple[list, object]:
+        """The stream's oldest batch (prompts on every rank, samples on rank 0), after
+        topping the stream up to k + 1 batches in flight. Rank 0 waits for it (the trainer's
+        idle time, in time/rollout) and drops the groups past the staleness bound; a batch
+        left empty is sampled again at the current version (synchronously)."""
+        from megatron_agpo.trainer.overlap import drop_stale
+
+        st, n = self.stream, self.cfg.rollout.n
+        with t("rollout"):
+            st.top_up(self._submit, self.version, most=self.cfg.trainer.steps - self.step)
+            p = st.head()
+            samples = None
+            if self.rank == 0 and p.ticket is not None:
+                samples = self._engine_call(self.engine.collect, p.ticket)
+                if samples is not None:
+                    samples, dropped = drop_stale(samples, self.version, st.k, n)
+                    st.dropped_total += dropped
+                    self._stream_dropped += dropped
+                    if samples is None:
+                        samples = self.generate(p.prompts, n, p.index)
+        return p.prompts, samples
 
     def _engine_call(self, fn, *args):
         """Rank 0: fn(*args) on the rollout engine, or None once the engine has failed (a
@@ -382,7 +483,7 @@ class Trainer:
                     f"({sum(r != r for r in rewards)} of {len(rewards)} answers unscored)"
                 )
             samples, rewards = [samples[i] for i in keep], [rewards[i] for i in keep]
-        return ScoredRollouts.from_lists(
+        out = ScoredRollouts.from_lists(
             [s.prompt_token_ids for s in samples],
             [s.response_token_ids for s in samples],
             [s.logprobs for s in samples],
@@ -391,6 +492,11 @@ class Trainer:
             batch.weight_version,
             n,
         )
+        if any(s.token_versions or s.weight_version != batch.weight_version for s in samples):
+            # Overlapped generation: each token's version (rank 0: staleness metrics).
+            versions = [v for s in samples for v in s.versions()]
+            out.token_versions = torch.tensor(versions, dtype=torch.int64, device="cpu")
+        return out
 
     def collect(self, t: Timer) -> tuple[ScoredRollouts, dict]:
         """data.prompts_per_step scored groups with their advantages, and sampling counters.
@@ -407,17 +513,24 @@ class Trainer:
         rounds = 1 if rule == "off" else cfg.trainer.max_sampling_rounds
         adv_cfg = cfg.algorithm.advantage_config()
         data_state = self.data.state_dict()  # a failed rollout rewinds the step's prompts
+        self._stream_dropped = 0
         for rnd in range(rounds):
-            prompts = self.data.next_batch()
-            with t("rollout"):
-                samples = self.generate(prompts, n, self.step, rnd)
+            if self.stream is not None:  # overlapped: refills come from the stream too
+                prompts, samples = self._stream_next(t)
+            else:
+                prompts = self.data.next_batch()
+                with t("rollout"):
+                    samples = self.generate(prompts, n, self.step, rnd)
             with t("reward"):
                 scored = self.score(prompts, samples, n)
             try:
                 scored = broadcast_scored(scored, self.device, failure=self._engine_failure)
             except RolloutFailed:  # every rank: nothing of this step is trained, or consumed
+                # (overlapped: the checkpoint stores the stream's position, this batch's)
                 self.data.load_state_dict(data_state)
                 raise
+            if self.stream is not None:
+                self.stream.pop()  # trained from here on: past the checkpoint's position
             # Per group here; REINFORCE++'s batch whitening waits for the kept batch (below),
             # so it never depends on how many groups a round dropped.
             scored.advantages = compute_advantages(scored.rewards, n, adv_cfg, batch_norm=False)
@@ -436,9 +549,12 @@ class Trainer:
         stats["groups/kept"] = groups
         # Before the group filter (reward/mean is over the kept groups only).
         stats["reward/mean_sampled"] = sampled_sum / (stats["groups/sampled"] * n)
-        if self.rank == 0:
+        if self.stream is not None:
+            stats["staleness/dropped"] = self._stream_dropped
+        elif self.rank == 0:
             # Colocated on CUDA: free the KV cache and offload the weights while the trainer
-            # works; the next sync (or rollout) wakes the engine. A no-op elsewhere.
+            # works; the next sync (or rollout) wakes the engine. A no-op elsewhere. (Not
+            # under overlap: the replicas keep generating.)
             self._engine_call(self.engine.sleep)
         if not groups:
             raise RuntimeError(
@@ -543,7 +659,9 @@ class Trainer:
         tensors = gather_hf_tensors_to_rank0(self.model, self.mcfg)
         if self.rank == 0:
             # A failed engine (now or earlier) is recorded for the next broadcast (`collect`).
+            t0 = time.perf_counter()
             self._engine_call(self.engine.update_weights, tensors, version)
+            self._sync_wait_s += time.perf_counter() - t0
         # The rest of the gather (all of it elsewhere, what a failed sync left on rank 0): TP
         # all-gathers, and sends from later pipeline stages.
         for _ in tensors:

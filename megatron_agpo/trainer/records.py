@@ -60,6 +60,20 @@ class ScoredRollouts:
     """Samples per prompt (G)."""
     advantages: torch.Tensor | None = None
     """[B] float64, set by the advantages stage."""
+    token_versions: torch.Tensor | None = None
+    """[R] int64 the weight version that sampled each response token (overlapped generation;
+    rank 0 only: the staleness filter and metrics read it there, before the broadcast, which
+    does not carry it). None: every token is `weight_version`'s."""
+
+    def sample_versions(self) -> torch.Tensor:
+        """[B] int64 each sample's oldest token version (`weight_version` without versions)."""
+        if self.token_versions is None:
+            return torch.full((len(self),), self.weight_version, dtype=torch.int64)
+        rows = torch.repeat_interleave(torch.arange(len(self)), self.response_lens)
+        out = torch.full((len(self),), torch.iinfo(torch.int64).max, dtype=torch.int64)
+        out = out.scatter_reduce(0, rows, self.token_versions, reduce="amin")
+        # An empty response has no token: its sample's version is the batch's oldest.
+        return torch.where(self.response_lens > 0, out, torch.full_like(out, self.weight_version))
 
     def __len__(self) -> int:
         return self.response_lens.shape[0]
@@ -120,6 +134,9 @@ class ScoredRollouts:
             weight_version=self.weight_version,
             group_size=self.group_size,
             advantages=None if self.advantages is None else self.advantages[rows],
+            token_versions=None
+            if self.token_versions is None
+            else _gather_rows(self.token_versions, self.response_lens, rows),
         )
 
     @staticmethod
@@ -140,6 +157,18 @@ class ScoredRollouts:
             weight_version=first.weight_version,
             group_size=first.group_size,
             advantages=cat("advantages") if has_adv else None,
+            token_versions=(
+                torch.cat(
+                    [
+                        p.token_versions
+                        if p.token_versions is not None
+                        else torch.full_like(p.response_tokens, p.weight_version)
+                        for p in parts
+                    ]
+                )
+                if any(p.token_versions is not None for p in parts)
+                else None
+            ),  # fmt: skip
         )
 
 

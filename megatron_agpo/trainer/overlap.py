@@ -1,0 +1,126 @@
+"""Generation overlapping training (`trainer.max_staleness` = k > 0; docs/TRAINING.md).
+
+The replicas sample the next batches while the trainer updates: at the start of step s the
+stream holds the batches of the next k + 1 stream positions in flight (submitted to the
+engine, `ReplicaPool.submit`), the trainer takes the oldest (waiting for it if it is not
+done) and the replicas go on with the others while it computes log-probs and updates. A batch
+submitted while the trainer is at version v is trained at a version <= v + k, so with every
+step updating, its staleness (trainer version minus the version of a sample's oldest token)
+is at most k; the filter (`drop_stale`) still checks every sample and drops the groups of
+any sample beyond the bound (counted, never trained on).
+
+Every rank holds a `RolloutStream` and draws the same prompts in the same order (the data
+position is part of every rank's checkpoint); only rank 0 talks to the engine. A checkpoint
+stores the position of the oldest batch not yet trained: in-flight rollouts are dropped and,
+after a resume, generated again from the same prompts with the same seeds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from megatron_agpo.rollout.types import RolloutBatch
+
+
+@dataclass
+class Pending:
+    """One batch of the stream: submitted, not yet trained."""
+
+    index: int
+    """Stream position: the batch's number since the run began (its sampling seeds' key)."""
+    prompts: list
+    """The batch's prompts (every rank)."""
+    data_state: dict
+    """The prompt iterator's state before these prompts were drawn."""
+    ticket: int | None
+    """Rank 0: the engine's ticket for `collect`; None elsewhere."""
+    version: int
+    """The trainer's weight version when the batch was submitted."""
+
+
+class RolloutStream:
+    """The in-flight batches of an overlapped run, in stream order."""
+
+    def __init__(self, max_staleness: int, data, start_index: int) -> None:
+        if max_staleness < 1:
+            raise ValueError(f"max_staleness={max_staleness}: the stream needs k >= 1")
+        self.k = max_staleness
+        self.data = data
+        self.index = start_index
+        """The next stream position to submit."""
+        self.pending: deque[Pending] = deque()
+        self.dropped_total = 0
+        """Samples dropped for staleness since the run (or the resume) began."""
+
+    def top_up(self, submit: Callable[[list, int], int | None], version: int, most: int) -> None:
+        """Submit batches until k + 1 are in flight, or `most` (the steps left: nothing is
+        sampled past the run's end), or one when none is (a refill always gets one).
+        submit(prompts, index) -> ticket."""
+        while not self.pending or len(self.pending) < min(self.k + 1, most):
+            state = self.data.state_dict()
+            prompts = self.data.next_batch()
+            ticket = submit(prompts, self.index)
+            self.pending.append(Pending(self.index, prompts, state, ticket, version))
+            self.index += 1
+
+    def head(self) -> Pending:
+        return self.pending[0]
+
+    def pop(self) -> Pending:
+        return self.pending.popleft()
+
+    def position(self) -> tuple[int, dict]:
+        """(stream position, prompt-iterator state) of the oldest batch not yet trained:
+        what a checkpoint stores, so a resume regenerates the in-flight batches exactly."""
+        if self.pending:
+            p = self.pending[0]
+            return p.index, p.data_state
+        return self.index, self.data.state_dict()
+
+
+def drop_stale(
+    batch: RolloutBatch, trainer_version: int, max_staleness: int, group_size: int
+) -> tuple[RolloutBatch | None, int]:
+    """The batch without the groups holding a sample whose oldest token is more than
+    `max_staleness` versions behind `trainer_version` (None when no group is left), and the
+    number of samples dropped. Groups go whole: a group's advantages need all its samples."""
+    samples = batch.samples
+    keep, dropped = [], 0
+    for g in range(0, len(samples), group_size):
+        group = samples[g : g + group_size]
+        if any(trainer_version - min(s.versions() or (s.weight_version,)) > max_staleness
+               for s in group):  # fmt: skip
+            dropped += len(group)
+        else:
+            keep.extend(group)
+    if not keep:
+        return None, dropped
+    if dropped == 0:
+        return batch, 0
+    return RolloutBatch.from_samples(keep, allow_mixed=True), dropped
+
+
+def staleness_metrics(
+    token_versions: torch.Tensor,
+    sample_versions: torch.Tensor,
+    trainer_version: int,
+    max_staleness: int,
+) -> dict[str, float]:
+    """Per step: the histogram of sample staleness (`staleness/samples_<d>`, counts), the
+    share of response tokens sampled d versions behind (`staleness/tokens_<d>`), and the
+    mean and max sample staleness, for d = 0..max_staleness."""
+    s_age = trainer_version - sample_versions.to(torch.int64)
+    t_age = trainer_version - token_versions.to(torch.int64)
+    out: dict[str, float] = {
+        "staleness/mean": float(s_age.double().mean()) if s_age.numel() else 0.0,
+        "staleness/max": float(s_age.max()) if s_age.numel() else 0.0,
+    }
+    n_tok = max(t_age.numel(), 1)
+    for d in range(max_staleness + 1):
+        out[f"staleness/samples_{d}"] = float((s_age == d).sum())
+        out[f"staleness/tokens_{d}"] = float((t_age == d).sum()) / n_tok
+    return out
