@@ -71,3 +71,18 @@ def test_the_cluster_belongs_to_the_planner():
         load_plan_config(["cluster.nodez=2"])
     with pytest.raises(UsageError, match=r"cluster\.nodes=0 must be >= 1"):
         load_plan_config(["cluster.nodes=0"])
+
+
+def test_a_user_advantage_rule_is_one_registered_function():
+    import torch
+
+    from megatron_agpo.algorithms import advantages
+
+    cfg = load_config([PLUGIN, "algorithm.pos_rule=rank", "algorithm.pos_weight=0.5"])
+    adv_cfg = cfg.algorithm.advantage_config()
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # one group of 4, tau 0.5
+    # Positives get 0.5 x (2 rank / 3 - 1) with ranks 1, 2, 3 (stable); the negative -w_neg.
+    expect = [0.5 * (2 * 1 / 3 - 1), -1.0, 0.5 * (2 * 2 / 3 - 1), 0.5 * (2 * 3 / 3 - 1)]
+    assert advantages(r, 4, adv_cfg).tolist() == pytest.approx(expect, abs=1e-15)
+    with pytest.raises(ValueError, match=r"algorithm\.pos_rule=.rnak.: must be one of .*rank"):
+        load_config([PLUGIN, "algorithm.pos_rule=rnak"])

@@ -23,12 +23,63 @@ See ../../docs/ALGORITHM.md for the formulas and the presets' derivations.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-# Plain str (validated in __post_init__), not Literal: OmegaConf rejects Literal annotations.
-Rule = str  # "constant" | "group" | "none"
+from megatron_agpo.registry import Registry
+
+RULES = Registry("advantage rule", "algorithm.pos_rule / algorithm.neg_rule")
+"""The per-polarity advantage rules. A rule is `rule(r_GN, group_score, weight, sign, cfg)` ->
+[groups, G]: r_GN the rewards by group, `group_score()` the group-normalised score (computed
+on first call), `sign` +1 for positives and -1 for negatives. A new estimator is one function
+registered with `@register_rule("name")`, then `algorithm.pos_rule=name` (or a preset)."""
+register_rule = RULES.register
+
+
+def _group_score(r_GN: torch.Tensor, cfg: AdvantageConfig) -> torch.Tensor:
+    """(r - baseline) / (std + eps) within each group (std="none": no division); exactly 0
+    for a group of equal rewards or of one response (nothing to compare with)."""
+    group_size = r_GN.shape[1]
+    if group_size < 2:
+        return torch.zeros_like(r_GN)
+    mu = r_GN.mean(dim=1, keepdim=True)
+    z = r_GN - mu
+    if cfg.baseline == "leave_one_out":
+        # r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mu)
+        z = z * (group_size / (group_size - 1))
+    if cfg.std != "none":
+        sigma = r_GN.std(dim=1, keepdim=True, correction=1 if cfg.std == "bessel" else 0)
+        z = z / (sigma + cfg.eps)
+    # All-equal rewards: exactly 0. The float mean of equal values need not equal them
+    # (3 x 0.1 sums to 0.30000000000000004), which left 1e-17 here, 1e-11 after the std.
+    return z.masked_fill((r_GN == r_GN[:, :1]).all(dim=1, keepdim=True), 0.0)
+
+
+GroupScore = Callable[[], torch.Tensor]
+
+
+@register_rule("constant")
+def constant_rule(r_GN, group_score: GroupScore, weight: float, sign: float, cfg):
+    """A = sign * w for every response of the polarity."""
+    return torch.full_like(r_GN, sign * weight)
+
+
+@register_rule("group")
+def group_rule(r_GN, group_score: GroupScore, weight: float, sign: float, cfg):
+    """A = w * group score (GRPO's z-score, Dr. GRPO's r - mu, RLOO's leave-one-out)."""
+    return weight * group_score()
+
+
+@register_rule("none")
+def no_rule(r_GN, group_score: GroupScore, weight: float, sign: float, cfg):
+    """A = 0: the polarity gets no gradient (PSR / NSR)."""
+    return torch.zeros_like(r_GN)
+
+
+# Plain str (checked against RULES), not Literal: OmegaConf rejects Literal annotations.
+Rule = str  # "constant" | "group" | "none" | a registered rule
 StdMode = str  # "population" | "bessel" | "none"
 Baseline = str  # "mean" | "leave_one_out"
 
@@ -66,9 +117,9 @@ class AdvantageConfig:
     def __post_init__(self) -> None:
         for name in ("neg_rule", "pos_rule"):
             value = getattr(self, name)
-            if value not in ("constant", "group", "none"):
+            if value not in RULES.names():
                 raise ValueError(
-                    f"AdvantageConfig.{name}={value!r}: must be 'constant', 'group' or 'none'"
+                    f"AdvantageConfig.{name}={value!r}: must be one of {', '.join(RULES.names())}"
                 )
         if self.baseline not in ("mean", "leave_one_out"):
             raise ValueError(
@@ -173,39 +224,20 @@ def advantages(
     """
     cfg = resolve(algorithm, **overrides)
     _check_rewards(rewards, group_size)
-    uses_group = "group" in (cfg.neg_rule, cfg.pos_rule)
-
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r_GN = rewards.to(dtype).view(-1, group_size)  # [groups, G]
     positive = r_GN > cfg.tau
+    scores: list[torch.Tensor] = []
 
-    if uses_group and group_size > 1:
-        mu = r_GN.mean(dim=1, keepdim=True)
-        z = r_GN - mu
-        if cfg.baseline == "leave_one_out":
-            # r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mu)
-            z = z * (group_size / (group_size - 1))
-        if cfg.std != "none":
-            sigma = r_GN.std(dim=1, keepdim=True, correction=1 if cfg.std == "bessel" else 0)
-            z = z / (sigma + cfg.eps)
-        # All-equal rewards: exactly 0. The float mean of equal values need not equal them
-        # (3 x 0.1 sums to 0.30000000000000004), which left 1e-17 here, 1e-11 after the std.
-        z = z.masked_fill((r_GN == r_GN[:, :1]).all(dim=1, keepdim=True), 0.0)
-    else:
-        # No group rule, or groups of one response: nothing to compare with, advantage 0.
-        z = torch.zeros_like(r_GN)
+    def group_score() -> torch.Tensor:
+        if not scores:
+            scores.append(_group_score(r_GN, cfg))
+        return scores[0]
 
-    def rule(kind: Rule, weight: float, sign: float) -> torch.Tensor:
-        if kind == "constant":
-            return torch.full_like(r_GN, sign * weight)
-        if kind == "group":
-            return weight * z
-        return torch.zeros_like(r_GN)
-
-    pos = rule(cfg.pos_rule, cfg.pos_weight, +1.0)
+    pos = RULES.get(cfg.pos_rule).build(r_GN, group_score, cfg.pos_weight, +1.0, cfg)
     if cfg.pos_adv_max is not None:
         pos = pos.clamp(max=cfg.pos_adv_max)
-    neg = rule(cfg.neg_rule, cfg.neg_weight, -1.0)
+    neg = RULES.get(cfg.neg_rule).build(r_GN, group_score, cfg.neg_weight, -1.0, cfg)
     adv = torch.where(positive, pos, neg).view(-1)
     if cfg.batch_norm:
         adv = whiten(adv, group_size, cfg)

@@ -57,8 +57,11 @@ class AlgorithmConfig:
     def problems(self, prefix: str) -> list[str]:
         try:
             self.advantage_config()
-        except ValueError as e:  # an unknown preset or rule
-            return [f"{prefix}name={self.name!r}: {e}"]
+        except ValueError as e:  # an unknown preset, or a rule (the overrides are ours)
+            msg = str(e)
+            if "AdvantageConfig." in msg:
+                return [msg.replace("AdvantageConfig.", prefix)]
+            return [f"{prefix}name={self.name!r}: {msg}"]
         return []
 
     def advantage_config(self) -> AdvantageConfig:
@@ -107,11 +110,19 @@ class ModelSection:
     parallel.use_distributed_optimizer)."""
     first_last_layers_bf16: bool = False
     """Keep the first and last transformer layer out of FP8 (not with fp8_recipe=delayed)."""
+    router_replay: str = "off"
+    """Mixture-of-experts policies: `rollout` makes the trainer's forwards (old log-probs and
+    the update) send each token to the experts the rollout engine sent it to (vLLM's
+    routed experts, replayed through megatron's RouterReplay; the routing weights still come
+    from the trainer's router, which keeps its gradient); `off` lets the trainer's router
+    choose. Refused on a dense model (docs/MODELS.md)."""
 
     def problems(self, prefix: str) -> list[str]:
         out: list[str] = []
         need(out, self.params_dtype in ("float32", "bfloat16"), f"{prefix}params_dtype",
              self.params_dtype, "float32 or bfloat16")  # fmt: skip
+        need(out, self.router_replay in ("off", "rollout"), f"{prefix}router_replay",
+             self.router_replay, "off or rollout")  # fmt: skip
         return out
 
     def precision_problems(
@@ -523,6 +534,14 @@ class TrainConfig:
             )
         if not self.model.hf_path and p.tensor_parallel >= 1 and p.pipeline_parallel >= 1:
             out.extend(self._tiny_model_problems())
+        if not self.model.hf_path:  # an HF model's experts: megatron_agpo.validate
+            tiny = "the tiny model (model.hf_path empty) is dense"
+            if p.expert_parallel > 1:
+                out.append(f"parallel.expert_parallel={p.expert_parallel} needs a "
+                           f"mixture-of-experts model; {tiny}")  # fmt: skip
+            if self.model.router_replay != "off":
+                out.append(f"model.router_replay={self.model.router_replay} needs a "
+                           f"mixture-of-experts model; {tiny}")  # fmt: skip
         out.extend(
             self.model.precision_problems(p.use_distributed_optimizer, r.engine.quantization)
         )
