@@ -100,6 +100,10 @@ def model_problems(cfg: TrainConfig) -> list[str]:
                     f"parallel.tensor_parallel={p.tensor_parallel}, parallel.pipeline_parallel="
                     f"{p.pipeline_parallel} do not fit {key}: {_one_line(e)}"
                 )
+        if key == "model.hf_path":  # experts over EP, router replay (models/moe.py)
+            from megatron_agpo.models.moe import moe_problems
+
+            out += moe_problems(mc, key, p.expert_parallel, cfg.model.router_replay)
         if key == "model.hf_path" and cfg.rollout.engine.max_model_len > mc.max_position_embeddings:
             out.append(
                 f"rollout.engine.max_model_len={cfg.rollout.engine.max_model_len} exceeds the "

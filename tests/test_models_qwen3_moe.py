@@ -424,3 +424,38 @@ def test_gradients_ep1_ep2_equal_transformers_with_and_without_replay(moe_dirs, 
     out = tmp_path / "grads.json"
     run_distributed(_grads_body, 2, moe_dirs["f64"], str(out))
     print(json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("which", "argv", "expected"),
+    [
+        ("moe", ["parallel.expert_parallel=3", "parallel.tensor_parallel=1", "nproc=3"],
+         "parallel.expert_parallel=3 does not divide the 4 experts of model.hf_path"),
+        ("dense", ["model.router_replay=rollout"],
+         "model.router_replay=rollout needs a mixture-of-experts model; model.hf_path is "
+         "Qwen3ForCausalLM, a dense model"),
+        ("dense", ["parallel.expert_parallel=2", "parallel.tensor_parallel=1"],
+         "parallel.expert_parallel=2 needs a mixture-of-experts model; model.hf_path is "
+         "Qwen3ForCausalLM"),
+        ("tiny", ["model.router_replay=rollout"],
+         "model.router_replay=rollout needs a mixture-of-experts model; the tiny model"),
+    ],
+)  # fmt: skip
+def test_bad_moe_settings_one_line_exit_2(moe_dirs, tmp_path, which, argv, expected, capsys,
+                                          monkeypatch):  # fmt: skip
+    """EP that does not divide the experts, router replay or EP on a dense model: one line
+    naming the key, exit 2, before anything is launched."""
+    from megatron_agpo import train
+
+    monkeypatch.delenv("AGPO_DEBUG", raising=False)
+    launched = []
+    monkeypatch.setattr(train, "_launch", lambda *a: launched.append(a) or 0)
+    monkeypatch.setattr(train, "run", lambda *a: launched.append(a) or 0)
+    dense = tiny_hf_model(tmp_path / "dense", "Qwen3ForCausalLM")
+    path = {"moe": moe_dirs["f32"], "dense": str(dense), "tiny": ""}[which]
+    capsys.readouterr()  # transformers' progress bars
+    rc = train.main([f"model.hf_path={path}", *argv])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2 and not out and not launched
+    assert len(lines) == 1 and lines[0].startswith(f"agpo-train: error: {expected}"), lines

@@ -30,7 +30,9 @@ import torch
 from megatron_agpo.models.config import ModelConfig
 
 __all__ = [
+    "ROUTER_REPLAY_MODES",
     "moe_layer_spec",
+    "moe_problems",
     "moe_transformer_kwargs",
     "pop_aux_losses",
     "recorded_routes",
@@ -38,6 +40,32 @@ __all__ = [
     "routers",
     "set_router_replay",
 ]
+
+
+ROUTER_REPLAY_MODES = ("off", "rollout")
+
+
+def moe_problems(
+    mc: ModelConfig, key: str, expert_parallel: int = 1, router_replay: str = "off"
+) -> list[str]:
+    """The MoE settings that do not fit the model read from `key` (its HF folder), one line
+    each naming the setting's key: expert parallelism or router replay on a dense model, an
+    expert-parallel size that does not divide the experts."""
+    out = []
+    if not mc.is_moe:
+        dense = f"{key} is {mc.architecture}, a dense model"
+        if expert_parallel > 1:
+            out.append(f"parallel.expert_parallel={expert_parallel} needs a mixture-of-experts "
+                       f"model; {dense}")  # fmt: skip
+        if router_replay != "off":
+            out.append(f"model.router_replay={router_replay} needs a mixture-of-experts model; "
+                       f"{dense}; set model.router_replay=off")  # fmt: skip
+    elif expert_parallel >= 1 and mc.num_experts % expert_parallel:
+        out.append(
+            f"parallel.expert_parallel={expert_parallel} does not divide the "
+            f"{mc.num_experts} experts of {key} (num_experts={mc.num_experts})"
+        )
+    return out
 
 
 def moe_transformer_kwargs(cfg: ModelConfig, expert_parallel: int, transformer_engine: bool):
