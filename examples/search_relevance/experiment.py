@@ -99,15 +99,41 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CI: tiny sizes, 2 RL steps, one seed")
     ap.add_argument("--docs", help="also write the report and plots here (docs/results)")
     ap.add_argument("--seed", type=int, default=0, help="data seed")
+    ap.add_argument("--rl-steps", type=int, help="RL steps per annotator (default: the size's)")
+    ap.add_argument("--rl-seeds", type=int, nargs="+", help="RL seeds (default: the size's)")
+    ap.add_argument(
+        "--max-new", type=int, default=0,
+        help="do at most this many new RL runs / annotations, then exit 3 (rerun to go on): "
+        "chunks for a shared machine, e.g. one per lock hold",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     s = settings(args.smoke)
+    if args.rl_steps:
+        s["rl_steps"] = args.rl_steps
+    if args.rl_seeds:
+        s["seeds"] = list(args.rl_seeds)
+    new_units = 0
+
+    def record(unit: str, seconds: float) -> None:
+        units[unit] = seconds
+        units_path.write_text(json.dumps(units, indent=1))
+
+    def chunk_done() -> None:
+        nonlocal new_units
+        new_units += 1
+        if args.max_new and new_units >= args.max_new:
+            log(f"--max-new {args.max_new} reached; rerun the same command to go on")
+            raise SystemExit(3)
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_dir, logs = out / "data", out / "logs"
     logs.mkdir(exist_ok=True)
+    # Seconds of each RL run and annotation, kept across resumed invocations (--max-new).
+    units_path = out / "units_s.json"
+    units: dict[str, float] = json.loads(units_path.read_text()) if units_path.exists() else {}
     times: dict[str, float] = {}
     py = sys.executable
-    t_start = time.perf_counter()
 
     # 1. data
     t0 = time.perf_counter()
@@ -148,13 +174,18 @@ def main(argv=None) -> int:
                 ]  # fmt: skip
                 dt = run_cmd(cmd, logs / f"rl-{name}.log")
                 log(f"RL {name}: {dt:.0f} s")
+                record(f"rl-{name}", dt)
                 # Its latest complete checkpoint -> HF, in a child process: the export sets up
                 # a one-process torch.distributed world whose variables must not leak into the
                 # next agpo-train.
                 run_cmd([py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--ckpt",
                          str(run_dir), "--out", str(hf)], logs / f"export-{name}.log")  # fmt: skip
+                annotators[name] = hf
+                chunk_done()
             annotators[name] = hf
-    times["rl"] = time.perf_counter() - t0
+    times["rl"] = sum(v for k, v in units.items() if k.startswith("rl-")) or (
+        time.perf_counter() - t0
+    )
 
     # 4. annotation (one process per annotator: vLLM's engine is released with it)
     t0 = time.perf_counter()
@@ -170,7 +201,11 @@ def main(argv=None) -> int:
         ]  # fmt: skip
         dt = run_cmd(cmd, logs / f"annotate-{name}.log")
         log(f"annotate {name}: {dt:.0f} s")
-    times["annotation"] = time.perf_counter() - t0
+        record(f"annotate-{name}", dt)
+        chunk_done()
+    times["annotation"] = sum(v for k, v in units.items() if k.startswith("annotate-")) or (
+        time.perf_counter() - t0
+    )
 
     # 5. students
     from megatron_agpo.data.relevance import LabelSet, load_records
@@ -211,7 +246,8 @@ def main(argv=None) -> int:
                 for _ in range(20)]  # fmt: skip
     ndcg_random = sum(sum(d.values()) / len(d) for d in shuffles) / len(shuffles)
     times["students"] = time.perf_counter() - t0
-    times["total"] = time.perf_counter() - t_start
+    # The stages' sum: RL and annotation may have run over several invocations (--max-new).
+    times["total"] = sum(times.values())
 
     # 6. report
     annot = {

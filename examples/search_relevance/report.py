@@ -55,8 +55,10 @@ def _annotator_rows(annot: dict, k: int) -> list[tuple[str, dict[str, list[float
 
 
 def _student_rows(students: dict) -> list[tuple[str, dict[str, list[float]]]]:
-    cols = ("accuracy", "macro_f1", "ndcg@10", "f1/Exact", "f1/Substitute", "f1/Complement",
-            "f1/Irrelevant")  # fmt: skip
+    cols = ("accuracy", "macro_f1", "p_gold", "ndcg@10", "f1/Exact", "f1/Substitute",
+            "f1/Complement", "f1/Irrelevant")  # fmt: skip
+    # p_gold (the mean probability of the gold label) is recorded since 2026-12-05.
+    cols = tuple(c for c in cols if all(c in m for m in students.values()))
 
     def pick(name: str) -> dict[str, float]:
         return {c: students[name][c] for c in cols}

@@ -11,6 +11,18 @@ each annotation's confidence (the annotator's vote share). The ranking score of 
 its expected gain under the predicted distribution, sum_i p_i * gain_i, so NDCG uses the
 whole distribution rather than the argmax alone.
 
+The classifier reads the [CLS] vector and the mean of every token's final vector
+(`pooling="cls+mean"`, the default). With the [CLS] vector alone (BERT's pooler,
+`pooling="cls"`, what this student had until 2026-12-05) the encoder learns the labels'
+features one at a time, each after a plateau of the loss: first "same product type or not"
+(loss 1.245 on labels with 50% of them replaced at random), then Exact against Substitute,
+then Complement. On noisy labels it stayed on such a plateau for its whole budget in about
+half of the seeds, and what it then predicts is the plateau's coarse rule (the item's shape:
+a product, Substitute; an accessory, Complement), the same whichever labels it was given:
+docs/results/relevance.md, "Why the students collapsed". The mean over tokens gives every
+token's vector a direct path to the loss; with it no plateau outlasted 6 epochs in the
+calibration runs.
+
 No pretrained encoder ships in a package on this machine's index, hence from scratch; a
 pretrained one would be loaded the same way through `BertForSequenceClassification`.
 """
@@ -24,6 +36,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -31,6 +44,7 @@ from megatron_agpo.data.relevance import LabelSet, RelevanceRecord
 from megatron_agpo.relevance.metrics import classification_metrics, ndcg_per_query
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+POOLINGS = ("cls+mean", "cls")
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -66,6 +80,16 @@ class StudentConfig:
     """Initialisation and shuffling seed."""
     threads: int = 1
     """torch threads while training (CPU float sums depend on it: fixed for reproducibility)."""
+    pooling: str = "cls+mean"
+    """What the classifier reads: "cls+mean" (the [CLS] vector and the masked mean of the
+    final token vectors) or "cls" (BERT's pooler alone; plateaus on noisy labels, see the
+    module's docstring)."""
+    dropout: float = 0.1
+    """Dropout of the encoder (hidden and attention) and of the classifier's input."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"StudentConfig.pooling={self.pooling!r}: one of {POOLINGS}")
 
 
 def words(text: str) -> list[str]:
@@ -106,6 +130,35 @@ class PairTokenizer:
         sa, sb = set(ta) - {unk}, set(tb) - {unk}
         types = [0] + [2 * (t in sb) for t in ta] + [0, *(1 + 2 * (t in sa) for t in tb), 1]
         return ids, types
+
+
+class PairEncoder(torch.nn.Module):
+    """A BERT encoder and a linear classifier on [CLS] and the mean of the token vectors."""
+
+    def __init__(self, config, dropout: float):
+        super().__init__()
+        from transformers import BertModel
+
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.drop = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(2 * config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, token_type_ids, attention_mask) -> SimpleNamespace:
+        h_BTH = self.bert(
+            input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        m_BT1 = attention_mask.unsqueeze(-1).to(h_BTH.dtype)
+        mean_BH = (h_BTH * m_BT1).sum(1) / m_BT1.sum(1).clamp_min(1.0)
+        pooled = torch.cat([h_BTH[:, 0], mean_BH], dim=-1)
+        return SimpleNamespace(logits=self.head(self.drop(pooled)))
+
+    def save_pretrained(self, out: Path, safe_serialization: bool = True) -> None:
+        from safetensors.torch import save_file
+
+        self.config.save_pretrained(out)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()},
+                  str(out / "student.safetensors"))  # fmt: skip
 
 
 @dataclass
@@ -173,6 +226,11 @@ def score_predictions(
         k=k,  # type: ignore[arg-type]
     )
     out[f"ndcg@{k}"] = sum(per_query.values()) / max(len(per_query), 1)
+    # How much probability the student puts on the gold label (mean) and its log loss: they
+    # follow the share of right labels it was trained on where argmax metrics saturate.
+    p_gold = proba[torch.arange(len(g)), torch.tensor(g)]
+    out["p_gold"] = float(p_gold.mean())
+    out["nll"] = float(-p_gold.clamp_min(1e-12).log().mean())
     out["ndcg_per_query"] = per_query
     return out
 
@@ -217,11 +275,15 @@ def train_student(
             max_position_embeddings=cfg.max_len,
             type_vocab_size=4,
             num_labels=len(labels),
-            hidden_dropout_prob=0.1,
-            attention_probs_dropout_prob=0.1,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            classifier_dropout=cfg.dropout,
             pad_token_id=0,
         )
-        model = BertForSequenceClassification(bert)
+        if cfg.pooling == "cls":
+            model = BertForSequenceClassification(bert)
+        else:
+            model = PairEncoder(bert, cfg.dropout)
         student = Student(model, tok, labels, cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         rng = random.Random(cfg.seed)
