@@ -12,6 +12,10 @@ settings, on the first --held-out (default 300) of the 400 pinned held-out probl
 the per-problem counts: n = --n-large samples (pass@k up to 256) for the base policy, GRPO
 and AGPO, --n-small (up to 64) for the other arms. The base policy (the same model for every
 run) is evaluated once per seed, with that seed's sampling seeds, in <out>/base_seed<k>.
+With --train-sample N, every policy is also evaluated on N training problems (eval_train.json,
+the same n): the first N the trainer draws (its prompt order depends on data.seed only, so
+every run of the study trains on them, in steps 1 .. N / 16), the problems RL trains on.
+--run ARM SEED does one run only (no report): a driver can take a lock per run.
 
 Confidence intervals: 95% percentile bootstrap over problems (paired across arms) and seeds
 (`megatron_agpo.eval.passk.bootstrap_pass_at_k`); each arm's difference to the base comes
@@ -88,6 +92,11 @@ class StudyArgs:
     out: str = str(REPO / "runs" / "study_graded")
     resamples: int = 2000
     docs: str = str(REPO / "docs" / "results")
+    train_sample: int = 0
+    """Also evaluate every policy on this many training problems (0: held-out only)."""
+    tag: str = "study_graded"
+    """Name of the report's files in docs (<tag>.json, <tag>_table.md; plots <tag>_*.png,
+    except the default tag's historical passk_*.png names)."""
 
 
 def eval_n(arm: str, a: StudyArgs) -> int:
@@ -119,9 +128,10 @@ def read_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
-def finished(run_dir: Path) -> bool:
-    """The run's held-out evaluation is written (its last stage)."""
-    return (run_dir / "eval.json").exists()
+def finished(run_dir: Path, train_sample: int = 0) -> bool:
+    """The run's held-out evaluation is written (and its training-problem one, if asked)."""
+    done = (run_dir / "eval.json").exists()
+    return done and (not train_sample or (run_dir / "eval_train.json").exists())
 
 
 def _stage(cmd: list[str], log: Path, timing: dict, name: str) -> int:
@@ -139,16 +149,16 @@ def _stage(cmd: list[str], log: Path, timing: dict, name: str) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _eval_cmd(model: str, n: int, seed: int, a: StudyArgs, out: Path) -> list[str]:
+def _eval_cmd(model: str, n: int, seed: int, a: StudyArgs, out: Path, train: int = 0) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--eval-model", model,
             "--eval-n", str(n), "--eval-seed", str(seed), "--held-out", str(a.held_out),
-            "--eval-out", str(out)]  # fmt: skip
+            "--eval-train", str(train), "--eval-out", str(out)]  # fmt: skip
 
 
 def run_one(arm: str, seed: int, a: StudyArgs, lock: threading.Lock) -> None:
     """Train (arm) or take the base policy (arm "base"), export, evaluate; records times."""
     run_dir = Path(a.out) / f"{arm}_seed{seed}"
-    if finished(run_dir):
+    if finished(run_dir, a.train_sample):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     rec_path = run_dir / "study_run.json"
@@ -176,8 +186,13 @@ def run_one(arm: str, seed: int, a: StudyArgs, lock: threading.Lock) -> None:
                 fail("export", rc)
         model = str(hf)
     n = a.n_large if arm == "base" else eval_n(arm, a)
-    if rc := _stage(_eval_cmd(model, n, seed, a, run_dir / "eval.json"), log, timing, "eval"):
+    held_cmd = _eval_cmd(model, n, seed, a, run_dir / "eval.json")
+    if not (run_dir / "eval.json").exists() and (rc := _stage(held_cmd, log, timing, "eval")):
         fail("evaluation", rc)
+    if a.train_sample and not (run_dir / "eval_train.json").exists():
+        cmd = _eval_cmd(model, n, seed, a, run_dir / "eval_train.json", a.train_sample)
+        if rc := _stage(cmd, log, timing, "eval_train"):
+            fail("evaluation on training problems", rc)
     timing.update(arm=arm, seed=seed)
     timing["wall_s"] = sum(v for k, v in timing.items() if k.endswith("_wall_s"))
     timing["cpu_s"] = sum(v for k, v in timing.items() if k.endswith("_cpu_s"))
@@ -193,6 +208,8 @@ class Collected:
 
     evals: dict[str, dict[int, tuple[int, list[int]]]] = field(default_factory=dict)
     """arm ("base" included) -> seed -> (n, correct samples per held-out problem)."""
+    train_evals: dict[str, dict[int, tuple[int, list[int]]]] = field(default_factory=dict)
+    """The same on the training sample (--train-sample), where evaluated."""
     trajectories: dict[str, dict[int, dict[str, list]]] = field(default_factory=dict)
     timing: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
 
@@ -201,7 +218,7 @@ def collect(a: StudyArgs) -> Collected:
     out, col = Path(a.out), Collected()
     for arm in ("base", *ARMS):
         for run_dir in sorted(out.glob(f"{arm}_seed*")):
-            if not finished(run_dir):
+            if not finished(run_dir, a.train_sample):
                 continue
             seed = int(run_dir.name.rsplit("seed", 1)[1])
             ev = json.loads((run_dir / "eval.json").read_text())
@@ -211,6 +228,16 @@ def collect(a: StudyArgs) -> Collected:
                     f"{a.held_out} (--held-out): use the --held-out it was run with"
                 )
             col.evals.setdefault(arm, {})[seed] = (int(ev["n"]), [int(c) for c in ev["correct"]])
+            if a.train_sample:
+                tr = json.loads((run_dir / "eval_train.json").read_text())
+                if len(tr["correct"]) != a.train_sample:
+                    raise SystemExit(
+                        f"{run_dir}/eval_train.json has {len(tr['correct'])} problems, the "
+                        f"study {a.train_sample} (--train-sample)"
+                    )
+                col.train_evals.setdefault(arm, {})[seed] = (
+                    int(tr["n"]), [int(c) for c in tr["correct"]]
+                )  # fmt: skip
             train = [r for r in read_rows(run_dir) if "reward/mean" in r]
             if train:
                 col.trajectories.setdefault(arm, {})[seed] = {
@@ -228,10 +255,11 @@ def power_ks(n: int) -> list[int]:
     return [1 << e for e in range(n.bit_length())]
 
 
-def summarize(col: Collected, a: StudyArgs) -> dict:
-    """Bootstrap means and 95% intervals per arm and k, differences to base."""
+def summarize(col: Collected, a: StudyArgs, which: str = "evals") -> dict:
+    """Bootstrap means and 95% intervals per arm and k, differences to base (`which`: evals,
+    the held-out problems, or train_evals, the training sample)."""
     arms = {}
-    for name, by_seed in col.evals.items():
+    for name, by_seed in getattr(col, which).items():
         if not by_seed:
             continue
         ns = {n for n, _ in by_seed.values()}
@@ -281,7 +309,48 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(summary: dict, docs: Path) -> list[Path]:
+def plot_names(tag: str) -> tuple[str, str]:
+    """The two k-range plots' file names (the default tag keeps its historical names)."""
+    if tag == StudyArgs.tag:
+        return "passk_1-64.png", "passk_16-256.png"
+    return f"{tag}_passk_1-64.png", f"{tag}_passk_16-256.png"
+
+
+def plot_side_by_side(held: dict, train: dict, path: Path, arms: list[str]) -> Path:
+    """pass@k (k = 1 .. 256) of `arms` on the training sample and on the held-out problems,
+    side by side on one y scale, each with its 95% bootstrap interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (title, summary) in zip(
+        axes, (("training problems (the ones RL trains on)", train), ("held-out problems", held)),
+        strict=True,
+    ):  # fmt: skip
+        for i, arm in enumerate(a for a in arms if a in summary):
+            s = summary[arm]
+            ks = sorted(s["pass"])
+            m = [s["pass"][k][0] for k in ks]
+            err = [[m[j] - s["pass"][k][1] for j, k in enumerate(ks)],
+                   [s["pass"][k][2] - m[j] for j, k in enumerate(ks)]]  # fmt: skip
+            lw = 2.5 if arm == "base" else 1.3
+            ax.errorbar(ks, m, yerr=err, marker=".", capsize=2, color=f"C{i}",
+                        label=f"{arm} ({s['seeds']})", lw=lw)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("pass@k (mean, 95% bootstrap over problems x seeds)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plots(summary: dict, docs: Path, tag: str = "study_graded") -> list[Path]:
     """One plot per k-range: every arm up to 64, base / GRPO / AGPO from 16 to 256."""
     import matplotlib
 
@@ -289,9 +358,10 @@ def plots(summary: dict, docs: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
+    small, large = plot_names(tag)
     for name, lo, hi, only in (
-        ("passk_1-64.png", 1, 64, None),
-        ("passk_16-256.png", 16, 256, ("base", "grpo", "agpo")),
+        (small, 1, 64, None),
+        (large, 16, 256, ("base", "grpo", "agpo")),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = 0
@@ -323,12 +393,18 @@ def plots(summary: dict, docs: Path) -> list[Path]:
 def report(a: StudyArgs) -> str:
     col = collect(a)
     summary = summarize(col, a)
+    train_summary = summarize(col, a, "train_evals") if a.train_sample else {}
     docs = Path(a.docs)
     docs.mkdir(parents=True, exist_ok=True)
     cpu = sum(t["cpu_s"] for runs in col.timing.values() for t in runs.values())
     wall = sum(t["wall_s"] for runs in col.timing.values() for t in runs.values())
     record = {
-        "task": {"levels": list(GRADED_LEVELS), "version": GRADED_VERSION, "held_out": a.held_out},
+        "task": {
+            "levels": list(GRADED_LEVELS),
+            "version": GRADED_VERSION,
+            "held_out": a.held_out,
+            "train_sample": a.train_sample,
+        },  # fmt: skip
         "args": asdict(a),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -342,6 +418,18 @@ def report(a: StudyArgs) -> str:
             for arm, s in summary.items()
         },
         "counts": {arm: {str(s): v for s, v in r.items()} for arm, r in col.evals.items()},
+        "train_summary": {
+            arm: {
+                "seeds": s["seeds"],
+                "pass": {str(k): v for k, v in s["pass"].items()},
+                "diff_to_base": {str(k): v for k, v in s["diff"].items()},
+                "diff_to_grpo": {str(k): v for k, v in s.get("diff_grpo", {}).items()},
+            }
+            for arm, s in train_summary.items()
+        },
+        "train_counts": {
+            arm: {str(s): v for s, v in r.items()} for arm, r in col.train_evals.items()
+        },
         "trajectories": {
             arm: {str(s): t for s, t in runs.items()} for arm, runs in col.trajectories.items()
         },
@@ -353,12 +441,21 @@ def report(a: StudyArgs) -> str:
     }
     # Committed results name no folder of this machine: repository-relative or ~ paths.
     record = portable_paths(record)
-    (docs / "study_graded.json").write_text(json.dumps(record, indent=1))
+    (docs / f"{a.tag}.json").write_text(json.dumps(record, indent=1))
     text = table(summary)
+    if train_summary:
+        text = (
+            f"Held-out problems ({a.held_out}):\n\n{text}\n\nTraining problems ({a.train_sample}, "
+            f"the first the trainer draws):\n\n{table(train_summary)}"
+        )
     text += f"\n\nRuns: {sum(len(r) for r in col.evals.values())}; total CPU {cpu / 3600:.2f} h, "
     text += f"wall {wall / 3600:.2f} h (sum over runs)."
-    (docs / "study_graded_table.md").write_text(text + "\n")
-    plots(summary, docs)
+    (docs / f"{a.tag}_table.md").write_text(text + "\n")
+    plots(summary, docs, a.tag)
+    if train_summary:
+        plot_side_by_side(
+            summary, train_summary, docs / f"{a.tag}_train_vs_heldout.png", ["base", *a.arms]
+        )
     return text
 
 
@@ -369,8 +466,10 @@ def plan(a: StudyArgs) -> str:
     for arm in ("base", *a.arms):
         n = a.n_large if arm == "base" else eval_n(arm, a)
         train = 0 if arm == "base" else a.steps * prompts_per_step * group
-        per_run = (train + a.held_out * n) * TOKENS_PER_RESPONSE
-        todo = sum(not finished(Path(a.out) / f"{arm}_seed{s}") for s in range(a.seeds))
+        per_run = (train + (a.held_out + a.train_sample) * n) * TOKENS_PER_RESPONSE
+        todo = sum(
+            not finished(Path(a.out) / f"{arm}_seed{s}", a.train_sample) for s in range(a.seeds)
+        )
         total += per_run * todo
         lines.append(
             f"{arm}: eval n={n}, {todo}/{a.seeds} runs to do, ~{per_run / 1e6:.2f} M tokens each"
@@ -382,10 +481,22 @@ def plan(a: StudyArgs) -> str:
     return "\n".join(lines)
 
 
-def sample_counts(model: str, n: int, seed: int, held_out: int) -> dict:
+def training_sample(count: int, data_seed: int = 0) -> list:
+    """The first `count` graded training problems in the order the trainer draws them (the
+    study's 4000, `PromptIterator`'s first epoch: the order depends on data.seed only)."""
+    from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
+    from megatron_agpo.data.iterator import epoch_order
+
+    task = ArithmeticConfig(levels=GRADED_LEVELS, seed=data_seed, num_train=4000, num_eval=1)
+    train = generate_arithmetic(task, "train")
+    return [train[i] for i in epoch_order(len(train), data_seed, 0)[:count]]
+
+
+def sample_counts(model: str, n: int, seed: int, held_out: int, train: int = 0) -> dict:
     """Correct samples per graded held-out problem for the HF policy `model` ("base": the
     warm-started tiny policy), sampled with vLLM as the trainer samples (rollout temperature,
-    top-p, response limit), one sampling seed per (seed, problem)."""
+    top-p, response limit), one sampling seed per (seed, problem). train > 0: on that many
+    training problems instead (`training_sample`)."""
     import dataclasses
 
     from transformers import AutoTokenizer
@@ -396,7 +507,7 @@ def sample_counts(model: str, n: int, seed: int, held_out: int) -> dict:
     from megatron_agpo.eval.driver import problem_seed
     from megatron_agpo.rewards import score_batch
     from megatron_agpo.rollout.vllm_engine import build_llm
-    from megatron_agpo.train import load_config
+    from megatron_agpo.trainer.compose import load_config
     from megatron_agpo.trainer.warmstart import tiny_policy_dir
 
     levels = ",".join(str(lv) for lv in GRADED_LEVELS)
@@ -404,13 +515,14 @@ def sample_counts(model: str, n: int, seed: int, held_out: int) -> dict:
     path = str(tiny_policy_dir(cfg.model, cfg.data)) if model == "base" else model
     tok = AutoTokenizer.from_pretrained(path)
     task = ArithmeticConfig(levels=GRADED_LEVELS, num_train=1, num_eval=held_out)
-    held = generate_arithmetic(task, "eval")
+    held = training_sample(train) if train else generate_arithmetic(task, "eval")
+    stream = f"graded-v{GRADED_VERSION}" + ("-train" if train else "")
     enc = DataConfig(instruction_suffix="")
     llm = build_llm(dataclasses.replace(cfg.rollout.engine, model_path=path))
     r = cfg.rollout
     params = [
         SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
-                       seed=problem_seed(seed, f"graded-v{GRADED_VERSION}", str(ex.index)))
+                       seed=problem_seed(seed, stream, str(ex.index)))
         for ex in held
     ]  # fmt: skip
     prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(ex, tok, enc)) for ex in held]
@@ -429,9 +541,10 @@ def sample_counts(model: str, n: int, seed: int, held_out: int) -> dict:
         for ex, o in zip(held, outs, strict=True)
     ]
     return {
-        "task": {"levels": list(GRADED_LEVELS), "version": GRADED_VERSION, "held_out": len(held)},
+        "task": {"levels": list(GRADED_LEVELS), "version": GRADED_VERSION,
+                 "split": "train" if train else "held-out", "problems": len(held)},
         "policy": path, "n": n, "seed": seed, "correct": correct,
-        "levels": [ex.metadata["level"] for ex in held],
+        "levels": [ex.metadata["level"] for ex in held], "problems": [ex.problem for ex in held],
         "tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "sample_s": sample_s,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -482,6 +595,19 @@ def parse(argv: list[str] | None = None) -> tuple[StudyArgs, argparse.Namespace]
     p.add_argument("--out", default=d.out)
     p.add_argument("--resamples", type=int, default=d.resamples)
     p.add_argument("--docs", default=d.docs, help="where the report goes")
+    p.add_argument(
+        "--train-sample",
+        type=int,
+        default=d.train_sample,
+        help="also evaluate on this many training problems (the first drawn)",
+    )
+    p.add_argument("--tag", default=d.tag, help="name of the report's files in --docs")
+    p.add_argument(
+        "--run",
+        nargs=2,
+        metavar=("ARM", "SEED"),
+        help="do this one run (ARM: base or an arm) and exit, no report",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and budget only")
     p.add_argument("--report-only", action="store_true", help="no runs, only the report")
     p.add_argument(
@@ -495,20 +621,21 @@ def parse(argv: list[str] | None = None) -> tuple[StudyArgs, argparse.Namespace]
     p.add_argument("--eval-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--eval-seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--eval-out", help=argparse.SUPPRESS)
+    p.add_argument("--eval-train", type=int, default=0, help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if not 1 <= ns.held_out <= 400:
         p.error(f"--held-out={ns.held_out}: 1..400 (the pinned graded held-out set)")
     if ns.jobs < 1:
         p.error(f"--jobs={ns.jobs} must be >= 1")
     keys = ("steps", "seeds", "held_out", "n_small", "n_large", "arms", "jobs", "extra", "out",
-            "resamples", "docs")  # fmt: skip
+            "resamples", "docs", "train_sample", "tag")  # fmt: skip
     return StudyArgs(**{k: getattr(ns, k) for k in keys}), ns
 
 
 def main(argv: list[str] | None = None) -> None:
     a, ns = parse(argv)
     if ns.eval_model:
-        rec = sample_counts(ns.eval_model, ns.eval_n, ns.eval_seed, a.held_out)
+        rec = sample_counts(ns.eval_model, ns.eval_n, ns.eval_seed, a.held_out, ns.eval_train)
         tmp = Path(ns.eval_out + ".tmp")
         tmp.write_text(json.dumps(rec))
         os.replace(tmp, ns.eval_out)  # atomic: a killed evaluation leaves no eval.json
@@ -516,11 +643,22 @@ def main(argv: list[str] | None = None) -> None:
     if ns.measure_base:
         print(measure_base(a, ns.measure_base))
         return
+    if ns.run:
+        arm, seed = ns.run[0], int(ns.run[1])
+        if arm != "base" and arm not in ARMS:
+            raise SystemExit(f"--run {arm}: base or one of {', '.join(ARMS)}")
+        from megatron_agpo.trainer.compose import load_config
+        from megatron_agpo.trainer.warmstart import tiny_policy_dir
+
+        cfg = load_config([])
+        tiny_policy_dir(cfg.model, cfg.data)
+        run_one(arm, seed, a, threading.Lock())
+        return
     print(plan(a), flush=True)
     if ns.dry_run:
         return
     if not ns.report_only:
-        from megatron_agpo.train import load_config
+        from megatron_agpo.trainer.compose import load_config
         from megatron_agpo.trainer.warmstart import tiny_policy_dir
 
         # The warm start once, here: parallel runs would otherwise each build it.
