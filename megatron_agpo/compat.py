@@ -258,6 +258,15 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """`moe_utils.maybe_move_tensor_to_cpu` for tensors already on the host."""
+    if torch.is_tensor(tensor):
+        tensor = tensor.cpu()
+        if as_numpy:
+            tensor = tensor.numpy()
+    return tensor
+
+
 def _router_gemm_without_te() -> None:
     """megatron-core 0.16.1's router gating (`moe_utils.RouterGatingLinearFunction`) tests
     `te_general_gemm is not None`, but the name is bound only when Transformer Engine imports:
@@ -314,6 +323,13 @@ def enable() -> bool:
             elif isinstance(raw, classmethod):
                 wrapped = classmethod(wrapped)
             setattr(cls, attr, wrapped)
+        # The all-to-all dispatcher turns its split sizes into host numpy arrays with
+        # `maybe_move_tensor_to_cpu(t, as_numpy=True)`, which converts only CUDA tensors: on
+        # the CPU they stayed tensors and gloo's all_to_all_single refused them as split
+        # sizes. The stand-in converts host tensors too.
+        from megatron.core.transformer.moe import token_dispatcher
+
+        token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
         # Module-level functions with the same dtype assertion (`param.grad.type() ==
         # 'torch.cuda.FloatTensor'`), rebound wherever they were imported by name.
         from megatron.core.optimizer import clip_grads

@@ -36,8 +36,10 @@ __all__ = [
     "moe_transformer_kwargs",
     "pop_aux_losses",
     "recorded_routes",
+    "replay_for_forward",
     "record_routes",
     "routers",
+    "routes_for_rows",
     "set_router_replay",
 ]
 
@@ -147,6 +149,43 @@ def set_router_replay(model, routes_LTK: Sequence[torch.Tensor] | torch.Tensor |
         r.router_replay.clear_indices()
         r.router_replay.set_target_indices(idx_TK.to(torch.int64))
         r.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
+def replay_for_forward(model, routes_LTK: torch.Tensor | None) -> None:
+    """Before one forward of an MoE model: replay the engine's routes of the whole model
+    ([all MoE layers, T * b, K], megatron's token order; `MicroBatch.routes`) on this rank's
+    routers, each taking its own layer's (PP) and, under sequence parallelism, its own TP
+    rank's slice of the sequence; None: the routers choose (clears an earlier replay)."""
+    if routes_LTK is None:
+        set_router_replay(model, None)
+        return
+    from megatron.core import parallel_state as ps
+
+    rs = routers(model)
+    if not rs:
+        return
+    per_layer = [routes_LTK[r.layer_number - 1] for r in rs]  # layer_number: global, 1-based
+    if rs[0].config.sequence_parallel:
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        per_layer = [t.chunk(tp, dim=0)[rank] for t in per_layer]
+    set_router_replay(model, per_layer)
+
+
+def routes_for_rows(routes_per_row: Sequence, seq_len: int, topk: int) -> torch.Tensor:
+    """The [L, seq_len * b, K] routes of a [b, seq_len] batch in megatron's token order
+    (t * b + row), from each row's engine routes ([n_i, L, K], n_i <= seq_len: the engine
+    routes every token it ran, which is all but a sequence's last). Positions without routes
+    (the last token, padding) take experts 0..K-1: their outputs reach no used logit (causal
+    attention), they only need a valid route."""
+    rows = [torch.as_tensor(r, dtype=torch.int64) for r in routes_per_row]
+    L = rows[0].shape[1]
+    out = torch.arange(topk, dtype=torch.int64).expand(seq_len, len(rows), L, topk).clone()
+    for i, r in enumerate(rows):
+        if r.shape[1:] != (L, topk) or r.shape[0] > seq_len:
+            raise ValueError(f"router replay: row {i}'s routes {tuple(r.shape)} do not fit "
+                             f"[<= {seq_len}, {L}, {topk}]")  # fmt: skip
+        out[: r.shape[0], i] = r
+    return out.permute(2, 0, 1, 3).reshape(L, seq_len * len(rows), topk)
 
 
 def record_routes(model, on: bool = True) -> None:

@@ -34,6 +34,10 @@ class RolloutConfig:
     enforce_eager: bool = True
     """Skip CUDA graph capture / compilation: faster start, slower decode. Turn off for long
     GPU runs."""
+    return_routed_experts: bool = False
+    """Mixture-of-experts models: return, for every token of prompt and response, the
+    experts each MoE layer sent it to (vLLM's `enable_return_routed_experts`), in
+    `Sample.routed_experts`, for the trainer's router replay (`model.router_replay`)."""
     bucket_mb: float = 256.0
     """Upper bound (MB) on one weight-sync message to a replica; a single tensor larger than
     this is sent alone."""

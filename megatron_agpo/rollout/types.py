@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -82,6 +82,11 @@ class Sample:
     """The version that sampled each response token, when they differ (a partial rollout
     interrupted by a weight update and resumed, `rollout.partial=resume`); empty: every token
     is `weight_version`'s."""
+    routed_experts: Any = field(default=None, compare=False, repr=False)
+    """Mixture-of-experts models with `return_routed_experts`: the experts the engine sent
+    each token to, a numpy integer array [prompt + response - 1 tokens, MoE layers, top-k]
+    (the last sampled token never passes through the model); None otherwise. For the
+    trainer's router replay (`megatron_agpo.models.moe`)."""
 
     def __post_init__(self) -> None:
         if len(self.logprobs) != len(self.response_token_ids):

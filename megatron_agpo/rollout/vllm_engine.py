@@ -74,6 +74,8 @@ def engine_kwargs(config: RolloutConfig, seed: int | None = None) -> dict[str, A
         logprobs_mode="raw_logprobs",
         quantization=getattr(config, "quantization", "") or None,
     )
+    if config.return_routed_experts:  # MoE: each token's experts, for router replay
+        kwargs["enable_return_routed_experts"] = True
     chunked = config.enable_chunked_prefill
     if chunked is None and not torch.cuda.is_available():
         chunked = False  # see RolloutConfig.enable_chunked_prefill
@@ -169,6 +171,7 @@ def run_generate(
                     finish_reason=finish,  # type: ignore[arg-type]
                     truncated=finish == "length",
                     weight_version=weight_version,
+                    routed_experts=getattr(comp, "routed_experts", None),
                 )
             )
     return samples

@@ -59,7 +59,7 @@ class RowLengths:
 
 
 _PER_ROW = ("input_ids", "target", "loss_mask", "advantages", "rollout_logp", "old_logp",
-            "ref_logp", "agg_weights")  # fmt: skip
+            "ref_logp", "agg_weights", "routes")  # fmt: skip
 
 
 @dataclass
@@ -84,6 +84,11 @@ class TokenBatch:
     """[B, S] the reference policy's log-probs (only when the KL term is on)."""
     agg_weights: torch.Tensor | None = None
     """[B, S] w with loss = sum(w * L_t) over the whole (global) mini-batch."""
+    routes: torch.Tensor | None = None
+    """[B, S, L, K] int64, mixture-of-experts models with `model.router_replay=rollout`: the
+    K experts the engine sent each token to in each of the L MoE layers (positions it never
+    ran, the last token and padding: experts 0..K-1, which reach no used logit); the
+    forwards replay them (`megatron_agpo.models.moe`). None: the trainer's router chooses."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -168,6 +173,9 @@ class MicroBatch:
     source: torch.Tensor
     """[N] index of each token in the parent's [B, S] flattened (row * S + col): where its
     log-prob goes back."""
+    routes: torch.Tensor | None = None
+    """[L, T * b, K] the engine's experts for every model position in megatron's order
+    (t * b + row; padding: experts 0..K-1), replayed by the forward; None: no replay."""
 
     @property
     def num_tokens(self) -> int:
@@ -234,6 +242,13 @@ class MicroBatch:
             ends = torch.cumsum(torch.tensor([*seq, pad] if pad else list(seq), device="cpu"), 0)
             zero = torch.zeros(1, dtype=torch.long, device="cpu")
             cu = torch.cat([zero, ends]).to(device=dev, dtype=torch.int32)
+        routes = None
+        if parent.routes is not None:  # router replay: the same gather, [b, T] -> [L, T*b, K]
+            n_layers, k = parent.routes.shape[2:]
+            r = torch.arange(k, device=dev).expand(b * t_len, n_layers, k).clone()
+            r[dst_tok] = parent.routes.reshape(-1, n_layers, k)[src_tok]
+            routes = r.view(b, t_len, n_layers, k).transpose(0, 1).reshape(-1, n_layers, k)
+            routes = routes.permute(1, 0, 2).contiguous()
         return MicroBatch(
             input_ids=input_ids.view(b, t_len),
             attention_mask=mask,
@@ -249,6 +264,7 @@ class MicroBatch:
             rows=rows,
             max_seqlen=max(max(seq), b * t_len - int(sum(seq)) if packed else 0),
             source=src_pos,
+            routes=routes,
         )
 
 

@@ -187,6 +187,12 @@ def _forward(model, mb: MicroBatch) -> torch.Tensor:
         else:  # local attention: the block-diagonal causal mask (exact, checked in float64)
             kwargs["attention_mask"] = mb.attention_mask
     gpt = getattr(model, "module", model)
+    if getattr(gpt.config, "num_moe_experts", None):
+        # Router replay: the engine's experts for this micro-batch's tokens, or (None) the
+        # trainer's router chooses (model.router_replay; megatron_agpo.models.moe).
+        from megatron_agpo.models.moe import replay_for_forward
+
+        replay_for_forward(gpt, mb.routes)
     if not gpt.post_process:
         return model(**kwargs)
     # GPTModel's own pipeline-stage flag: without post-processing it returns the decoder's
