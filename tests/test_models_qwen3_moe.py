@@ -431,14 +431,16 @@ def test_gradients_ep1_ep2_equal_transformers_with_and_without_replay(moe_dirs, 
     [
         ("moe", ["parallel.expert_parallel=3", "parallel.tensor_parallel=1", "nproc=3"],
          "parallel.expert_parallel=3 does not divide the 4 experts of model.hf_path"),
-        ("dense", ["model.router_replay=rollout"],
+        ("dense", ["model.router_replay=rollout", "rollout.mode=colocated"],
          "model.router_replay=rollout needs a mixture-of-experts model; model.hf_path is "
          "Qwen3ForCausalLM, a dense model"),
         ("dense", ["parallel.expert_parallel=2", "parallel.tensor_parallel=1"],
          "parallel.expert_parallel=2 needs a mixture-of-experts model; model.hf_path is "
          "Qwen3ForCausalLM"),
-        ("tiny", ["model.router_replay=rollout"],
+        ("tiny", ["model.router_replay=rollout", "rollout.mode=colocated"],
          "model.router_replay=rollout needs a mixture-of-experts model; the tiny model"),
+        ("moe", ["model.router_replay=rollout"],
+         "model.router_replay=rollout needs rollout.mode=colocated"),
     ],
 )  # fmt: skip
 def test_bad_moe_settings_one_line_exit_2(moe_dirs, tmp_path, which, argv, expected, capsys,

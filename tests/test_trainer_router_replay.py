@@ -107,3 +107,33 @@ def _body(rank, world, hf_dir):
 @pytest.mark.dist
 def test_step_replays_routes_in_every_micro_batch(tiny_moe):
     run_distributed(_body, 1, tiny_moe)
+
+
+def test_engine_routes_reach_the_token_batch_in_place():
+    """Sample routes -> ScoredRollouts (set_routes, select) -> build_token_batch: each row's
+    token t has its sample's experts of token t; a row's last token and the padding have
+    experts 0..K-1."""
+    from megatron_agpo.trainer.batch import build_token_batch
+    from megatron_agpo.trainer.records import ScoredRollouts
+
+    g = torch.Generator().manual_seed(0)
+    prompts, responses = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[1, 2], [3, 4, 5, 6], [7]]
+    L, K = 3, 2
+    per = [torch.randint(0, 8, (len(p) + len(r) - 1, L, K), generator=g)
+           for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
+    sr = ScoredRollouts.from_lists(prompts, responses, [[-1.0] * len(r) for r in responses],
+                                   [False] * 3, [1.0, 0.0, 1.0], 0, 1)  # fmt: skip
+    sr.set_routes(per)
+    local = sr.select(torch.tensor([2, 0]))
+    batch = build_token_batch(
+        local.prompt_tokens, local.prompt_lens.tolist(), local.response_tokens,
+        local.response_lens.tolist(), local.rollout_logp, torch.zeros(2), pad_id=0,
+        pad_multiple=4, routes=local.routes,
+    )  # fmt: skip
+    assert batch.routes.shape == (2, 8, L, K)
+    for row, i in enumerate((2, 0)):
+        n = len(prompts[i]) + len(responses[i])
+        assert torch.equal(batch.routes[row, : n - 1], per[i])
+        assert (batch.routes[row, n - 1 :] == torch.arange(K)).all()
+    with pytest.raises(ValueError, match=r"sample 1: engine routes \(3, 3, 2\) for 6 tokens"):
+        sr.set_routes([per[0], per[1][:3], per[2]])

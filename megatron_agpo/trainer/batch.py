@@ -377,11 +377,14 @@ def build_token_batch(
     pad_id: int,
     pad_multiple: int = 1,
     truncated: Sequence[bool] | None = None,
+    routes: torch.Tensor | None = None,
 ) -> TokenBatch:
     """Pad B sequences given flat (concatenated) prompt and response tokens and their
     lengths, with vectorised scatters on the CPU (move the result with `.to(device)`); the
     padded length is a multiple of `pad_multiple`. `truncated` rows (DAPO's overlong filter)
-    keep their tokens but leave the loss. Raises naming the row when lengths disagree."""
+    keep their tokens but leave the loss. `routes` ([P + R, L, K], each row's prompt then
+    response, `ScoredRollouts.routes`): the engine's experts, placed as the tokens are (other
+    positions: experts 0..K-1). Raises naming the row when lengths disagree."""
     prompt_lens, response_lens = tuple(map(int, prompt_lens)), tuple(map(int, response_lens))
     b = len(prompt_lens)
     if not (len(response_lens) == b == advantages.shape[0]):
@@ -428,7 +431,14 @@ def build_token_batch(
     if any(cut):
         target[torch.tensor(cut, dtype=torch.bool, device=cpu)] = IGNORE_INDEX
     lengths = RowLengths(prompt_lens, response_lens, response_lens).without_loss(cut)
+    routes_bs = None
+    if routes is not None:
+        n_layers, k = routes.shape[1:]
+        routes_bs = torch.arange(k, dtype=torch.long).expand(b * s, n_layers, k).clone()
+        routes_bs[flat_ranges(row_start, p_len + r_len)] = routes.to(cpu, torch.long)
+        routes_bs = routes_bs.view(b, s, n_layers, k)
     return TokenBatch(
+        routes=routes_bs,
         input_ids=input_ids,
         target=target,
         loss_mask=(target != IGNORE_INDEX).float(),

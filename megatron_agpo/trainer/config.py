@@ -542,6 +542,10 @@ class TrainConfig:
             if self.model.router_replay != "off":
                 out.append(f"model.router_replay={self.model.router_replay} needs a "
                            f"mixture-of-experts model; {tiny}")  # fmt: skip
+        if self.model.router_replay == "rollout" and r.mode != "colocated":
+            # The replicas' wire does not carry Sample.routed_experts yet.
+            out.append("model.router_replay=rollout needs rollout.mode=colocated (replica "
+                       "engines do not return routes yet)")  # fmt: skip
         out.extend(
             self.model.precision_problems(p.use_distributed_optimizer, r.engine.quantization)
         )

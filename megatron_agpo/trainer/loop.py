@@ -245,6 +245,8 @@ class Trainer:
         e = self.cfg.rollout.engine
         if not e.model_path:
             e.model_path = str(self.policy_dir)
+        if self.cfg.model.router_replay == "rollout":  # each token's experts, replayed
+            e.return_routed_experts = True
         if self.cfg.rollout.mode == "replicas":
             from megatron_agpo.rollout.replicas import ReplicaPool
 
@@ -492,6 +494,8 @@ class Trainer:
             batch.weight_version,
             n,
         )
+        if self.cfg.model.router_replay == "rollout":
+            out.set_routes([s.routed_experts for s in samples])
         if any(s.token_versions or s.weight_version != batch.weight_version for s in samples):
             # Overlapped generation: each token's version (rank 0: staleness metrics).
             versions = [v for s in samples for v in s.versions()]
@@ -603,6 +607,7 @@ class Trainer:
             local.prompt_tokens, local.prompt_lens.tolist(), local.response_tokens,
             local.response_lens.tolist(), local.rollout_logp, local.advantages,
             self.tokenizer.pad_token_id, pad_multiple=self.seq_multiple, truncated=cut_mine,
+            routes=local.routes,
         )  # fmt: skip
         w = torch.cat(weights) if weights else torch.zeros(0, device="cpu")
         batch.agg_weights = batch.loss_mask * w.to(batch.loss_mask.dtype)[:, None]

@@ -64,6 +64,11 @@ class ScoredRollouts:
     """[R] int64 the weight version that sampled each response token (overlapped generation;
     rank 0 only: the staleness filter and metrics read it there, before the broadcast, which
     does not carry it). None: every token is `weight_version`'s."""
+    routes: torch.Tensor | None = None
+    """[P + R, L, K] int64, router replay (`model.router_replay=rollout`): the K experts the
+    engine sent each token of each row (its prompt, then its response, row after row) to in
+    each of the L MoE layers; a row's last token, which the engine never ran, has experts
+    0..K-1. Broadcast with the rest. None: no replay."""
 
     def sample_versions(self) -> torch.Tensor:
         """[B] int64 each sample's oldest token version (`weight_version` without versions)."""
@@ -137,7 +142,27 @@ class ScoredRollouts:
             token_versions=None
             if self.token_versions is None
             else _gather_rows(self.token_versions, self.response_lens, rows),
+            routes=None
+            if self.routes is None
+            else _gather_rows(self.routes, self.prompt_lens + self.response_lens, rows),
         )
+
+    def set_routes(self, per_sample: Sequence) -> None:
+        """`routes` from each sample's engine routes ([its tokens - 1, L, K], in row order;
+        `Sample.routed_experts`). Raises naming the sample whose routes do not fit."""
+        lens = (self.prompt_lens + self.response_lens).tolist()
+        first = torch.as_tensor(per_sample[0], dtype=torch.int64)
+        n_layers, k = first.shape[1:]
+        pad = torch.arange(k, dtype=torch.int64).expand(1, n_layers, k)
+        out = []
+        for i, (r, n) in enumerate(zip(per_sample, lens, strict=True)):
+            r = torch.as_tensor(r, dtype=torch.int64) if r is not None else None
+            if r is None or r.shape != (n - 1, n_layers, k):
+                got = None if r is None else tuple(r.shape)
+                raise ValueError(f"sample {i}: engine routes {got} for {n} tokens (want "
+                                 f"[{n - 1}, {n_layers}, {k}])")  # fmt: skip
+            out += [r, pad]
+        self.routes = torch.cat(out)
 
     @staticmethod
     def concat(parts: Sequence[ScoredRollouts]) -> ScoredRollouts:
@@ -169,6 +194,7 @@ class ScoredRollouts:
                 if any(p.token_versions is not None for p in parts)
                 else None
             ),  # fmt: skip
+            routes=cat("routes") if all(p.routes is not None for p in parts) else None,
         )
 
 
@@ -205,18 +231,19 @@ def broadcast_scored(
     me = dist.get_rank()
     if me == src:
         if failure is not None:
-            header = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
+            header = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
         else:
             assert scored is not None
+            layers, k = scored.routes.shape[1:] if scored.routes is not None else (0, 0)
             header = torch.tensor(
                 [0, len(scored), scored.prompt_tokens.numel(), scored.response_tokens.numel(),
-                 scored.group_size, scored.weight_version],
+                 scored.group_size, scored.weight_version, layers, k],
                 dtype=torch.int64, device=device,
             )  # fmt: skip
     else:
-        header = torch.zeros(6, dtype=torch.int64, device=device)
+        header = torch.zeros(8, dtype=torch.int64, device=device)
     dist.broadcast(header, src)
-    failed, b, n_prompt, n_resp, group_size, version = header.tolist()
+    failed, b, n_prompt, n_resp, group_size, version, layers, k = header.tolist()
     if failed:
         from megatron_agpo.parallel import broadcast_bytes
 
@@ -238,10 +265,20 @@ def broadcast_scored(
         floats = torch.empty(2 * b + n_resp, dtype=torch.float64, device=device)
     dist.broadcast(ints, src)
     dist.broadcast(floats, src)
+    routes = None
+    if layers:  # router replay: every token's experts
+        shape = (n_prompt + n_resp, layers, k)
+        routes = (
+            scored.routes.to(device)
+            if me == src
+            else torch.empty(shape, dtype=torch.int64, device=device)
+        )
+        dist.broadcast(routes, src)
     if me == src:
         return scored
     ints, floats = ints.cpu(), floats.cpu()
     return ScoredRollouts(
+        routes=None if routes is None else routes.cpu(),
         prompt_lens=ints[:b],
         response_lens=ints[b : 2 * b],
         prompt_tokens=ints[2 * b : 2 * b + n_prompt],
