@@ -137,3 +137,24 @@ def test_engine_routes_reach_the_token_batch_in_place():
         assert (batch.routes[row, n - 1 :] == torch.arange(K)).all()
     with pytest.raises(ValueError, match=r"sample 1: engine routes \(3, 3, 2\) for 6 tokens"):
         sr.set_routes([per[0], per[1][:3], per[2]])
+
+
+def _broadcast_body(rank, world):
+    from megatron_agpo.trainer.records import ScoredRollouts, broadcast_scored
+
+    prompts, responses = [[5, 6, 7], [8, 9]], [[1, 2], [3, 4, 5]]
+    per = [torch.arange((len(p) + len(r) - 1) * 3 * 2).view(-1, 3, 2) % 7
+           for p, r in zip(prompts, responses, strict=True)]  # fmt: skip
+    sr = ScoredRollouts.from_lists(prompts, responses, [[-1.0] * len(r) for r in responses],
+                                   [False] * 2, [1.0, 0.0], 0, 1)  # fmt: skip
+    sr.set_routes(per)
+    got = broadcast_scored(sr if rank == 0 else None, torch.device("cpu"))
+    assert got.routes is not None and torch.equal(got.routes, sr.routes)
+    plain = ScoredRollouts.from_lists(prompts, responses, [[-1.0] * len(r) for r in responses],
+                                      [False] * 2, [1.0, 0.0], 0, 1)  # fmt: skip
+    assert broadcast_scored(plain if rank == 0 else None, torch.device("cpu")).routes is None
+
+
+@pytest.mark.dist
+def test_routes_are_broadcast_with_the_scored_rollouts():
+    run_distributed(_broadcast_body, 2)
