@@ -23,6 +23,7 @@ What runs where (megatron-core 0.16.1):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "routers",
     "routes_for_rows",
     "set_router_replay",
+    "tracked_aux_losses",
 ]
 
 
@@ -211,17 +213,39 @@ def recorded_routes(model) -> list[torch.Tensor]:
     return out
 
 
-def pop_aux_losses(num_layers: int) -> dict[str, float]:
+def pop_aux_losses(num_layers: int, forwards: int = 1) -> dict[str, float]:
     """The MoE auxiliary losses megatron tracked since the last call (without the
     coefficient; `load_balancing_loss` for `moe_aux_loss_coeff`), each the mean over the
-    model's layers, reduced over this rank's model-parallel group; then cleared. Empty when
-    the loss is off (nothing is tracked)."""
+    model's layers and the `forwards` (micro-batches) that tracked it, averaged over the DP
+    ranks and summed over PP stages' layers (megatron's reduction); then cleared. Collective
+    over the model-parallel and DP groups. Empty when the loss is off (nothing tracked)."""
     from megatron.core.transformer.moe import moe_utils
 
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     if not tracker:
         return {}
     moe_utils.reduce_aux_losses_tracker_across_ranks()
-    out = {name: float(v["values"].float().sum() / num_layers) for name, v in tracker.items()}
+    out = {
+        name: float(v["values"].float().sum() / (num_layers * forwards))
+        for name, v in tracker.items()
+    }
     moe_utils.clear_aux_losses_tracker()
     return out
+
+
+@contextlib.contextmanager
+def tracked_aux_losses(model, num_layers: int, out: dict[str, float]):
+    """Around a step's forwards and backwards: counts the micro-batches (this stage's first
+    router's forwards) and, on leaving, puts `pop_aux_losses` into `out` as `moe/<name>`."""
+    rs = routers(model)
+    count = [0]
+    hook = (
+        rs[0].register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)) if rs else None
+    )
+    try:
+        yield out
+    finally:
+        if hook is not None:
+            hook.remove()
+        losses = pop_aux_losses(num_layers, max(count[0], 1))
+        out.update({f"moe/{k}": v for k, v in losses.items()})

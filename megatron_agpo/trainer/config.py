@@ -116,6 +116,10 @@ class ModelSection:
     routed experts, replayed through megatron's RouterReplay; the routing weights still come
     from the trainer's router, which keeps its gradient); `off` lets the trainer's router
     choose. Refused on a dense model (docs/MODELS.md)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Mixture-of-experts policies: weight of megatron's load-balancing loss added to the
+    policy loss through the routers (0: off); its value is logged as
+    `moe/load_balancing_loss`. Ignored by a dense model."""
 
     def problems(self, prefix: str) -> list[str]:
         out: list[str] = []
@@ -123,6 +127,8 @@ class ModelSection:
              self.params_dtype, "float32 or bfloat16")  # fmt: skip
         need(out, self.router_replay in ("off", "rollout"), f"{prefix}router_replay",
              self.router_replay, "off or rollout")  # fmt: skip
+        need(out, self.moe_aux_loss_coeff >= 0, f"{prefix}moe_aux_loss_coeff",
+             self.moe_aux_loss_coeff, "must be >= 0")  # fmt: skip
         return out
 
     def precision_problems(
@@ -164,6 +170,7 @@ class ModelSection:
 
         out = model_overrides(self)
         out.pop("params_dtype")  # passed on its own by the trainer
+        out["moe_aux_loss_coeff"] = float(self.moe_aux_loss_coeff)
         return out
 
 

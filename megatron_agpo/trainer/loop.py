@@ -31,6 +31,7 @@ from megatron_agpo.algorithms import (
     whiten,
 )
 from megatron_agpo.algorithms.policy_loss import resolve_norm_constant
+from megatron_agpo.models.moe import tracked_aux_losses
 from megatron_agpo.rewards.base import RewardUnavailable, reward_counters, scored_groups
 from megatron_agpo.rollout.types import RolloutError, StaleWeightsError
 from megatron_agpo.trainer import checkpoint as ckpt
@@ -633,6 +634,13 @@ class Trainer:
         logs them (one host copy)."""
         loss_cfg = self.cfg.algorithm.loss
         last, extra, updated = None, {}, False
+        moe: dict[str, float] = {}  # MoE: the load-balancing loss over the step's forwards
+        with tracked_aux_losses(self.model, self.mcfg.num_layers, moe):
+            last, extra, updated = self._updates(batch, minis, loss_cfg)
+        return {**({} if last is None else last.to_dict()), **extra, **moe}, updated
+
+    def _updates(self, batch: TokenBatch, minis: list[range], loss_cfg):
+        last, extra, updated = None, {}, False
         for _ in range(self.cfg.trainer.ppo_epochs):
             for k, rows in enumerate(minis):
                 if not self._mini_sizes[k]:  # a short dynamic-sampling batch
@@ -653,8 +661,7 @@ class Trainer:
                 updated |= bool(ok)
                 extra["grad_norm"] = float(grad_norm or 0.0)
                 self.skipped_in_row = 0
-        metrics = {} if last is None else last.to_dict()  # the update's one host copy
-        return {**metrics, **extra}, updated
+        return last, extra, updated  # `update` makes the metrics' one host copy
 
     def sync_weights(self, version: int) -> None:
         """Collective: stream the sharded policy (TP shards, PP stages) as HF tensors into the
