@@ -227,8 +227,10 @@ def run_generate_resumable(
         rid = f"agpo-resumable-{next(ids)}"
         st["base"], st["version"] = len(st["tokens"]), version()
         prompt = TokensPrompt(prompt_token_ids=list(req.prompt_token_ids) + st["tokens"])
-        engine.add_request(rid, prompt, params)
-        live[rid] = st
+        # vLLM appends a suffix to the id (its internal id, which abort takes); outputs carry
+        # either, depending on the version: both are keys.
+        st["internal"] = engine.add_request(rid, prompt, params)
+        live[rid] = live[st["internal"]] = st
 
     for st in states:
         add(st)
@@ -245,10 +247,11 @@ def run_generate_resumable(
             st["vers"] = st["vers"][:b] + [st["version"]] * len(new)
             if out.finished:
                 st["finish"] = comp.finish_reason or "abort"
-                del live[out.request_id]
+                for key in [k for k, v in live.items() if v is st]:
+                    del live[key]
         if live and between_steps():  # new weights: every unfinished response resumes
-            engine.abort_request(list(live))
-            unfinished = list(live.values())
+            unfinished = list({id(v): v for v in live.values()}.values())
+            engine.abort_request([st["internal"] for st in unfinished], internal=True)
             live.clear()
             for st in unfinished:
                 st["seg"] += 1
