@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.test_trainer_resume import _train
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = [[3, 17, 25, 9, 40, 12, 33, 7, 21, 5, 14, 28]]
@@ -46,10 +45,11 @@ def _hf_logits(path) -> torch.Tensor:
 @pytest.mark.engine
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_trained_run_exports_and_evaluates(tmp_path):
-    run = tmp_path / "run"
-    _train(run, 2, "trainer.eval_every=0")
-    ckpt = run / "checkpoints" / "step_0000002"
+def test_trained_run_exports_and_evaluates(tp2_run, tmp_path):
+    """The shared TP=2 run (tests/conftest.py; 4 steps, checkpoints at steps 2 and 4): the
+    tool exports its latest checkpoint."""
+    run, _ = tp2_run
+    ckpt = run / "checkpoints" / "step_0000004"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["kind"] == "run" and manifest["layout"]["tensor_parallel"] == 2
 
@@ -59,7 +59,7 @@ def test_trained_run_exports_and_evaluates(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "step_0000002" in res.stdout
+    assert "step_0000004" in res.stdout
 
     run_distributed(_megatron_logits, 1, str(ckpt), str(tmp_path / "meg.pt"))
     meg = torch.load(tmp_path / "meg.pt", weights_only=True)

@@ -93,7 +93,8 @@ def test_killed_rank_leaves_no_writer_or_manager(tmp_path):
 @pytest.mark.slow
 def test_killed_launcher_after_a_save_leaves_nothing(tmp_path):
     """The whole run (launcher, torchrun, 2 ranks, a vLLM replica, reward workers) after its
-    first checkpoint: a kill -9 of the launcher leaves no process of it."""
+    first checkpoint: a kill -9 of the launcher leaves no process of it. (This run also stands
+    for a kill -9 before any save: the processes of the run then are a subset of these.)"""
     from tests.test_preemption import _alive, _descendants, _output, _wait_for_step
 
     run = tmp_path / "run"
@@ -117,6 +118,7 @@ def test_killed_launcher_after_a_save_leaves_nothing(tmp_path):
             assert time.time() - t0 < 300, _output(proc)[-3000:]
             time.sleep(0.2)
         tree = _descendants(proc.pid)
+        assert len(tree) >= 4, tree  # torchrun, two ranks, a vLLM replica (and their helpers)
         proc.kill()
         proc.wait()
         deadline = time.time() + 30

@@ -32,6 +32,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.dist  # a stand-in replica process
 def test_spawned_replica_gets_the_secret_outside_its_environment(tmp_path, monkeypatch):
     from megatron_agpo.rollout import replicas
 

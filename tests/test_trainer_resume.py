@@ -1,16 +1,14 @@
 """Checkpoint/resume: exact equality of model and optimizer, killed writers, whole runs."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.runs import TP2_OPTS
+from tests.runs import train as _train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -83,30 +81,15 @@ def test_checkpoint_round_trip_tp2(tiny_hf, tmp_path):
     run_distributed(_body, 2, tiny_hf, str(tmp_path / "ckpt"))
 
 
-def _train(run_dir: Path, steps: int, *extra: str) -> list[dict]:
-    cmd = [
-        sys.executable, "-m", "megatron_agpo.train", f"trainer.steps={steps}",
-        "model.warmstart_steps=30", "trainer.eval_every=2", "trainer.eval_n=4",
-        "data.num_eval=8", "data.prompts_per_step=8", f"logging.run_dir={run_dir}",
-        "logging.progress=false", "checkpoint.save_every=2", *extra,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.engine
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted(tmp_path):
+def test_resumed_run_equals_uninterrupted(tp2_run, tmp_path):
     """4 steps == 2 steps, a restart, 2 more (world size 2, TP=2, real vLLM replica), with a
-    cosine lr schedule (restored from the checkpoint) and token-budget micro-batches."""
-    opts = (
-        "scheduler.decay_style=cosine", "scheduler.warmup_steps=1", "scheduler.decay_steps=4",
-        "trainer.token_budget=300",
-    )  # fmt: skip
-    straight = _train(tmp_path / "a", 4, *opts)
+    cosine lr schedule (restored from the checkpoint) and token-budget micro-batches. The
+    uninterrupted 4 steps are the shared TP=2 run (tests/conftest.py)."""
+    opts = TP2_OPTS
+    _, straight = tp2_run
     _train(tmp_path / "b", 2, *opts)
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     resumed = _train(tmp_path / "b", 4, *opts)
