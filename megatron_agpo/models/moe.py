@@ -224,13 +224,36 @@ def pop_aux_losses(num_layers: int, forwards: int = 1) -> dict[str, float]:
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     if not tracker:
         return {}
-    moe_utils.reduce_aux_losses_tracker_across_ranks()
+    for entry in tracker.values():
+        _reduce_tracked(entry)
     out = {
         name: float(v["values"].float().sum() / (num_layers * forwards))
         for name, v in tracker.items()
     }
     moe_utils.clear_aux_losses_tracker()
     return out
+
+
+def _reduce_tracked(entry: dict) -> None:
+    """megatron's `reduce_aux_losses_tracker_across_ranks` for one tracked loss, its
+    averages taken as a sum and a division: it averages with `ReduceOp.AVG`, which gloo does
+    not have."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        return
+    values = entry["values"]
+    dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())  # every stage's layers
+    if entry.get("reduce_group") is not None:
+        dist.all_reduce(values, group=entry["reduce_group"])
+        if not entry.get("reduce_group_has_dp", False):
+            dp = ps.get_data_parallel_group()
+            dist.all_reduce(values, group=dp)
+            values /= dist.get_world_size(dp)
+    if entry.get("avg_group") is not None:
+        dist.all_reduce(values, group=entry["avg_group"])
+        values /= dist.get_world_size(entry["avg_group"])
 
 
 @contextlib.contextmanager
