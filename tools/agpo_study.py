@@ -318,32 +318,40 @@ def plot_names(tag: str) -> tuple[str, str]:
 
 def plot_side_by_side(held: dict, train: dict, path: Path, arms: list[str]) -> Path:
     """pass@k (k = 1 .. 256) of `arms` on the training sample and on the held-out problems,
-    side by side on one y scale, each with its 95% bootstrap interval."""
+    side by side on one y scale (top), and each arm's difference to the base (bottom), each
+    with its 95% bootstrap interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, (title, summary) in zip(
-        axes, (("training problems (the ones RL trains on)", train), ("held-out problems", held)),
-        strict=True,
-    ):  # fmt: skip
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True, sharey="row")
+    panels = (
+        ("training problems (the first the trainer draws)", train),
+        ("held-out problems", held),
+    )
+    for col, (title, summary) in enumerate(panels):
         for i, arm in enumerate(a for a in arms if a in summary):
             s = summary[arm]
-            ks = sorted(s["pass"])
-            m = [s["pass"][k][0] for k in ks]
-            err = [[m[j] - s["pass"][k][1] for j, k in enumerate(ks)],
-                   [s["pass"][k][2] - m[j] for j, k in enumerate(ks)]]  # fmt: skip
             lw = 2.5 if arm == "base" else 1.3
-            ax.errorbar(ks, m, yerr=err, marker=".", capsize=2, color=f"C{i}",
-                        label=f"{arm} ({s['seeds']})", lw=lw)  # fmt: skip
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("pass@k (mean, 95% bootstrap over problems x seeds)")
-    axes[0].legend(fontsize=8)
+            for row, key in ((0, "pass"), (1, "diff")):
+                if not s.get(key):
+                    continue
+                ks = sorted(s[key])
+                m = [s[key][k][0] for k in ks]
+                err = [[m[j] - s[key][k][1] for j, k in enumerate(ks)],
+                       [s[key][k][2] - m[j] for j, k in enumerate(ks)]]  # fmt: skip
+                axes[row, col].errorbar(ks, m, yerr=err, marker=".", capsize=2, color=f"C{i}",
+                                        label=f"{arm} ({s['seeds']})", lw=lw)  # fmt: skip
+        axes[0, col].set_title(title, fontsize=10)
+        axes[1, col].axhline(0.0, color="C0", lw=1)
+        for row in (0, 1):
+            axes[row, col].set_xscale("log", base=2)
+            axes[row, col].grid(alpha=0.3)
+        axes[1, col].set_xlabel("k")
+    axes[0, 0].set_ylabel("pass@k (mean, 95% bootstrap over problems x seeds)")
+    axes[1, 0].set_ylabel("pass@k - base (paired, 95% bootstrap)")
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
