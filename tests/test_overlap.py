@@ -162,3 +162,109 @@ def test_pool_submit_collect_overlaps_and_a_sync_waits_for_the_request(tmp_path)
         assert pool.replica_idle_s[0] > 0.0
     finally:
         run.close()
+
+
+def _state(run_dir, step):
+    import json
+
+    path = run_dir / "checkpoints" / f"step_{step:07d}" / "trainer_state.json"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.engine
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_path):
+    """agpo-train with trainer.max_staleness=1 on a vLLM replica: every trained sample is at
+    most one version old (after the first step exactly one: the next batch was sampled while
+    the trainer updated), the metrics say so, and the held-out evaluation runs. A checkpoint
+    stores the oldest untrained batch's data position although the next batch was already in
+    flight, and a run stopped at step 2 and resumed ends at the same data position and
+    stream position as the run that was not stopped."""
+    from tests.runs import train
+
+    k1 = ("trainer.max_staleness=1",)
+    all_rows = train(tmp_path / "a", 4, *k1)
+    rows = [r for r in all_rows if "staleness/max" in r]
+    assert [r["step"] for r in all_rows if "eval/pass@1" in r] == [0, 2, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["staleness/samples_0"] == 64 and rows[0]["staleness/max"] == 0
+    for r in rows[1:]:
+        assert r["staleness/samples_1"] == 64 and r["staleness/tokens_1"] == 1.0
+    for r in rows:
+        assert r["staleness/dropped"] == 0 and r["time/trainer_idle"] >= 0
+        assert 0 < r["is/weight_max"] <= 2.0 and "time/replica_idle" in r
+    a = _state(tmp_path / "a", 2)  # batch 3 was in flight: not consumed
+    assert a["stream"] == 2 and a["data"]["offset"] == 2 * 8
+    train(tmp_path / "b", 2, *k1)
+    train(tmp_path / "b", 4, *k1)  # resumes from step 2's checkpoint
+    b, a4 = _state(tmp_path / "b", 4), _state(tmp_path / "a", 4)
+    assert (b["stream"], b["data"]) == (a4["stream"], a4["data"]) == (4, a4["data"])
+    assert a4["data"]["offset"] == 4 * 8
+
+
+def test_overlapped_collect_refills_from_the_stream_and_drops_stale_groups():
+    """The trainer's collect under overlap (a stand-in engine: submit records, collect returns
+    samples of the version each batch was 'sampled' at): k + 1 batches in flight, dynamic
+    sampling's refill is the stream's next batch (its seeds keyed by its stream position),
+    groups past the bound are dropped and counted, and the checkpoint position is the oldest
+    batch not yet trained."""
+    import types
+
+    from megatron_agpo.trainer.loop import Timer
+    from megatron_agpo.trainer.overlap import RolloutStream
+    from tests.test_trainer_features import _stub_trainer
+
+    m = [1.0, 0, 0, 0]  # a mixed group (kept by dynamic sampling)
+    r = [1.0] * 4  # all right: dropped by dynamic sampling
+    t = _stub_trainer(["trainer.dynamic_sampling=zero_advantage", "trainer.max_staleness=1",
+                       "trainer.steps=10"], [r + r + m, m + m])  # fmt: skip
+    t.version, t._engine_failure = 3, None
+    submitted, versions = [], {}
+
+    def submit(reqs, partial):
+        submitted.append((len(reqs), reqs[0].seed, partial))
+        return len(submitted)
+
+    def collect(ticket):
+        # Batch 1's second group was sampled at version 1 (2 behind: dropped at k = 1).
+        v = [3, 1, 3] if ticket == 1 else [2, 2, 2]
+        versions[ticket] = v
+        return RolloutBatch.from_samples(
+            [Sample(p, j, (p,), (p, j), "", (-1.0, -1.0), "stop", False, v[p % 3])
+             for p in range(3) for j in range(4)],
+            allow_mixed=True,
+        )  # fmt: skip
+
+    from megatron_agpo.data.iterator import PromptIterator
+
+    t.data = PromptIterator([types.SimpleNamespace(prompt_ids=(p + 5,)) for p in range(100)],
+                            batch_size=3, shuffle=False)  # fmt: skip
+    t.engine = types.SimpleNamespace(submit=submit, collect=collect)
+    t.stream = RolloutStream(1, t.data, start_index=7)
+    seen, rounds = [], iter([m + r, m + m + r])
+
+    def score(prompts, batch, n):
+        samples = batch.samples
+        seen.append([s.weight_version for s in samples][::4])
+        rewards = next(rounds)
+        return ScoredRollouts.from_lists(
+            [s.prompt_token_ids for s in samples], [s.response_token_ids for s in samples],
+            [s.logprobs for s in samples], [False] * len(samples), rewards[: len(samples)],
+            batch.weight_version, n,
+        )  # fmt: skip
+
+    t.score = score
+    out, stats = t.collect(Timer())
+    # Round 1 = stream batch 7 (prompts 0-2), round 2 = batch 8 (3-5); two submitted at
+    # first (k + 1), one more for the refill: batch 9 stays in flight.
+    assert len(submitted) == 3 and [p.index for p in t.stream.pending] == [9]
+    assert submitted[0][2] == "finish"
+    from megatron_agpo.trainer.loop import sampling_seed
+
+    assert submitted[1][1] == sampling_seed(t.cfg.trainer.seed, 8, 0)
+    assert seen[0] == [3, 3] and stats["staleness/dropped"] == 4  # the version-1 group
+    assert t.stream.dropped_total == 4
+    assert stats["sampling/rounds"] == 2 and stats["groups/kept"] == 3
+    assert t.stream.position()[0] == 9 and t.stream.position()[1]["offset"] == 6
+    assert t.data.state_dict()["offset"] == 9  # batch 9's prompts are drawn (in flight)

@@ -150,6 +150,9 @@ class Trainer:
     _engine_failure: str | None = None
     """Rank 0: the rollout engine's failure (one line), once a call to it failed; the next
     broadcast of scored rollouts carries it to every rank (`RolloutFailed`)."""
+    stream = None
+    """Overlapped generation's in-flight batches (`overlap.RolloutStream`), when
+    trainer.max_staleness > 0; None: the synchronous loop."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         from transformers import AutoTokenizer
@@ -206,7 +209,6 @@ class Trainer:
         self.engine = self.reward = self.metrics = None
         # Before the services start: the replicas must not inherit the handlers.
         self.preemption = ckpt.install_preemption(cfg.checkpoint)
-        self.stream = None
         self._stream_start = 0
         self._resume()
         if tr.max_staleness > 0:  # overlapped generation (rank 0 submits, every rank draws)
