@@ -158,14 +158,15 @@ def _make(pc, hf):
 def _step(model, opt, seed):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+    from megatron_agpo.models import forward_logits
+
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 60, (4, 10), generator=g)
     model.zero_grad_buffer()
     opt.zero_grad()
-    pos = torch.arange(10).expand(4, 10)
     # A sum over this rank's vocab shard: the TP ranks' losses add up to the TP=1 loss (a mean
     # would double the gradient at TP=2).
-    model(input_ids=ids, position_ids=pos, attention_mask=None).pow(2).sum().div(5000).backward()
+    forward_logits(model, ids).pow(2).sum().div(5000).backward()
     finalize_model_grads([model])
     opt.step()
 
@@ -379,9 +380,9 @@ def _verdicts(rank, world):
     # characters, then none.
     msg = "checkpoint step_0000007/model/__1_0.distcp: SHA-256 mismatch (é)"
     with pytest.raises(fmt.CheckpointError) as e:
-        fmt._broadcast_error(msg if rank == 0 else "ignored: only rank 0's counts")
+        fmt.broadcast_error(msg if rank == 0 else "ignored: only rank 0's counts")
     assert str(e.value) == msg
-    fmt._broadcast_error(None if rank == 0 else "ignored")
+    fmt.broadcast_error(None if rank == 0 else "ignored")
 
 
 @pytest.mark.dist

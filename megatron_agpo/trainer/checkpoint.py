@@ -34,6 +34,7 @@ from megatron_agpo.models.checkpoint import (
     PREFIX,
     TMP_PREFIX,
     CheckpointError,
+    broadcast_error,
     clean_partial,
     complete_checkpoints,
     copy_tokenizer,
@@ -47,11 +48,13 @@ from megatron_agpo.models.checkpoint import (
     parallel_layout,
     prepare_tmp,
     publish,
+    resolve_checkpoint,
     save_model_shards,
     step_dir,
     verify,
     verify_collective,
 )
+from megatron_agpo.parallel import barrier, global_rank
 from megatron_agpo.trainer.preemption import (
     EXIT_PREEMPTED,
     Preempted,
@@ -85,15 +88,6 @@ __all__ = [
     "step_dir",
     "verify",
 ]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_file(ckpt: Path, rank: int) -> Path:
@@ -212,7 +206,7 @@ def save(
     from torch.distributed.checkpoint.api import CheckpointException
 
     final = step_dir(root, step)
-    if _rank() == 0:
+    if global_rank() == 0:
         Path(root).mkdir(parents=True, exist_ok=True)
     need = _bytes_to_write(model, optimizer)
     check_space(Path(root), final, need)
@@ -260,10 +254,8 @@ def _bytes_to_write(model, optimizer) -> int:
 def check_space(root: Path, final: Path, need: int) -> None:
     """Collective: refuse a save the disk has no room for (rank 0 looks, every rank gets the
     verdict), naming the folder and the bytes."""
-    from megatron_agpo.models.checkpoint import _broadcast_error
-
     err = None
-    if _rank() == 0:
+    if global_rank() == 0:
         free = shutil.disk_usage(root).free
         if free < need:
             err = (
@@ -271,7 +263,7 @@ def check_space(root: Path, final: Path, need: int) -> None:
                 f"({need} bytes) in {root}, which has {_human(free)} free. Free space, lower "
                 "checkpoint.keep_last, or point logging.run_dir at a larger disk"
             )
-    _broadcast_error(err)
+    broadcast_error(err)
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -300,17 +292,17 @@ def _save(final, root, step, model, optimizer, trainer_state, keep_last, mcfg, h
     tmp = prepare_tmp(final)
     model_sd = _model(model).sharded_state_dict()
     save_model_shards(model, tmp / MODEL_SUBDIR)
-    if _rank() == 0:
+    if global_rank() == 0:
         (tmp / OPTIMIZER_SUBDIR).mkdir()
         (tmp / RNG_SUBDIR).mkdir()
-    _barrier()
+    barrier()
     opt_sd = _optimizer_sharded_state(model_sd, optimizer, is_loading=False)
     with no_orphan_writers():
         dist_checkpointing.save(opt_sd, str(tmp / OPTIMIZER_SUBDIR))
-    torch.save(_rng_state(), _rng_file(tmp, _rank()))
+    torch.save(_rng_state(), _rng_file(tmp, global_rank()))
     adam_step = _adam_step(optimizer)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         state = {**trainer_state, "adam_step": adam_step}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         fields = {"kind": "run", "step": step, "optimizer_format": OPTIMIZER_FORMAT}
@@ -324,7 +316,7 @@ def _save(final, root, step, model, optimizer, trainer_state, keep_last, mcfg, h
         finalize(tmp, fields)
         publish(tmp, final)
         prune(Path(root), keep_last)
-    _barrier()
+    barrier()
     return final
 
 
@@ -387,7 +379,7 @@ def load(path: Path, model, optimizer, mcfg=None, log=print) -> dict:
             "its weights, export it (tools/convert_megatron_to_hf.py) and set model.hf_path"
         )
     changed = check_layout(path, manifest, mcfg)
-    if changed and _rank() == 0:
+    if changed and global_rank() == 0:
         log(
             f"resharding {path}: written at {layout_str(manifest['layout'])}, loading at "
             f"{layout_str(parallel_layout())}"
@@ -420,7 +412,7 @@ def load(path: Path, model, optimizer, mcfg=None, log=print) -> dict:
             del o._set_main_param_and_optimizer_states
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     _set_adam_step(optimizer, trainer_state.get("adam_step", 0.0))
-    rng_file = _rng_file(path, _rank())
+    rng_file = _rng_file(path, global_rank())
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
         # The model-parallel tracker's states belong to a TP/PP position: only restored at
@@ -452,8 +444,6 @@ def resume(
     any), `none`, or a path (a step folder or a run folder). With fallback (auto only), a
     checkpoint that fails its checks is reported loudly and the next older one is tried.
     Returns (path, trainer state), or None when starting afresh."""
-    from megatron_agpo.models.checkpoint import resolve_checkpoint
-
     clean_partial(root)
     if how == "none":
         return None
@@ -468,7 +458,7 @@ def resume(
             older = candidates[i + 1] if i + 1 < len(candidates) else None
             if how != "auto" or not fallback or older is None:
                 raise
-            if _rank() == 0:
+            if global_rank() == 0:
                 log(
                     f"WARNING: checkpoint {path} is unusable: {e}\n"
                     f"WARNING: checkpoint.resume_fallback=true: falling back to {older}; the "

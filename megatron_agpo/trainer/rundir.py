@@ -22,13 +22,12 @@ import socket
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_agpo.models.checkpoint import (
     CheckpointError,
-    _broadcast_error,
+    broadcast_error,
     complete_checkpoints,
 )
+from megatron_agpo.parallel import global_rank
 
 LOCK = ".agpo-run.lock"
 EXISTING = ("refuse", "archive", "overwrite")
@@ -48,20 +47,16 @@ class RunFolderError(CheckpointError):
     """The run folder is in use by another run, or holds history this run would erase."""
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def collective(fn):
     """Run fn on rank 0; every rank gets its verdict (RunFolderError) or its result there."""
     err, out = None, None
-    if _rank() == 0:
+    if global_rank() == 0:
         try:
             out = fn()
         except CheckpointError as e:
             err = str(e)
     try:
-        _broadcast_error(err)
+        broadcast_error(err)
     except CheckpointError as e:
         raise RunFolderError(str(e)) from None
     return out
