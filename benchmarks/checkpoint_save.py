@@ -15,7 +15,7 @@ if __name__ == "__main__":
     )
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_agpo.models import build_model_from_hf
+    from megatron_agpo.models import build_model_from_hf, forward_logits
     from megatron_agpo.models import checkpoint as fmt
     from megatron_agpo.models.pretrained import smollm2_hf_dir
     from megatron_agpo.parallel import (
@@ -34,17 +34,13 @@ if __name__ == "__main__":
     ids = torch.randint(3, 1000, (1, 32))
     model.zero_grad_buffer()
     opt.zero_grad()
-    model(input_ids=ids, position_ids=torch.arange(32)[None], attention_mask=None).float().pow(
-        2
-    ).mean().backward()
+    forward_logits(model, ids).float().pow(2).mean().backward()
     finalize_model_grads([model])
     opt.step()
     t0 = time.perf_counter()
     model.zero_grad_buffer()
     opt.zero_grad()
-    model(input_ids=ids, position_ids=torch.arange(32)[None], attention_mask=None).float().pow(
-        2
-    ).mean().backward()
+    forward_logits(model, ids).float().pow(2).mean().backward()
     finalize_model_grads([model])
     opt.step()
     step_s = time.perf_counter() - t0

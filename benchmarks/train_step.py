@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 
 import torch
 import torch.nn.functional as F
+
+from megatron_agpo.parallel import free_port
 
 # Dense (no sparsity) peak TFLOP/s per GPU for bf16 / fp16 tensor cores, from the vendor's
 # data sheets (SXM parts). fp32 runs are compared with the TF32 peak only if TF32 is on,
@@ -38,12 +39,6 @@ LLAMA_1B = dict(
     num_attention_heads=32, num_query_groups=4, head_dim=64, vocab_size=32000,
     max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
 )  # fmt: skip
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sync(device: torch.device) -> None:
@@ -103,7 +98,9 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(0)
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (and no MFU claim)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"
+    )
     from megatron.core import tensor_parallel
 
     from megatron_agpo.models import (

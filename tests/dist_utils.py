@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_agpo.parallel import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args, errq) -> None:

@@ -32,6 +32,7 @@ from megatron_agpo.algorithms import (
 )
 from megatron_agpo.algorithms.policy_loss import resolve_norm_constant
 from megatron_agpo.models.moe import tracked_aux_losses
+from megatron_agpo.parallel import global_rank
 from megatron_agpo.rewards.base import RewardUnavailable, reward_counters, scored_groups
 from megatron_agpo.rollout.types import RolloutError, StaleWeightsError
 from megatron_agpo.trainer import checkpoint as ckpt
@@ -55,10 +56,6 @@ from megatron_agpo.trainer.step import (
     resolve_packing,
     sequence_multiple,
 )
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def sampling_seed(run_seed: int, step: int, index: int, round_: int = 0) -> int:
@@ -166,7 +163,7 @@ class Trainer:
         self.cfg = cfg
         self._correct_precision_mismatch()
         init_parallel(cfg.parallel)
-        self.rank = _rank()
+        self.rank = global_rank()
         self.run_dir = Path(cfg.logging.run_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +230,7 @@ class Trainer:
         cap = resolve_tis_cap(loss.tis_cap, needs_tis(self.cfg.model, self.cfg.rollout.engine))
         if cap != loss.tis_cap:
             self.cfg.algorithm.loss = dataclasses.replace(loss, tis_cap=cap)
-            if _rank() == 0:
+            if global_rank() == 0:
                 print(
                     f"rollout and trainer precisions differ: truncated importance sampling on "
                     f"(algorithm.loss.tis_cap={cap})",
