@@ -17,7 +17,7 @@ if __name__ == "__main__":
 
     from megatron_agpo.models import build_model_from_hf, forward_logits
     from megatron_agpo.models import checkpoint as fmt
-    from megatron_agpo.models.pretrained import smollm2_hf_dir
+    from megatron_agpo.models.smollm2 import smollm2_hf_dir
     from megatron_agpo.parallel import (
         OptimizerSettings,
         ParallelConfig,

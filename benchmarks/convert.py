@@ -12,7 +12,7 @@ from pathlib import Path
 
 from megatron_agpo.models import HFWeights
 from megatron_agpo.models.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
-from megatron_agpo.models.pretrained import smollm2_hf_dir
+from megatron_agpo.models.smollm2 import smollm2_hf_dir
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_agpo.models.pretrained import smollm2_hf_dir
+    from megatron_agpo.models.smollm2 import smollm2_hf_dir
     from megatron_agpo.rollout import RolloutConfig, RolloutRequest
     from megatron_agpo.rollout.colocated import ColocatedEngine
 

@@ -142,7 +142,10 @@ def body(rank, world, hf_dir, out_path, baseline):
     json.dump(res, open(out_path, "w"))
 
 if __name__ == "__main__":
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    try:
+        from tests.tiny_models import tiny_hf_model
+    except ImportError:  # a baseline from before the builder moved out of the package
+        from megatron_agpo.models.pretrained import tiny_hf_model
     import tempfile
     hf = str(tiny_hf_model(tempfile.mkdtemp()))
     run_distributed(body, 1, hf, sys.argv[2], sys.argv[3] == "1")
@@ -165,8 +168,8 @@ def host_syncs(code_dir: Path, baseline: bool) -> dict:
 def packing(rows=64, budget=2048, repeats=3) -> dict:
     """Forward+backward of one mini-batch, padded then packed micro-batches, in one gloo world
     of one rank (the tiny Llama widened: hidden 256, vocabulary 16,384, context 4,096)."""
-    from megatron_agpo.models.pretrained import tiny_hf_model
     from tests.dist_utils import run_distributed
+    from tests.tiny_models import tiny_hf_model
 
     d = Path(tempfile.mkdtemp())
     hf = tiny_hf_model(d / "hf", hidden_size=256, intermediate_size=512, vocab_size=16384,

@@ -114,7 +114,7 @@ def main() -> None:
     init_parallel(ParallelConfig())
     hf_dir = None
     if args.model == "smollm2":
-        from megatron_agpo.models.pretrained import smollm2_hf_dir
+        from megatron_agpo.models.smollm2 import smollm2_hf_dir
 
         hf_dir = smollm2_hf_dir()
         mg, cfg = build_model_from_hf(hf_dir, params_dtype=args.dtype)

@@ -44,7 +44,7 @@ def _setup():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PORT", "29611"))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from megatron_agpo.models import build_model_from_hf
-    from megatron_agpo.models.pretrained import smollm2_hf_dir
+    from megatron_agpo.models.smollm2 import smollm2_hf_dir
     from megatron_agpo.parallel import ParallelConfig, init_parallel, wrap_for_training
 
     pc = ParallelConfig(tensor_parallel=1)

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+# The tiny-model builder lives with the tests (tests/tiny_models.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _best(fn, repeats: int) -> float:
@@ -159,7 +163,8 @@ def main() -> None:
     if args.channel_only:
         return
 
-    from megatron_agpo.models.pretrained import smollm2_hf_dir, tiny_hf_model
+    from megatron_agpo.models.smollm2 import smollm2_hf_dir
+    from tests.tiny_models import tiny_hf_model
 
     big_dir = Path(tempfile.gettempdir()) / "agpo_bench_random_llama_1024x12_v2"
     if not any(big_dir.glob("*.safetensors")):

@@ -25,12 +25,12 @@ def make_tiny_llama(
     tie_word_embeddings: bool = False,
 ) -> Path:
     """A random fp32 Llama with the project's character tokenizer (and chat template), as an
-    HF folder: the package's tiny builder (`models.pretrained.tiny_hf_model`) with weights
+    HF folder: the tiny builder (`tests.tiny_models.tiny_hf_model`) with weights
     drawn at std 0.2 (HF's 0.02 gives near-uniform next-token distributions; peaked ones make
     weight changes move log-probs visibly) and head_dim 32 (vLLM's CPU attention refuses 16).
     """
     from megatron_agpo.data.char_tokenizer import build_char_tokenizer
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     out = Path(out_dir)
     tokenizer = build_char_tokenizer()

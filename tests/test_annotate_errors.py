@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     return tiny_hf_model(tmp_path_factory.mktemp("tiny"))
 

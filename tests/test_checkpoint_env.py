@@ -14,7 +14,7 @@ LAUNCH_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 def test_in_process_conversion_restores_the_launcher_variables(tmp_path, monkeypatch):
     from megatron_agpo.models.checkpoint import convert_hf_to_megatron
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     for k in LAUNCH_KEYS:
         monkeypatch.delenv(k, raising=False)

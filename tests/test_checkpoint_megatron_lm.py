@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megatron_agpo.models import HFWeights
-from megatron_agpo.models.pretrained import tiny_hf_model
 from tests.dist_utils import run_distributed
+from tests.tiny_models import tiny_hf_model
 
 REPO = Path(__file__).resolve().parent.parent
 

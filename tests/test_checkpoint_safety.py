@@ -42,7 +42,7 @@ def craft_extra_state(model_dir: Path, marker: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
 
@@ -73,8 +73,8 @@ def test_crafted_extra_state_is_refused_at_resume_and_export(tiny_hf, tmp_path):
 
 @pytest.mark.dist  # one gloo process each
 def test_megatron_lm_layout_runs_no_code(tmp_path):
-    from megatron_agpo.models.pretrained import tiny_hf_model
     from tests.test_checkpoint_megatron_lm import _write_megatron_lm
+    from tests.tiny_models import tiny_hf_model
 
     src = tiny_hf_model(tmp_path / "hf")
     run_distributed(_write_megatron_lm, 1, str(src), str(tmp_path / "mlm"))

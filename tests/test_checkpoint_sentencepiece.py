@@ -10,7 +10,7 @@ import random
 import pytest
 
 from megatron_agpo.models.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
-from megatron_agpo.models.pretrained import tiny_hf_model
+from tests.tiny_models import tiny_hf_model
 
 TEXT = "two plus seven equals 123, the answer is \\boxed{130}"
 

@@ -12,7 +12,7 @@ import torch
 
 from megatron_agpo.models import HFWeights, UnsupportedModelError
 from megatron_agpo.models.checkpoint import convert_hf_to_megatron
-from megatron_agpo.models.pretrained import tiny_hf_model
+from tests.tiny_models import tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
 

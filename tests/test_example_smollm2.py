@@ -28,7 +28,7 @@ pytest.importorskip("gguf")
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_smollm2_example_two_steps(tmp_path):
-    from megatron_agpo.models.pretrained import smollm2_gguf_path
+    from megatron_agpo.models.smollm2 import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()

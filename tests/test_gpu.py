@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_agpo.backends import detect
-from megatron_agpo.models.pretrained import tiny_hf_model
 from tests.dist_utils import free_port
+from tests.tiny_models import tiny_hf_model
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ from megatron_agpo.models import (
     rope_inv_freq,
     split_qkv,
 )
-from megatron_agpo.models.pretrained import tiny_hf_model
 from tests.dist_utils import run_distributed
+from tests.tiny_models import tiny_hf_model
 
 ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 

@@ -2,7 +2,7 @@
 Megatron round trips at TP=1 and TP=2, logits equal to transformers' in float64, and a
 training step equal to transformers' at TP=2 (the q/k norm gradients summed over TP).
 
-The tiny Qwen3 (megatron_agpo.models.pretrained.tiny_hf_model) has 32-wide heads in a 64-wide
+The tiny Qwen3 (tests.tiny_models.tiny_hf_model) has 32-wide heads in a 64-wide
 model, random q/k norm weights and tied embeddings, so a layout that assumed hidden / heads, a
 dropped q/k norm or an untied output would each show.
 """
@@ -21,12 +21,12 @@ from megatron_agpo.models import (
     UnsupportedModelError,
     hf_to_megatron_tensors,
 )
-from megatron_agpo.models.pretrained import tiny_hf_model
 from megatron_agpo.models.weights import HFWeights, rule_for, unpad_vocab
 from megatron_agpo.plan.planner import ARCHS_DIR
 from tests.dist_utils import run_distributed
 from tests.test_models import _forward as _pipeline_forward
 from tests.test_models import _megatron_train
+from tests.tiny_models import tiny_hf_model
 
 ARCH = "Qwen3ForCausalLM"
 

@@ -3,7 +3,7 @@ router's weight rules with experts sharded over EP, float64 logits and every gra
 transformers' at EP=1 and EP=2 over gloo, the load-balancing loss's logged value, and
 router replay (megatron's RouterReplay hook) giving the routing it is handed.
 
-The tiny Qwen3-MoE (megatron_agpo.models.pretrained.tiny_hf_model): 2 layers, 4 experts of
+The tiny Qwen3-MoE (tests.tiny_models.tiny_hf_model): 2 layers, 4 experts of
 width 48, top-2 renormalised, router logits of O(1) (clear top-k choices).
 """
 
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_agpo.models import ModelConfig, UnsupportedModelError, hf_to_megatron_tensors
-from megatron_agpo.models.pretrained import tiny_hf_model
 from megatron_agpo.models.weights import HFWeights, rule_for, unpad_vocab
 from tests.dist_utils import run_distributed
+from tests.tiny_models import tiny_hf_model
 
 ARCH = "Qwen3MoeForCausalLM"
 

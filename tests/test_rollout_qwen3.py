@@ -25,7 +25,7 @@ def make_tiny_qwen3(out_dir) -> str:
     """A random fp32 Qwen3 (hidden 128, 2 layers, 4 heads of 32, 2 KV heads) with the project's
     char tokenizer; weights at std 0.2 so log-probs are peaked and weight changes show."""
     from megatron_agpo.data.char_tokenizer import build_char_tokenizer
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     tok = build_char_tokenizer()
     tiny_hf_model(out_dir, "Qwen3ForCausalLM", vocab_size=len(tok), hidden_size=128,

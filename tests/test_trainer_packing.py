@@ -24,7 +24,7 @@ from tests.test_trainer_step import make_batch
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
 

