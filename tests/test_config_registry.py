@@ -86,3 +86,24 @@ def test_a_user_advantage_rule_is_one_registered_function():
     assert advantages(r, 4, adv_cfg).tolist() == pytest.approx(expect, abs=1e-15)
     with pytest.raises(ValueError, match=r"algorithm\.pos_rule=.rnak.: must be one of .*rank"):
         load_config([PLUGIN, "algorithm.pos_rule=rnak"])
+
+
+REL = r"data\.relevance\."
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.relevance.source=nope"], REL + r"source='nope': synthetic, file or esci"),
+        (["data.relevance.source=file"], REL + r"source=file needs data\.relevance\.path"),
+        (["data.relevance.prompt.template='{colour}'"], REL + r"prompt\.template: unknown"),
+        (["data.relevance.labels=[A,B]", "data.relevance.codes=[]"],
+         r"source=synthetic labels by ESCI's four grades"),
+        (["data.relevance.codes=[E,S,C,X]"], REL + r"codes=.* and reward\.relevance"),
+    ],
+)  # fmt: skip
+def test_relevance_settings_are_checked_before_launch(overrides, message):
+    """`data=relevance data.relevance.source=nope` used to pass the check and fail on every
+    rank with a traceback."""
+    with pytest.raises(ValueError, match=message):
+        load_config(["data=relevance", "reward=relevance", *overrides])

@@ -30,6 +30,7 @@ from megatron_agpo.data.relevance import (
     warmstart_examples,
     write_records,
 )
+from megatron_agpo.registry import require_valid
 
 # ---------------------------------------------------------------- files
 
@@ -267,7 +268,7 @@ def test_render_prompt_by_hand():
     with pytest.raises(ValueError, match=r"prompt.template .*'colour'"):
         render_prompt(rec, RelevancePromptConfig(template="{colour}"), ls)
     with pytest.raises(ValueError, match="item_fields: 'size'"):
-        RelevancePromptConfig(item_fields=["size"])
+        require_valid(RelevancePromptConfig(item_fields=["size"]), "prompt.")
 
 
 def _section(**relevance):

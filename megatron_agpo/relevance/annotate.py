@@ -48,6 +48,7 @@ from megatron_agpo.data.relevance import (
 from megatron_agpo.eval.benchmarks import EvalProblem
 from megatron_agpo.eval.driver import GenerateFn, evaluate
 from megatron_agpo.eval.passk import pass_at_k_curve
+from megatron_agpo.registry import require_valid
 from megatron_agpo.relevance.metrics import classification_metrics, majority_vote
 from megatron_agpo.rewards.relevance import parse_label
 
@@ -122,7 +123,9 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         if value is not None:
             prompt[key] = value
     try:
-        return Setup(LabelSet.of(labels, codes), RelevancePromptConfig(**prompt))
+        setup = Setup(LabelSet.of(labels, codes), RelevancePromptConfig(**prompt))
+        require_valid(setup.prompt, "prompt.")
+        return setup
     except ValueError as e:
         raise SystemExit(f"agpo-annotate: {e}") from None
 

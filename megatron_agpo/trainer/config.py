@@ -524,6 +524,20 @@ class TrainConfig:
                 "trainer.steps x ppo_epochs x mini_batches)"
             )
         need(out, self.nproc >= 1, "nproc", self.nproc, "must be >= 1")
+        rel_data, rel_reward = self.data.relevance, self.reward.relevance
+        if d.kind == "relevance" and self.reward.name == "relevance":
+            codes = lambda c: list(c.codes) or list(c.labels)  # noqa: E731 - empty: the names
+            if list(rel_data.labels) != list(rel_reward.labels):
+                out.append(
+                    f"data.relevance.labels={list(rel_data.labels)} and reward.relevance.labels="
+                    f"{list(rel_reward.labels)} differ: the reward reads answers against the "
+                    "labels the prompts offer"
+                )
+            elif codes(rel_data) != codes(rel_reward):
+                out.append(
+                    f"data.relevance.codes={codes(rel_data)} and reward.relevance.codes="
+                    f"{codes(rel_reward)} differ"
+                )
         if r.mode == "colocated" and t.max_staleness > 0:
             out.append(
                 f"trainer.max_staleness={t.max_staleness} needs rollout.mode=replicas: the "

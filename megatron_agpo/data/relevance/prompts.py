@@ -33,12 +33,26 @@ class RelevancePromptConfig:
     system: str = ""
     """A system turn before the user turn (empty: none)."""
 
-    def __post_init__(self) -> None:
+    def problems(self, prefix: str = "prompt.") -> list[str]:
+        """The template's problems, one line each naming the key."""
+        import string
+
+        out = []
         bad = [f for f in self.item_fields if f not in ATTRIBUTES]
         if bad:
-            raise ValueError(
-                f"prompt.item_fields: {bad[0]!r} is not one of {', '.join(ATTRIBUTES)}"
-            )
+            out.append(f"{prefix}item_fields: {bad[0]!r} is not one of {', '.join(ATTRIBUTES)}")
+        try:
+            names = {n for _, n, _, _ in string.Formatter().parse(self.template) if n}
+        except ValueError as e:
+            out.append(f"{prefix}template: {e}")
+        else:
+            unknown = sorted(names - set(_PLACEHOLDERS))
+            if unknown:
+                out.append(
+                    f"{prefix}template: unknown placeholder {{{unknown[0]}}} (known: "
+                    f"{', '.join(_PLACEHOLDERS)})"
+                )
+        return out
 
 
 _PLACEHOLDERS = ("instruction", "definitions", "labels", "query", "item", "title", *ATTRIBUTES)

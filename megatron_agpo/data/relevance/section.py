@@ -20,6 +20,7 @@ from megatron_agpo.data.relevance.schema import (
     load_records,
 )
 from megatron_agpo.data.relevance.synthetic import SyntheticConfig, generate_synthetic
+from megatron_agpo.registry import require_valid
 
 
 @dataclass
@@ -59,20 +60,36 @@ class RelevanceDataConfig:
     def label_set(self) -> LabelSet:
         return LabelSet.of(self.labels, self.codes)
 
+    def problems(self, prefix: str = "data.relevance.") -> list[str]:
+        """This section's problems, one line each naming the key (the files themselves are
+        read by `megatron_agpo.validate.preflight`); the prompt template reports its own."""
+        out: list[str] = []
+        if self.source not in ("synthetic", "file", "esci"):
+            out.append(f"{prefix}source={self.source!r}: synthetic, file or esci")
+        try:
+            labels = self.label_set()
+        except ValueError as e:
+            out.append(f"{prefix}labels / {prefix}codes: {e}")
+            labels = None
+        if self.source == "synthetic" and labels is not None and labels.names != ESCI_NAMES:
+            out.append(
+                f"{prefix}source=synthetic labels by ESCI's four grades; a custom label set "
+                f"({', '.join(self.labels)}) needs source=file or esci"
+            )
+        if self.source in ("file", "esci") and not self.path:
+            out.append(f"{prefix}source={self.source} needs {prefix}path")
+        if self.source == "esci" and not self.products_path:
+            out.append(f"{prefix}source=esci needs {prefix}products_path")
+        for key in ("num_train", "num_eval"):
+            if getattr(self, key) < 0:
+                out.append(f"{prefix}{key}={getattr(self, key)}: must be >= 0")
+        return out
+
 
 def _relevance_cfg(data_section: Any) -> RelevanceDataConfig:
     cfg = data_section.relevance
-    if cfg.source not in ("synthetic", "file", "esci"):
-        raise ValueError(f"data.relevance.source={cfg.source!r}: synthetic, file or esci")
-    if cfg.source == "synthetic" and LabelSet.of(cfg.labels, cfg.codes).names != ESCI_NAMES:
-        raise ValueError(
-            "data.relevance.source=synthetic labels by ESCI's four grades; a custom label set "
-            f"({', '.join(cfg.labels)}) needs source=file or esci"
-        )
-    if cfg.source in ("file", "esci") and not cfg.path:
-        raise ValueError(f"data.relevance.source={cfg.source} needs data.relevance.path")
-    if cfg.source == "esci" and not cfg.products_path:
-        raise ValueError("data.relevance.source=esci needs data.relevance.products_path")
+    require_valid(cfg, "data.relevance.")
+    require_valid(cfg.prompt, "data.relevance.prompt.")
     return cfg
 
 
