@@ -112,15 +112,17 @@ def plan_from_overrides(overrides: list[str]) -> tuple[Plan, str, object]:
     composed = _composed(overrides)
     fp8 = composed.model.get("fp8", "none") or "none"
     quant = composed.rollout.engine.get("quantization", "") or ""
+    cp = int(composed.parallel.get("context_parallel", 1) or 1)
     planned = None
     try:
         cfg = load_plan_config(overrides)
     except Exception:
-        if fp8 == "none" and not quant:
+        if fp8 == "none" and not quant and cp == 1:
             raise
         # FP8 needs Transformer Engine / vLLM on a capable GPU, which the machine that plans
         # need not have: validate the rest, plan the FP8 run.
-        neutral = [*overrides, "model.fp8=none"]
+        # So does context parallelism (Transformer Engine's attention).
+        neutral = [*overrides, "model.fp8=none", "parallel.context_parallel=1"]
         if quant:
             neutral.append("rollout.engine.quantization=")
         cfg = load_plan_config(neutral)
@@ -132,11 +134,12 @@ def plan_from_overrides(overrides: list[str]) -> tuple[Plan, str, object]:
     layout = Layout.from_config(cfg)
     if planned:
         layout.fp8, layout.engine_quantization = str(planned[0]), str(planned[1])
+        layout.cp = max(layout.cp, cp)
     plan = make_plan(layout, arch, cfg.cluster, name)
     if planned:
         plan.assumptions.append(
-            "FP8 availability not checked here (no Transformer Engine / capable GPU on this "
-            "machine); agpo-train checks it where it runs"
+            "FP8 / context parallelism availability not checked here (no Transformer Engine "
+            "/ capable GPU on this machine); agpo-train checks it where it runs"
         )
     return plan, source, (cfg, arch)
 

@@ -38,10 +38,13 @@ class StageParams:
     norms: int
     """Of the above, RMSNorm weights (replicated on every TP rank). Transformer Engine's take
     the parameter dtype; megatron's local (CPU) spec keeps them in float32."""
+    experts: int = 0
+    """MoE: the stage's expert weights on this GPU (E / EP experts per layer, each split over
+    the expert-TP ranks); their optimizer state shards over the expert-data-parallel ranks."""
 
     @property
     def total(self) -> int:
-        return self.layer_params + self.embedding + self.output
+        return self.layer_params + self.embedding + self.output + self.experts
 
 
 def layer_params(arch: ModelConfig, tp: int) -> int:
@@ -52,12 +55,29 @@ def layer_params(arch: ModelConfig, tp: int) -> int:
     q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
     qkv = (q + 2 * kv) * h + ((q + 2 * kv) if arch.qkv_bias else 0)
     proj = h * q
+    qk_norm = 2 * hd if arch.qk_layernorm else 0
+    if getattr(arch, "num_experts", 0):
+        # MoE layer: the experts are counted apart (expert_layer_params); the router's [E, h]
+        # weight is replicated on every TP rank.
+        return (qkv + proj) // tp + 2 * h + qk_norm + arch.num_experts * h
     mlp = 2 * arch.ffn_hidden_size * h + h * arch.ffn_hidden_size
-    return (qkv + proj + mlp) // tp + 2 * h
+    return (qkv + proj + mlp) // tp + 2 * h + qk_norm
 
 
-def stage_params(arch: ModelConfig, tp: int, pp: int, stage: int) -> StageParams:
-    """Parameters on one GPU of pipeline stage `stage` (0 = first, pp - 1 = last)."""
+def expert_layer_params(arch: ModelConfig, ep: int = 1, etp: int = 1) -> int:
+    """One MoE layer's expert weights on one GPU: E / EP SwiGLU experts (fc1 gate and up,
+    fc2), each split over `etp` expert-TP ranks; 0 for a dense model."""
+    e = getattr(arch, "num_experts", 0)
+    if not e:
+        return 0
+    return (e // ep) * 3 * arch.hidden_size * arch.moe_ffn_hidden_size // etp
+
+
+def stage_params(
+    arch: ModelConfig, tp: int, pp: int, stage: int, ep: int = 1, etp: int | None = None
+) -> StageParams:
+    """Parameters on one GPU of pipeline stage `stage` (0 = first, pp - 1 = last); MoE
+    experts over `ep` expert-parallel x `etp` expert-TP ranks (megatron's default ETP = TP)."""
     layers = arch.num_layers // pp
     vocab = arch.padded_vocab_size * arch.hidden_size // tp
     first, last = stage == 0, stage == pp - 1
@@ -67,12 +87,23 @@ def stage_params(arch: ModelConfig, tp: int, pp: int, stage: int) -> StageParams
     output = (0 if (arch.tie_word_embeddings and first) else vocab) if last else 0
     output += arch.hidden_size if last else 0  # final norm
     norms = 2 * arch.hidden_size * layers + (arch.hidden_size if last else 0)
-    return StageParams(layers, layers * layer_params(arch, tp), embedding, output, norms)
+    experts = layers * expert_layer_params(arch, ep, tp if etp is None else etp)
+    return StageParams(layers, layers * layer_params(arch, tp), embedding, output, norms, experts)
 
 
 def total_params(arch: ModelConfig) -> int:
     """Parameters of the whole model (padded vocabulary, as megatron allocates it)."""
     return stage_params(arch, 1, 1, 0).total
+
+
+def active_params(arch: ModelConfig) -> int:
+    """Parameters one token passes through: a MoE model's top-k experts of every layer, not
+    all of them (the whole model for a dense one)."""
+    full = stage_params(arch, 1, 1, 0)
+    if not getattr(arch, "num_experts", 0):
+        return full.total
+    per_expert = 3 * arch.hidden_size * arch.moe_ffn_hidden_size
+    return full.total - full.experts + arch.num_layers * arch.moe_router_topk * per_expert
 
 
 # ----------------------------------------------------------------------------- state
@@ -121,6 +152,10 @@ def layer_activation_bytes(
     dropout: bool = True,
     flash_attention: bool = False,
     cp: int = 1,
+    moe_topk: int = 0,
+    moe_ffn: int = 0,
+    num_experts: int = 0,
+    etp: int | None = None,
 ) -> float:
     """Bytes one transformer layer keeps for the backward of one micro-batch, on one GPU
     (16-bit activations, 1-byte dropout masks).
@@ -133,6 +168,11 @@ def layer_activation_bytes(
     the 5as^2 b of the attention core (as flash attention never stores it); full
     recomputation keeps only each layer's input, 2sbh (/t with SP). Context parallelism
     splits s over cp ranks.
+
+    MoE (moe_topk > 0; our estimate, no published term-by-term count): the MLP interior is
+    each token's top-k experts' SwiGLU interiors, k x 6 s b ffn_e (/ expert TP), plus the
+    dispatcher's permuted copies of the tokens going in and coming out, 2 x 2 k sbh, and the
+    router's float32 logits and probabilities, 8 s b E (/t with SP, as the tokens are).
     """
     ffn = 4 * h if ffn is None else ffn
     kv = a if kv_heads is None else kv_heads
@@ -144,15 +184,27 @@ def layer_activation_bytes(
     # Inside the TP region (divided by t): Q and K (QK^T), V, the output projection's input,
     # the MLP's interior; then the score matrices unless recomputed or never stored.
     inner = 2 * sbh + 2 * sbh * kv / a + 2 * sbh * kv / a + 2 * sbh
-    inner += (4 + 2) * s * b * ffn if swiglu else (2 + 2) * s * b * ffn
+    moe = 0.0
+    if moe_topk:
+        e_tp = tp if etp is None else etp
+        moe = moe_topk * 6 * s * b * moe_ffn / e_tp
+        moe += (4 * moe_topk * sbh + 8 * s * b * num_experts) / (tp if sequence_parallel else 1)
+    else:
+        inner += (4 + 2) * s * b * ffn if swiglu else (2 + 2) * s * b * ffn
     scores = 0.0
     if recompute == "none" and not flash_attention:
         scores = (2 + mask + (2 if dropout else 0)) * a * s * s * cp * b  # softmax, mask, out
     # Outside it (replicated without SP): two norm inputs, QKV and fc1 inputs, two masks.
     outer = 4 * sbh + 2 * sbh + 2 * sbh + 2 * mask * sbh
     if sequence_parallel:
-        return (inner + scores + outer) / tp
-    return (inner + scores) / tp + outer
+        return (inner + scores + outer) / tp + moe
+    return (inner + scores) / tp + outer + moe
+
+
+def router_replay_bytes(tokens: float, layers: int, topk: int) -> float:
+    """model.router_replay=rollout: the engine's expert choices of one micro-batch's tokens
+    for the stage's layers, int64 [T, b, L, k] (megatron_agpo.models.moe), on the GPU."""
+    return tokens * layers * topk * 8
 
 
 def pipeline_in_flight(pp: int, vp: int, micro_batches: int) -> float:

@@ -67,6 +67,25 @@ class Layout:
     reference_model: bool
     ppo_epochs: int
     mini_batches: int
+    ep: int = 1
+    """parallel.expert_parallel: a MoE model's experts split over this many ranks."""
+    etp: int = 0
+    """Expert tensor parallelism (0: 1, what the trainer builds: every expert whole on its EP
+    rank, megatron_agpo.parallel)."""
+    router_replay: bool = False
+    """model.router_replay=rollout: the engine's expert choices kept for the trainer."""
+    max_staleness: int = 0
+    """trainer.max_staleness: >= 1 overlaps generation with training (engines on GPUs of
+    their own)."""
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or 1
+
+    @property
+    def expert_dp(self) -> int:
+        """Expert-data-parallel ranks: what shards a MoE model's expert optimizer state."""
+        return max(1, self.world // (self.pp * self.ep * self.expert_tp))
 
     @property
     def world(self) -> int:
@@ -91,13 +110,16 @@ class Layout:
         c, p, r, t = cfg.cluster, cfg.parallel, cfg.rollout, cfg.trainer
         e = r.engine
         fp8 = getattr(cfg.model, "fp8", "none") or "none"
+        # parallel.context_parallel is the trainer's; cluster.context_parallel sizes it where
+        # the config leaves it at 1 (before the trainer ran CP).
+        cp = getattr(p, "context_parallel", 1)
         return cls(
             nodes=c.nodes,
             gpus_per_node=c.gpus_per_node,
             tp=p.tensor_parallel,
             pp=p.pipeline_parallel,
             vp=c.virtual_pipeline,
-            cp=c.context_parallel,
+            cp=cp if cp > 1 else c.context_parallel,
             sequence_parallel=p.sequence_parallel,
             distributed_optimizer=p.use_distributed_optimizer,
             recompute=c.recompute,
@@ -132,6 +154,10 @@ class Layout:
             reference_model=cfg.algorithm.loss.kl_coef != 0.0,
             ppo_epochs=t.ppo_epochs,
             mini_batches=t.mini_batches,
+            ep=getattr(p, "expert_parallel", 1),
+            etp=getattr(p, "expert_tensor_parallel", 0) or 0,
+            router_replay=getattr(cfg.model, "router_replay", "off") == "rollout",
+            max_staleness=getattr(t, "max_staleness", 0),
         )
 
     def overrides(self) -> list[str]:
@@ -157,6 +183,18 @@ class Layout:
                 f"{self.tp} x {self.pp} x {self.cp}"
             )
         arch.validate(tensor_parallel=self.tp, pipeline_parallel=self.pp)
+        experts = getattr(arch, "num_experts", 0)
+        if self.ep > 1 and not experts:
+            raise ValueError(f"parallel.expert_parallel={self.ep}: the model has no experts")
+        if experts and experts % self.ep:
+            raise ValueError(
+                f"parallel.expert_parallel={self.ep} does not divide the model's {experts} experts"
+            )
+        if experts and (self.world // self.pp) % (self.ep * self.expert_tp):
+            raise ValueError(
+                f"parallel.expert_parallel={self.ep} x expert TP {self.expert_tp} does not "
+                f"divide the {self.world // self.pp} ranks of a pipeline stage"
+            )
         if arch.num_layers % (self.pp * self.vp):
             raise ValueError(
                 f"num_layers={arch.num_layers} does not split into PP x virtual_pipeline = "
@@ -238,6 +276,7 @@ class Memory:
     rollout_in_training: float
     overhead: float
     kv_cache_tokens: int
+    router_replay: float = 0.0
 
     def phases(self, offload: bool) -> dict[str, dict[str, float]]:
         state = {"weights": self.weights, "reference": self.reference, "overhead": self.overhead}
@@ -247,6 +286,7 @@ class Memory:
             "optimizer": self.optimizer,
             "activations": self.activations,
             "logits": self.logits,
+            "router_replay": self.router_replay,
             "rollout": self.rollout_in_training,
         }
         kept = 0.0 if offload else 1.0
@@ -328,13 +368,19 @@ def _micro_batches(lay: Layout, mean_len: float, per_optimizer_step: bool) -> in
 
 def stage_memory(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, stage: int):
     """Memory terms on one GPU of pipeline stage `stage`."""
-    sp = mem.stage_params(arch, lay.tp, lay.pp, stage)
+    sp = mem.stage_params(arch, lay.tp, lay.pp, stage, lay.ep, lay.expert_tp)
     state = mem.state_bytes_per_param(lay.params_dtype, lay.distributed_optimizer, lay.dp * lay.cp)
+    # A MoE model's expert weights shard their optimizer state over the expert-DP ranks.
+    e_state = mem.state_bytes_per_param(lay.params_dtype, lay.distributed_optimizer, lay.expert_dp)
     s, b = _activation_tokens(lay)
+    moe = {}
+    if _is_moe(arch):
+        moe = dict(moe_topk=arch.moe_router_topk, moe_ffn=arch.moe_ffn_hidden_size,
+                   num_experts=arch.num_experts, etp=lay.expert_tp)  # fmt: skip
     layer = mem.layer_activation_bytes(
         s, b, arch.hidden_size, arch.num_attention_heads, lay.tp, lay.sequence_parallel,
         lay.recompute, ffn=arch.ffn_hidden_size, kv_heads=arch.num_query_groups, swiglu=True,
-        dropout=False, flash_attention=c.flash_attention, cp=lay.cp,
+        dropout=False, flash_attention=c.flash_attention, cp=lay.cp, **moe,
     )  # fmt: skip
     # Activations are 16-bit in the formula; float32 training doubles them.
     act_scale = mem.DTYPE_BYTES[lay.params_dtype] / 2
@@ -359,11 +405,15 @@ def stage_memory(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection
     kv_tokens = (share - engine_weights - ENGINE_RESERVE_GIB * GIB) / mem.kv_bytes_per_token(
         arch, lay.engine_tp, kv_bytes
     )
+    replay = 0.0
+    if lay.router_replay and _is_moe(arch):
+        replay = mem.router_replay_bytes(s * b / lay.cp, sp.layers, arch.moe_router_topk)
     return Memory(
         stage=stage,
         weights=sp.total * state.weights,
         gradients=sp.total * state.gradients,
-        optimizer=sp.total * state.optimizer,
+        optimizer=(sp.total - sp.experts) * state.optimizer + sp.experts * e_state.optimizer,
+        router_replay=replay,
         activations=acts,
         logits=logits,
         reference=sp.total * mem.DTYPE_BYTES[lay.params_dtype] if lay.reference_model else 0.0,
@@ -374,6 +424,10 @@ def stage_memory(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection
         overhead=c.overhead_gib * GIB,
         kv_cache_tokens=max(0, int(kv_tokens)),
     )
+
+
+def _is_moe(arch: ModelConfig) -> bool:
+    return getattr(arch, "num_experts", 0) > 0
 
 
 def _engine_dtype_bytes(lay: Layout, arch: ModelConfig) -> int:
@@ -409,6 +463,31 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
         vol = collectives_per_layer * (L / lay.pp) * tokens_group * h * act_bytes
         return st.ring_allreduce_s(vol, lay.tp, tp_bw)
 
+    # MoE: every layer's token dispatch and combine are all-to-alls over the EP group (2 per
+    # forward, 2 more in the backward), each rank sending its tokens' top-k copies.
+    # Megatron orders expert ranks expert-TP first, then EP: an EP group of consecutive ranks.
+    ep_bw = nvlink if lay.expert_tp * lay.ep <= lay.gpus_per_node else net
+
+    def a2a(per_layer: int) -> float:
+        if not _is_moe(arch) or lay.ep == 1:
+            return 0.0
+        tokens_rank = tokens_group / (lay.tp if lay.sequence_parallel else 1)
+        vol = tokens_rank * arch.moe_router_topk * h * act_bytes
+        calls = per_layer * (L / lay.pp)
+        return calls * st.all_to_all_s(vol, lay.ep, ep_bw) + calls * m_calls * (
+            c.collective_latency_us * 1e-6)  # fmt: skip
+
+    # Context parallelism: Transformer Engine's ring passes each rank's K and V chunk to the
+    # others in the forward, and K, V and their gradients back in the backward.
+    cp_bw = nvlink if lay.tp * lay.cp <= lay.gpus_per_node else net
+    kv_dim = arch.num_query_groups * arch.head_dim
+
+    def cp_comm(passes: int) -> float:
+        if lay.cp == 1:
+            return 0.0
+        vol = rows * seq * 2 * kv_dim * act_bytes / lay.tp * (lay.cp - 1) / lay.cp
+        return passes * (L / lay.pp) * vol / (cp_bw * 1e9)
+
     def pp_comm(directions: int) -> float:
         shard = lay.tp if lay.sequence_parallel else 1
         return 0.0 if lay.pp == 1 else directions * tokens_group * h * act_bytes / shard / (
@@ -418,6 +497,7 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     train_fwds = st.train_flops_factor(lay.recompute)
     compute = lay.ppo_epochs * train_fwds * rows * fwd_seq / mp_peak
     m = _micro_batches(lay, seq, per_optimizer_step=True)
+    m_calls = m * lay.mini_batches
     bubble = compute * st.pipeline_bubble(lay.pp, lay.vp, m)
     colls = 6 if lay.recompute == "full" else 4
     stage_p = mem.stage_params(arch, lay.tp, lay.pp, 0).total
@@ -429,7 +509,23 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     else:
         dp_s = st.ring_allreduce_s(stage_p * 4, lay.dp * lay.cp, dp_bw)
     updates = lay.ppo_epochs * lay.mini_batches
-    train = compute + bubble + lay.ppo_epochs * (tp_comm(colls) + pp_comm(2)) + updates * dp_s
+    if _is_moe(arch):
+        # Experts live on EP x expert-TP ranks: their gradients reduce over expert-DP only.
+        e_p = mem.stage_params(arch, lay.tp, lay.pp, 0, lay.ep, lay.expert_tp).experts
+        dense_p = stage_p - e_p
+        edp, e_bw = lay.expert_dp, (nvlink if lay.world <= lay.gpus_per_node else net)
+        if lay.distributed_optimizer:
+            dp_s = st.ring_gather_s(dense_p * 4, lay.dp * lay.cp, dp_bw) + st.ring_gather_s(
+                dense_p * w_bytes, lay.dp * lay.cp, dp_bw)  # fmt: skip
+            dp_s += st.ring_gather_s(e_p * 4, edp, e_bw) + st.ring_gather_s(e_p * w_bytes, edp,
+                                                                            e_bw)  # fmt: skip
+        else:
+            dp_s = st.ring_allreduce_s(dense_p * 4, lay.dp * lay.cp, dp_bw)
+            dp_s += st.ring_allreduce_s(e_p * 4, edp, e_bw)
+    a2a_calls = 6 if lay.recompute == "full" else 4
+    train = compute + bubble + lay.ppo_epochs * (
+        tp_comm(colls) + pp_comm(2) + a2a(a2a_calls) + cp_comm(3)
+    ) + updates * dp_s  # fmt: skip
 
     # Log-prob passes: forward only.
     passes = int(lay.recompute_old_logp) + int(lay.reference_model)
@@ -437,7 +533,8 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     m_f = _micro_batches(lay, seq, per_optimizer_step=False)
     logprobs = passes * (
         f_compute * (1 + st.pipeline_bubble(lay.pp, 1, m_f)) + tp_comm(2) + pp_comm(1)
-    )
+        + a2a(2) + cp_comm(1)
+    )  # fmt: skip
 
     # Generation: engines in parallel, each over its share of the prompts.
     e_bytes = 1 if lay.engine_quantization == "fp8" else _engine_dtype_bytes(lay, arch)
@@ -452,9 +549,17 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     gen_peak = gpu.bf16_tflops * 1e12 * c.matmul_efficiency
     overhead_ms = c.decode_step_overhead_ms or (8.0 if lay.enforce_eager else 2.0)
     latency = 2 * L * c.collective_latency_us * 1e-6 if lay.engine_tp > 1 else 0.0
+    step_weights = total_p
+    if _is_moe(arch):
+        # A decode step reads the experts its batch's tokens route to (all of them from a few
+        # hundred sequences on), and every other weight.
+        expert_p = mem.stage_params(arch, 1, 1, 0).experts
+        running = seqs / waves
+        touched = st.experts_touched(arch.num_experts, arch.moe_router_topk, running)
+        step_weights = total_p - expert_p + expert_p * touched / arch.num_experts
     decode = st.decode_seconds(
         steps=lay.response_max * waves,
-        weight_bytes=total_p * e_bytes / lay.engine_tp,
+        weight_bytes=step_weights * e_bytes / lay.engine_tp,
         kv_bytes_read=kv_read,
         flops=2 * st.matmul_params(arch) * seqs * r_mean / lay.engine_tp,
         hbm_gb_s=gpu.hbm_gb_s * c.hbm_efficiency,
@@ -469,6 +574,9 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     # Refit: gather the weights to trainer rank 0, then into the engines.
     weight_bytes = total_p * w_bytes
     gather = st.ring_gather_s(weight_bytes / lay.pp, lay.tp, tp_bw)
+    if _is_moe(arch) and lay.ep > 1:  # the experts, spread over the EP ranks
+        e_bytes_all = mem.stage_params(arch, 1, 1, 0).experts * w_bytes
+        gather += st.ring_gather_s(e_bytes_all / lay.pp, lay.ep, ep_bw)
     if lay.pp > 1:
         gather += weight_bytes * (lay.pp - 1) / lay.pp / (pp_bw * 1e9)
     if lay.rollout_mode == "colocated":
@@ -482,6 +590,9 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
 
     times = {"generation": generation, "logprobs": logprobs, "train": train, "refit": refit}
     times["total"] = sum(times.values())
+    if lay.max_staleness >= 1 and lay.engines_on_own_gpus:
+        times["sequential"] = times["total"]
+        times["total"] = st.step_with_overlap(generation, logprobs + train, refit)
     model_flops = lay.ppo_epochs * 3 * fwd
     mfu = model_flops / (train * world * gpu.bf16_tflops * 1e12) if train > 0 else 0.0
     tokens = lay.samples * seq
@@ -489,7 +600,8 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
 
 
 # ----------------------------------------------------------------------------- plan
-TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "reference", "rollout")
+TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "router_replay",
+         "reference", "rollout")  # fmt: skip
 
 
 def make_plan(lay: Layout, arch: ModelConfig, c: ClusterSection, model_name: str = "") -> Plan:
@@ -554,11 +666,13 @@ def make_plan(lay: Layout, arch: ModelConfig, c: ClusterSection, model_name: str
         step_time_s=times,
         tokens_per_s_per_gpu=tokens / (times["total"] * (lay.world + lay.rollout_gpus)),
         train_mfu=mfu,
-        assumptions=assumptions(lay, c, gpu),
+        assumptions=assumptions(lay, c, gpu, arch),
     )
 
 
-def assumptions(lay: Layout, c: ClusterSection, gpu: GpuSpec) -> list[str]:
+def assumptions(
+    lay: Layout, c: ClusterSection, gpu: GpuSpec, arch: ModelConfig | None = None
+) -> list[str]:
     """Every assumption the numbers rest on, in words."""
     overhead = c.decode_step_overhead_ms or (8.0 if lay.enforce_eager else 2.0)
     out = [
@@ -597,6 +711,38 @@ def assumptions(lay: Layout, c: ClusterSection, gpu: GpuSpec) -> list[str]:
         f"overhead {c.overhead_gib:g} GiB per GPU (CUDA context, NCCL, fragmentation)",
         "reward scoring, dynamic-sampling extra rounds and evaluation are not counted",
     ]
+    if arch is not None and _is_moe(arch):
+        out.append(
+            f"MoE: {arch.num_experts} experts, top-{arch.moe_router_topk}, over EP {lay.ep} x "
+            f"expert TP {lay.expert_tp} (their optimizer state over {lay.expert_dp} expert-DP "
+            "ranks); FLOPs of the top-k experts only, at the dense matmul efficiency (perfect "
+            "load balance, no dropped tokens); 2 all-to-alls per layer per forward (dispatch, "
+            "combine), 2 more per backward; a decode step reads the experts its running batch "
+            "touches, E(1 - (1 - k/E)^batch)"
+            + (
+                f"; router replay: int64 [tokens, layers, {arch.moe_router_topk}] routes per "
+                "micro-batch on the GPU"
+                if lay.router_replay
+                else ""
+            )  # fmt: skip
+        )
+    if lay.cp > 1:
+        out.append(
+            f"context parallelism {lay.cp}: activations and logits / CP, each rank's K and V "
+            "passed round the CP ring (forward) and back with their gradients (backward), not "
+            "overlapped with the attention; gradients reduced over DP x CP"
+        )
+    if lay.max_staleness >= 1:
+        out.append(
+            f"overlap (trainer.max_staleness={lay.max_staleness}): "
+            + (
+                "step = max(generation, log-probs + train) + refit (the engines pause to load "
+                "the weights); the same steady state for every k >= 1"
+                if lay.engines_on_own_gpus
+                else "the engines share the trainer's GPUs, so nothing is gained: the stages "
+                "are summed"
+            )
+        )
     if lay.fp8 != "none":
         out.append(f"FP8 training: compute x{FP8_TRAIN_SPEEDUP} (peers' measured gain), "
                    "BF16 weights kept (no FP8 parameters)")  # fmt: skip
@@ -604,14 +750,14 @@ def assumptions(lay: Layout, c: ClusterSection, gpu: GpuSpec) -> list[str]:
         n
         for n, v in (
             ("virtual pipeline", lay.vp > 1),
-            ("context parallelism", lay.cp > 1),
+            ("context parallelism (a Transformer Engine GPU)", lay.cp > 1),
             ("recomputation", lay.recompute != "none"),
             ("optimizer offload", lay.offload_optimizer),
         )
         if v
     ]
     if planner_only:
-        out.append(f"planner only (the trainer does not run it yet): {', '.join(planner_only)}")
+        out.append(f"planner only (not run on this machine): {', '.join(planner_only)}")
     return out
 
 

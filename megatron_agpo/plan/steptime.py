@@ -14,10 +14,15 @@ from megatron_agpo.models.config import ModelConfig
 
 def matmul_params(arch: ModelConfig) -> int:
     """Weights that take part in a matmul per token: every layer's projections and the
-    output layer (not the embedding lookup, norms or biases)."""
+    output layer (not the embedding lookup, norms or biases); for a MoE model the router and
+    the token's top-k experts only."""
     h, hd = arch.hidden_size, arch.head_dim
     q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
-    per_layer = (q + 2 * kv) * h + h * q + 3 * arch.ffn_hidden_size * h
+    if getattr(arch, "num_experts", 0):
+        mlp = arch.num_experts * h + arch.moe_router_topk * 3 * arch.moe_ffn_hidden_size * h
+    else:
+        mlp = 3 * arch.ffn_hidden_size * h
+    per_layer = (q + 2 * kv) * h + h * q + mlp
     return arch.num_layers * per_layer + arch.padded_vocab_size * h
 
 
@@ -43,6 +48,30 @@ def ring_allreduce_s(nbytes: float, n: int, gb_s: float) -> float:
 def ring_gather_s(nbytes: float, n: int, gb_s: float) -> float:
     """Ring reduce-scatter or all-gather of nbytes (the full size) over n ranks."""
     return 0.0 if n <= 1 else (n - 1) / n * nbytes / (gb_s * 1e9)
+
+
+def all_to_all_s(nbytes: float, n: int, gb_s: float) -> float:
+    """An all-to-all in which each of n ranks holds nbytes and keeps 1/n of them: (n-1)/n of
+    them leave over the link (the MoE token dispatch and combine)."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / (gb_s * 1e9)
+
+
+def experts_touched(num_experts: int, topk: int, tokens: float) -> float:
+    """Expected distinct experts a batch of `tokens` tokens routes to, each token choosing
+    top-k of E uniformly: E (1 - (1 - k/E)^tokens). A decode step reads only those experts'
+    weights; from a few hundred tokens on, all of them."""
+    if num_experts <= 0:
+        return 0.0
+    return num_experts * (1 - (1 - topk / num_experts) ** max(0.0, tokens))
+
+
+def step_with_overlap(generation: float, trainer_side: float, refit: float) -> float:
+    """Step time when generation overlaps training (trainer.max_staleness >= 1, engines on
+    GPUs of their own): the slower of the engines' generation and the trainer's log-prob and
+    training passes, plus the refit, during which neither side can work (the engines pause
+    to load the weights the trainer sends). With k >= 1 the steady state is the same for
+    every k: a larger bound only absorbs the variance of the two sides."""
+    return max(generation, trainer_side) + refit
 
 
 def pipeline_bubble(pp: int, vp: int, micro_batches: int) -> float:

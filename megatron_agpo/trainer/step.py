@@ -31,6 +31,11 @@ import torch.distributed as dist
 from megatron_agpo.algorithms import PolicyLossConfig, token_loss
 from megatron_agpo.ops import fused_output_layer_agpo_loss, fused_vocab_parallel_agpo_loss
 from megatron_agpo.trainer.batch import MicroBatch, TokenBatch
+from megatron_agpo.trainer.context_parallel import (
+    ContextParallelMicroBatch,
+    context_parallel_size_and_rank,
+    split_micro_batch,
+)
 
 
 def _tp_group():
@@ -70,7 +75,23 @@ def sequence_multiple(model) -> int:
         from megatron_agpo.models.precision import FP8_SEQUENCE_MULTIPLE
 
         multiple = math.lcm(multiple, FP8_SEQUENCE_MULTIPLE)
+    cp = getattr(config, "context_parallel_size", 1) or 1
+    if cp > 1:  # 2 x CP load-balanced chunks, each a multiple of the above
+        multiple *= 2 * cp
     return multiple
+
+
+def _micro_batches(model, batch: TokenBatch, shape: StepShape) -> list[MicroBatch]:
+    """This rank's micro-batches; with context parallelism, this CP rank's share of each
+    (`context_parallel.split_micro_batch`: megatron's load-balanced split)."""
+    multiple = sequence_multiple(model)
+    micro = batch.micro_batches(shape.micro_batch_size, shape.token_budget, multiple,
+                                shape.packing)  # fmt: skip
+    cp, cp_rank = context_parallel_size_and_rank()
+    if cp == 1:
+        return micro
+    return [split_micro_batch(m, batch.lengths.select(m.rows), cp, cp_rank, multiple)
+            for m in micro]  # fmt: skip
 
 
 # ------------------------------------------------------------------------ metrics
@@ -151,10 +172,15 @@ def _packed_seq_params(mb: MicroBatch):
     """Transformer Engine's THD layout for a packed row (GPU path; not run on a CPU)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    # Context parallelism: cu_seqlens are the real lengths, the padded offsets say where each
+    # sequence's 2 x CP chunks start (Transformer Engine splits on those).
+    padded = getattr(mb, "cu_seqlens_padded", None)
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=mb.cu_seqlens,
         cu_seqlens_kv=mb.cu_seqlens,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
         max_seqlen_q=mb.max_seqlen,
         max_seqlen_kv=mb.max_seqlen,
     )
@@ -368,9 +394,7 @@ def compute_logp(
 ):
     """The model's log-prob of every target token of this rank's rows, [B, S] (0 at ignored
     positions), on the last pipeline stage, the only one that reads it; None on the others."""
-    micro = batch.micro_batches(
-        shape.micro_batch_size, shape.token_budget, sequence_multiple(model), shape.packing
-    )
+    micro = _micro_batches(model, batch, shape)
     fn = partial(_logp_fn, vocab_size=vocab_size, fuse=fuse_output_layer,
                  with_entropy=with_entropy, producer=producer)  # fmt: skip
     outs = _run(model, micro, fn, True) if len(batch) else []
@@ -381,6 +405,11 @@ def compute_logp(
         flat = logp.view(-1)
         for m, o in zip(micro, outs, strict=True):
             flat[m.source] = o["logp"].to(flat.dtype)
+    if micro and isinstance(micro[0], ContextParallelMicroBatch):
+        # Each CP rank wrote its own positions (disjoint), zeros elsewhere: the sum is all.
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(logp, group=ps.get_context_parallel_group())
     return logp
 
 
@@ -402,20 +431,25 @@ def forward_backward(
         raise ValueError(
             "forward_backward needs at least one row (a row without loss tokens will do)"
         )
-    local = batch
-    micro = local.micro_batches(
-        shape.micro_batch_size, shape.token_budget, sequence_multiple(model), shape.packing
-    )
+    cp, _ = context_parallel_size_and_rank()
+    if cp > 1 and cfg.ratio_level == "sequence":
+        raise ValueError(
+            "algorithm.loss.ratio_level=sequence (GSPO) needs every token of a sequence on one "
+            "rank; with parallel.context_parallel > 1 they are split: use ratio_level=token"
+        )
+    micro = _micro_batches(model, batch, shape)
     names = metric_names(cfg)
-    fn = partial(_loss_fn, cfg=cfg, vocab_size=vocab_size, scale=len(micro) * dp_size,
+    # DDP averages gradients over data-parallel x context-parallel ranks; the CP ranks hold
+    # disjoint loss positions of the same sequences, so their sum is wanted: x CP as well.
+    fn = partial(_loss_fn, cfg=cfg, vocab_size=vocab_size, scale=len(micro) * dp_size * cp,
                  names=names)  # fmt: skip
     outs = _run(model, micro, fn, False)
     device = model_device(model)
     sums = torch.zeros(len(names), dtype=torch.float64, device=device)
     for o in outs:  # device adds, no host copy
         sums += o["sums"]
-    if dp_size > 1:
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+    if dp_size * cp > 1:
+        dist.all_reduce(sums, group=ps.get_data_parallel_group(with_context_parallel=cp > 1))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         # The loss lives on the last stage; rank 0 (the first stage) logs it.
         dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
