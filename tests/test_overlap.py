@@ -268,3 +268,88 @@ def test_overlapped_collect_refills_from_the_stream_and_drops_stale_groups():
     assert stats["sampling/rounds"] == 2 and stats["groups/kept"] == 3
     assert t.stream.position()[0] == 9 and t.stream.position()[1]["offset"] == 6
     assert t.data.state_dict()["offset"] == 9  # batch 9's prompts are drawn (in flight)
+
+
+class _FakeEngine:
+    """vLLM's LLMEngine as `run_generate_resumable` drives it: one token per live request per
+    step (token = prompt length + position, log-prob -(version + 1) / 10), CUMULATIVE
+    outputs, internal ids with a suffix, abort by internal id."""
+
+    def __init__(self):
+        self.version, self.live, self.added, self.aborted = 0, {}, [], []
+
+    def add_request(self, rid, prompt, params):
+        internal = f"{rid}-x"
+        self.live[internal] = {"rid": rid, "prompt": list(prompt["prompt_token_ids"]),
+                               "max": params.max_tokens, "toks": [], "lps": []}  # fmt: skip
+        self.added.append((rid, list(prompt["prompt_token_ids"]), params.max_tokens,
+                           params.seed))  # fmt: skip
+        return internal
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def abort_request(self, ids, internal=False):
+        assert internal
+        self.aborted += ids
+        for i in ids:
+            del self.live[i]
+
+    def step(self):
+        import types
+
+        outs = []
+        for key, r in list(self.live.items()):
+            tok = len(r["prompt"]) + len(r["toks"])
+            r["toks"].append(tok)
+            r["lps"].append({tok: types.SimpleNamespace(logprob=-(self.version + 1) / 10)})
+            done = len(r["toks"]) == r["max"]
+            comp = types.SimpleNamespace(token_ids=list(r["toks"]), logprobs=list(r["lps"]),
+                                         finish_reason="length" if done else None)  # fmt: skip
+            outs.append(types.SimpleNamespace(request_id=r["rid"], outputs=[comp],
+                                              finished=done))  # fmt: skip
+            if done:
+                del self.live[key]
+        return outs
+
+
+def test_resumable_generation_keeps_each_tokens_version_and_logprob():
+    """The bookkeeping of rollout.partial=resume without vLLM: a sync after the third step
+    aborts the unfinished requests (by vLLM's internal id) and adds them again with their
+    partial response appended to the prompt, the remaining budget and a new seed; every token
+    keeps the version and log-prob of the weights that sampled it."""
+    import types
+
+    from megatron_agpo.rollout import vllm_engine
+
+    eng = _FakeEngine()
+    llm = types.SimpleNamespace(
+        llm_engine=eng,
+        get_tokenizer=lambda: types.SimpleNamespace(decode=lambda t, **k: ",".join(map(str, t))),
+    )
+    steps = {"n": 0}
+
+    def between():
+        steps["n"] += 1
+        if steps["n"] == 3:
+            eng.version = 1
+            return True
+        return False
+
+    reqs = [RolloutRequest([1, 2], n=2, max_new_tokens=6, seed=11),
+            RolloutRequest([3], n=1, max_new_tokens=2, seed=12)]  # fmt: skip
+    samples = vllm_engine.run_generate_resumable(llm, reqs, [4, 5], lambda: eng.version,
+                                                 between)  # fmt: skip
+    assert [(s.prompt_id, s.sample_index) for s in samples] == [(4, 0), (4, 1), (5, 0)]
+    for s in samples[:2]:  # interrupted after 3 tokens, resumed for 3 more under version 1
+        assert s.response_token_ids == (2, 3, 4, 5, 6, 7)
+        assert s.token_versions == (0, 0, 0, 1, 1, 1) and s.weight_version == 0
+        assert s.logprobs == pytest.approx((-0.1,) * 3 + (-0.2,) * 3)
+        assert s.truncated and s.finish_reason == "length" and s.text == "2,3,4,5,6,7"
+    # Finished at step 2, before the sync: one version, no per-token list.
+    assert samples[2].response_token_ids == (1, 2) and samples[2].token_versions == ()
+    assert sorted(eng.aborted) == ["agpo-resumable-0-x", "agpo-resumable-1-x"]
+    resumed = eng.added[3:]
+    assert [(p, m) for _, p, m, _ in resumed] == [([1, 2, 2, 3, 4], 3)] * 2
+    assert [seed for *_, seed in resumed] == [vllm_engine.resumed_seed(11, k, 1) for k in (0, 1)]
+    assert len({seed for *_, seed in eng.added}) == 5  # every piece its own seed
