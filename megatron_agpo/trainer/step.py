@@ -98,36 +98,46 @@ def _micro_batches(model, batch: TokenBatch, shape: StepShape) -> list[MicroBatc
 def metric_names(cfg: PolicyLossConfig) -> list[str]:
     """The fixed layout of a micro-batch's metric sums; the same on every rank and stage
     (decided from the config on the host, never from values)."""
-    names = []
+    return list(metric_layout(cfg))
+
+
+def metric_layout(cfg: PolicyLossConfig) -> dict[str, str | None]:
+    """Each metric of the layout and how it aggregates: the count it is a token mean over
+    (its sum divided by that count's sum over every micro-batch and rank), or None for a
+    count, logged as the sum itself. Declared here, not read off the name."""
+    layout: dict[str, str | None] = {}
     for pol in ("pos", "neg", "all"):
-        names += [f"{pol}/{k}" for k in ("tokens", "loss", "clip_frac", "dual_clip_frac",
-                                          "ratio", "entropy")]  # fmt: skip
+        layout[f"{pol}/tokens"] = None
+        for k in ("loss", "clip_frac", "dual_clip_frac", "ratio", "entropy"):
+            layout[f"{pol}/{k}"] = f"{pol}/tokens"
     if cfg.kl_coef != 0.0:  # the trainer gives reference log-probs exactly then
-        names.append("all/kl")
+        layout["all/kl"] = "all/tokens"
     if cfg.tis_cap is not None:  # rollout log-probs are always given
-        names.append("all/tis_weight")
-    return names + ["logp_gap"]
+        layout["all/tis_weight"] = "all/tokens"
+    layout["logp_gap"] = "all/tokens"
+    return layout
 
 
 @dataclass
 class StepMetrics:
     """Metric sums of an update as one float64 device tensor: `sums[i]` is the token-sum of
-    `names[i]` (for `*/tokens`, the count). Means are taken in `to_dict`, on the host."""
+    `names[i]` (for a count, the count). `per[i]` is the count it is a mean over (None: a
+    count); means are taken in `to_dict`, on the host."""
 
     names: list[str]
     sums: torch.Tensor
+    per: list[str | None]
 
     def to_dict(self) -> dict[str, float]:
         """Token-weighted means, over every micro-batch and DP rank: the one host copy."""
         values = dict(zip(self.names, self.sums.tolist(), strict=True))
         out: dict[str, float] = {}
-        for name, v in values.items():
-            pol, key = name.split("/") if "/" in name else ("all", name)
-            if key == "tokens":
-                out[name] = v
+        for name, per in zip(self.names, self.per, strict=True):
+            if per is None:
+                out[name] = values[name]
             else:
-                n = values[f"{pol}/tokens"]
-                out[name] = v / n if n else float("nan")
+                n = values[per]
+                out[name] = values[name] / n if n else float("nan")
         return out
 
 
@@ -438,7 +448,8 @@ def forward_backward(
             "rank; with parallel.context_parallel > 1 they are split: use ratio_level=token"
         )
     micro = _micro_batches(model, batch, shape)
-    names = metric_names(cfg)
+    layout = metric_layout(cfg)
+    names = list(layout)
     # DDP averages gradients over data-parallel x context-parallel ranks; the CP ranks hold
     # disjoint loss positions of the same sequences, so their sum is wanted: x CP as well.
     fn = partial(_loss_fn, cfg=cfg, vocab_size=vocab_size, scale=len(micro) * dp_size * cp,
@@ -454,7 +465,7 @@ def forward_backward(
         # The loss lives on the last stage; rank 0 (the first stage) logs it.
         dist.broadcast(sums, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())  # fmt: skip
-    return StepMetrics(names, sums)
+    return StepMetrics(names, sums, [layout[n] for n in names])
 
 
 def grads_are_finite(model) -> bool:
