@@ -230,7 +230,7 @@ def pop_aux_losses(num_layers: int, forwards: int = 1) -> dict[str, float]:
         name: float(v["values"].float().sum() / (num_layers * forwards))
         for name, v in tracker.items()
     }
-    moe_utils.clear_aux_losses_tracker()
+    tracker.clear()  # not just zeroed (megatron's clear): a loss turned off reports nothing
     return out
 
 
