@@ -170,7 +170,8 @@ class ModelSection:
 
         out = model_overrides(self)
         out.pop("params_dtype")  # passed on its own by the trainer
-        out["moe_aux_loss_coeff"] = float(self.moe_aux_loss_coeff)
+        if self.moe_aux_loss_coeff:  # MoE only; ModelConfig's default is off
+            out["moe_aux_loss_coeff"] = float(self.moe_aux_loss_coeff)
         return out
 
 
