@@ -16,7 +16,7 @@ fast, one process, no vLLM engine, no subprocess. A test that starts an engine i
 
 
 TIER_COST = {"slow": 3, "e2e": 2, "engine": 2, "dist": 1}
-"""A rough cost of a test by tier: under pytest-xdist (scripts/test.sh runs two workers) the
+"""A rough cost of a test by tier: under pytest-xdist (`AGPO_TEST_WORKERS=2 scripts/test.sh`) the
 costly ones are handed out first, so that no worker is left with a minutes-long test at the
 end while the other idles."""
 
@@ -56,8 +56,21 @@ def pytest_collection_modifyitems(config, items):
         group = "slurm" if item.get_closest_marker("slurm") else _shared_scope(item)
         if group and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
+            if config.getoption("loadgroup", default=False):
+                _tag_group(item, group)
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: costly scheduling units first
         _costly_first(items)
+
+
+def _tag_group(item, group: str) -> None:
+    """What `--dist loadgroup` keys on: the nodeid with "@group" (the scheduler reads the group
+    from it). pytest-xdist 3.8 writes it to `item._nodeid`, which pytest 9.2's nodes no longer
+    read (their id is `item._id`), so every test was scheduled alone; set it where pytest reads
+    it. Done only on xdist workers; a plain run keeps its nodeids."""
+    from _pytest.nodeid import NodeId
+
+    if hasattr(item, "_id") and "@" not in item.nodeid.rsplit("]", 1)[-1]:
+        item._id = NodeId.parse(f"{item.nodeid}@{group}")
 
 
 def _costly_first(items) -> None:
