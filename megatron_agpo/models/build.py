@@ -108,6 +108,10 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        # parallel.context_parallel (Transformer Engine's attention splits each sequence).
+        context_parallel_size=parallel_state.get_context_parallel_world_size()
+        if parallel_state.model_parallel_is_initialized()
+        else 1,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -119,20 +123,20 @@ def transformer_config(cfg: ModelConfig, sequence_parallel: bool = False):
         # Fusions where the device has their kernels (backends.megatron_fusions decides).
         **_fusions(backends),
         **fp8_kwargs(cfg),
-    )
-
-
-def _fusions(backends) -> dict:
         # Experts, router, dispatcher (models/moe.py); nothing for a dense model.
         **_moe_kwargs(cfg, ep, uses_transformer_engine(cfg, backends.transformer_engine)),
-    """The TransformerConfig switches of `megatron_fusions` (the overlap_* ones are DDP's)."""
-    import dataclasses
+    )
+
 
 def _moe_kwargs(cfg: ModelConfig, expert_parallel: int, transformer_engine: bool) -> dict:
     from megatron_agpo.models.moe import moe_transformer_kwargs
 
     return moe_transformer_kwargs(cfg, expert_parallel, transformer_engine)
 
+
+def _fusions(backends) -> dict:
+    """The TransformerConfig switches of `megatron_fusions` (the overlap_* ones are DDP's)."""
+    import dataclasses
 
     from megatron_agpo.backends import megatron_fusions
 
