@@ -13,6 +13,7 @@ from megatron_agpo.algorithms import (
     token_loss,
 )
 from megatron_agpo.algorithms.policy_loss import AGG_MODES
+from megatron_agpo.registry import require_valid
 
 
 def textbook_token_loss(lp, old, a, eps_low=0.2, eps_high=0.28, c=3.0):
@@ -161,6 +162,6 @@ def test_shape_mismatch_names_both_shapes():
 
 def test_config_validation_names_field():
     with pytest.raises(ValueError, match="agg_mode='mean'"):
-        PolicyLossConfig(agg_mode="mean")
+        require_valid(PolicyLossConfig(agg_mode="mean"), "algorithm.loss.")
     with pytest.raises(ValueError, match="eps_low=1.5"):
-        PolicyLossConfig(eps_low=1.5)
+        require_valid(PolicyLossConfig(eps_low=1.5), "algorithm.loss.")
