@@ -76,12 +76,14 @@ def test_unscored_answers_drop_their_group_from_the_batch():
     assert scored_groups([1.0, 0.0, nan, 1.0, 0.0, 0.0], 2) == [0, 1, 4, 5]
     samples = [
         SimpleNamespace(prompt_id=i // 2, text=f"s{i}", prompt_token_ids=[1, 2],
-                        response_token_ids=[3 + i], logprobs=[-0.5], truncated=False)
+                        response_token_ids=[3 + i], logprobs=[-0.5], truncated=False,
+                        token_versions=[], weight_version=0)
         for i in range(6)
     ]  # fmt: skip
     scores = {"s0": 1.0, "s1": 0.0, "s2": nan, "s3": 1.0, "s4": 0.0, "s5": 1.0}
     reward = SimpleNamespace(score_batch=lambda texts, truths: [scores[t] for t in texts])
-    fake = SimpleNamespace(rank=0, reward=reward)
+    cfg = SimpleNamespace(model=SimpleNamespace(router_replay="off"))
+    fake = SimpleNamespace(rank=0, reward=reward, cfg=cfg)
     prompts = [SimpleNamespace(ground_truth="1")] * 3
     batch = SimpleNamespace(samples=samples, weight_version=0)
     scored = Trainer.score(fake, prompts, batch, 2)

@@ -150,6 +150,8 @@ class Trainer:
     stream = None
     """Overlapped generation's in-flight batches (`overlap.RolloutStream`), when
     trainer.max_staleness > 0; None: the synchronous loop."""
+    _sync_wait_s = 0.0
+    """Rank 0: seconds of this step spent waiting on the engine's weight sync."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         from transformers import AutoTokenizer
