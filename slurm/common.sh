@@ -280,6 +280,8 @@ agpo_print_layout() {
     [[ $ROLLOUT_LAUNCH == external ]] &&
         echo "  replica channel: bind $ROLLOUT_BIND_HOST, secret $SECRET_FILE (mode 600)"
     echo "  run dir:        $RUN_DIR (logs: $AGPO_LOG_DIR)"
+    ((${#AGPO_CLUSTER_OVERRIDES[@]})) &&
+        echo "  plan cluster:   ${AGPO_CLUSTER_OVERRIDES[*]} (agpo-plan only)"
     echo "  environment:"
     local v
     for v in CUDA_DEVICE_MAX_CONNECTIONS NCCL_CUMEM_ENABLE NCCL_NVLS_ENABLE NCCL_IB_SL \

@@ -85,7 +85,9 @@ def test_70b_dry_run_layout():
     ov = _overrides(train)
     assert ov["model"] == "llama3_70b"
     assert (ov["parallel.tensor_parallel"], ov["parallel.pipeline_parallel"]) == ("4", "4")
-    assert ov["nproc"] == "64" and ov["cluster.nodes"] == "8"
+    # The cluster is the planner's section: the plan check gets it, the trainer does not.
+    assert ov["nproc"] == "64" and not [k for k in ov if k.startswith("cluster")]
+    assert "plan cluster:   cluster.nodes=8 cluster.gpus_per_node=8 (agpo-plan only)" in out
     assert ov["rollout.engine.launch"] == "external"
     assert ov["rollout.engine.num_replicas"] == "4"
     assert ov["rollout.engine.tensor_parallel_size"] == "8"
