@@ -596,7 +596,9 @@ def test_hostile_peers_refused_and_get_nothing(pool, tokenizer, hf_model, tmp_pa
 
 @pytest.mark.engine
 def test_replica_killed_mid_request_fails_fast(pool, tokenizer):
-    prompts = _prompts(tokenizer, [f"problem {i}" for i in range(8)])
+    # Enough work that the kill at 1 s lands mid-request on an idle machine too (8 prompts
+    # could finish in under a second there: the CI run of 2026-12-05 saw no error).
+    prompts = _prompts(tokenizer, [f"problem {i}" for i in range(32)])
     # Seeded and longer than one step's token budget: also covers chunked-prefill settings.
     reqs = [RolloutRequest(p, n=16, max_new_tokens=200, seed=i) for i, p in enumerate(prompts)]
     victim = pool.processes[1]
