@@ -285,15 +285,14 @@ def importance_weight_stats(
     raw = torch.exp((proximal_logp - behaviour_logp).double())[m]
     if not raw.numel():
         return {}
-    out = {"is/raw_mean": float(raw.mean()), "is/raw_max": float(raw.max())}
+    names, values = ["is/raw_mean", "is/raw_max"], [raw.mean(), raw.max()]
     if cfg.tis_cap is not None:
         w, bounded = importance_weight(proximal_logp.double(), behaviour_logp.double(), cfg)
-        out["is/weight_mean"] = float(w[m].mean())
-        out["is/weight_max"] = float(w[m].max())
-        out[f"is/{'masked' if cfg.tis_mode == 'mask' else 'truncated'}"] = float(
-            bounded[m].double().mean()
-        )
-    return out
+        names += ["is/weight_mean", "is/weight_max",
+                  f"is/{'masked' if cfg.tis_mode == 'mask' else 'truncated'}"]  # fmt: skip
+        values += [w[m].mean(), w[m].max(), bounded[m].double().mean()]
+    # One host copy for all of them.
+    return dict(zip(names, torch.stack(values).tolist(), strict=True))
 
 
 def kl_estimate(

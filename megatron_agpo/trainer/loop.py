@@ -353,11 +353,9 @@ class Trainer:
 
         if batch.old_logp is None or batch.rollout_logp is None:
             return {}
-        m = batch.loss_mask.bool()
         return importance_weight_stats(
-            batch.old_logp[m].detach().cpu(), batch.rollout_logp[m].cpu(),
-            torch.ones(int(m.sum()), dtype=torch.bool), self.cfg.algorithm.loss,
-        )  # fmt: skip
+            batch.old_logp.detach(), batch.rollout_logp, batch.loss_mask, self.cfg.algorithm.loss
+        )
 
     def _overlap_metrics(self, scored: ScoredRollouts, t: Timer, wall: float) -> dict:
         """Rank 0: trainer and replica idle time, end-to-end tokens/s, and (overlapped runs)
