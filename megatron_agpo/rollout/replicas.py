@@ -510,19 +510,7 @@ class ReplicaPool:
                 f"replicas serve weight version {version}, the trainer expects "
                 f"{expected_version}: sync weights first"
             )
-        seq = self._next_seq()
-        chunks = _split(len(requests), self.num_replicas)
-        used = [i for i, c in enumerate(chunks) if len(c)]
-        for i in used:
-            self._send(
-                i,
-                {
-                    "op": "generate",
-                    "seq": seq,
-                    "prompt_ids": list(chunks[i]),
-                    "requests": [request_to_json(requests[j]) for j in chunks[i]],
-                },
-            )
+        seq, used = self._send_generate(requests)
         timeout = self.config.request_timeout_s
         replies = self._gather(used, time.monotonic() + timeout, "generate", timeout, seq)
         samples: list[Sample] = [sample_from_json(s) for r in replies for s in r["samples"]]
@@ -540,10 +528,18 @@ class ReplicaPool:
             raise ValueError(f"partial={partial!r}: must be 'finish' or 'resume'")
         vllm_engine.check_prompt_lengths(requests, self.max_model_len)
         self._check_usable(range(self.num_replicas))
+        seq, used = self._send_generate(requests, partial=partial)
+        self._outstanding[seq] = used
+        return seq
+
+    def _send_generate(
+        self, requests: Sequence[RolloutRequest], **extra: str
+    ) -> tuple[int, list[int]]:
+        """Split `requests` over the replicas and send each its share under a new seq; (seq,
+        the replicas that got a share)."""
         seq = self._next_seq()
         chunks = _split(len(requests), self.num_replicas)
         used = [i for i, c in enumerate(chunks) if len(c)]
-        self._outstanding[seq] = used
         for i in used:
             self._send(
                 i,
@@ -552,10 +548,10 @@ class ReplicaPool:
                     "seq": seq,
                     "prompt_ids": list(chunks[i]),
                     "requests": [request_to_json(requests[j]) for j in chunks[i]],
-                    "partial": partial,
+                    **extra,
                 },
             )
-        return seq
+        return seq, used
 
     def collect(self, ticket: int) -> RolloutBatch:
         """The samples of a `submit`ted request, in prompt order, waiting for them (bounded
