@@ -48,7 +48,9 @@ def test_stream_keeps_k_plus_one_in_flight_and_the_oldest_position():
     # k + 1 = 3 batches, stream positions 5, 6, 7, prompts drawn in order.
     assert calls == [([0, 1], 5), ([2, 3], 6), ([4, 5], 7)]
     assert st.position() == (5, {"pos": 0})  # a checkpoint now regenerates all three
-    assert st.pop().ticket == 1 and st.position() == (6, {"pos": 2})
+    assert st.pop().ticket == 1 and st.position() == (5, {"pos": 0})  # taken, not trained
+    st.commit()  # the step that took it completed
+    assert st.position() == (6, {"pos": 2}) and not st.taken
     st.top_up(lambda p, i: calls.append((p, i)) or len(calls), version=1, most=10)
     assert calls[-1] == ([6, 7], 8) and len(st.pending) == 3
     # Near the run's end nothing is sampled past it; an empty stream still gets one (refill).
@@ -56,6 +58,7 @@ def test_stream_keeps_k_plus_one_in_flight_and_the_oldest_position():
     st2.top_up(lambda p, i: i, 0, most=2)
     assert [p.index for p in st2.pending] == [0, 1]
     st2.pop(), st2.pop()
+    st2.commit()
     st2.top_up(lambda p, i: i, 0, most=0)
     assert [p.index for p in st2.pending] == [2]
     with pytest.raises(ValueError, match="k >= 1"):
@@ -140,7 +143,12 @@ def test_pool_submit_collect_overlaps_and_a_sync_waits_for_the_request(tmp_path)
     """submit returns at once; the replica generates while the caller works; a weight sync
     sent meanwhile is taken after the request (partial=finish), so its samples carry the
     old version; a synchronous generate and prompt_logprobs in between leave the submitted
-    reply where collect finds it; the replica reports its idle time."""
+    reply where collect finds it; the replica reports its idle time. Then the replica dies
+    with two requests in flight: collect reports it after heartbeat_timeout_s (an external
+    replica: no process to poll), and the pool takes no more requests."""
+    import signal
+
+    from megatron_agpo.rollout.types import RolloutError, RolloutTimeoutError
     from tests.test_rollout_pool import _Run, _weights
 
     run = _Run(tmp_path, n=1, delays=[(0, 1.5)])
@@ -160,8 +168,83 @@ def test_pool_submit_collect_overlaps_and_a_sync_waits_for_the_request(tmp_path)
         assert {s.weight_version for s in batch.samples} == {0}  # sampled before the sync
         assert pool.collect(second).samples[0].weight_version == 1
         assert pool.replica_idle_s[0] > 0.0
+
+        pool.config.heartbeat_timeout_s = 1.0
+        third, fourth = pool.submit([RolloutRequest([1])]), pool.submit([RolloutRequest([2])])
+        time.sleep(0.3)  # mid-request
+        run.procs[0].send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        silent = r"replica 0 .*no heartbeat .*during generate"
+        with pytest.raises(RolloutTimeoutError, match=silent):
+            pool.collect(third)
+        assert 1.0 <= time.monotonic() - t0 < 2.5
+        with pytest.raises(RolloutError, match="replica 0 .*failed earlier: .*no heartbeat"):
+            pool.submit([RolloutRequest([3])])
+        pool.cancel(fourth)
     finally:
         run.close()
+
+
+def _train_rows(run_dir):
+    import json
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "reward/mean" in r]
+
+
+def _killed_mid_stream(run, steps, *extra) -> int:
+    """agpo-train (tests/runs.py's short run) whose vLLM replica is SIGKILLed once step 1 is
+    logged; checks the run stops as a replica failure does (exit 69, one line, the last step
+    saved, nothing left running) and returns that step."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.runs import REPO, SHORT
+    from tests.test_rollout_failure import _alive, _descendants, _replica_pids, _steps
+
+    cmd = [sys.executable, "-m", "megatron_agpo.train", f"trainer.steps={steps}", *SHORT,
+           f"logging.run_dir={run}", *extra]  # fmt: skip
+    log = run.parent / f"{run.name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    tree: set[int] = set()
+    try:
+        t0 = time.time()
+        while not _steps(run):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() - t0 < 900, "no first step after 900 s"
+            time.sleep(0.2)
+        tree = _descendants(proc.pid)
+        (replica,) = _replica_pids(proc.pid)
+        os.kill(replica, signal.SIGKILL)
+        rc = proc.wait(timeout=600)
+        text = log.read_text()
+        assert rc == 69, text[-3000:]
+        done = _steps(run)
+        last = done[-1]
+        assert done == list(range(1, last + 1)) and last < steps, done
+        ckpt = run / "checkpoints" / f"step_{last:07d}"
+        assert (ckpt / "COMPLETE").is_file(), text[-3000:]
+        lines = [x for x in text.splitlines() if "rollout engine failed" in x]
+        assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+        assert lines[0].startswith(
+            f"agpo-train: error: rollout engine failed after step {last}: replica 0 (pid {replica})"
+        ), lines[0]
+        assert f"checkpoint {ckpt} (step {last}); resume with the same command; exit 69" in lines[0]
+        deadline = time.time() + 30
+        while _alive(tree) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _alive(tree), f"left running: {_alive(tree)}"
+        return last
+    finally:
+        for p in [proc.pid, *tree]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        proc.wait()
 
 
 def _state(run_dir, step):
@@ -179,8 +262,11 @@ def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_
     most one version old (after the first step exactly one: the next batch was sampled while
     the trainer updated), the metrics say so, and the held-out evaluation runs. A checkpoint
     stores the oldest untrained batch's data position although the next batch was already in
-    flight, and a run stopped at step 2 and resumed ends at the same data position and
-    stream position as the run that was not stopped."""
+    flight. A second run whose replica is killed mid-stream (once step 1 is logged: the next
+    batch is in flight) stops as the synchronous loop does: exit 69, one line naming the
+    replica, the last completed step saved with the position of the oldest untrained batch,
+    nothing left running; the same command resumes it and ends at the same data position and
+    stream position as the run that was not stopped, every step logged once."""
     from tests.runs import train
 
     k1 = ("trainer.max_staleness=1",)
@@ -196,8 +282,11 @@ def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_
         assert 0 < r["is/weight_max"] <= 2.0 and "time/replica_idle" in r
     a = _state(tmp_path / "a", 2)  # batch 3 was in flight: not consumed
     assert a["stream"] == 2 and a["data"]["offset"] == 2 * 8
-    train(tmp_path / "b", 2, *k1)
-    train(tmp_path / "b", 4, *k1)  # resumes from step 2's checkpoint
+    last = _killed_mid_stream(tmp_path / "b", 4, *k1)
+    b = _state(tmp_path / "b", last)  # the in-flight batch is regenerated on resume
+    assert b["stream"] == last and b["data"]["offset"] == last * 8
+    train(tmp_path / "b", 4, *k1)  # the same command resumes from the last step's checkpoint
+    assert [r["step"] for r in _train_rows(tmp_path / "b")] == [1, 2, 3, 4]
     b, a4 = _state(tmp_path / "b", 4), _state(tmp_path / "a", 4)
     assert (b["stream"], b["data"]) == (a4["stream"], a4["data"]) == (4, a4["data"])
     assert a4["data"]["offset"] == 4 * 8
@@ -266,8 +355,90 @@ def test_overlapped_collect_refills_from_the_stream_and_drops_stale_groups():
     assert seen[0] == [3, 3] and stats["staleness/dropped"] == 4  # the version-1 group
     assert t.stream.dropped_total == 4
     assert stats["sampling/rounds"] == 2 and stats["groups/kept"] == 3
+    # Until the step completes its two batches are untrained: a checkpoint regenerates them.
+    assert t.stream.position()[0] == 7 and t.stream.position()[1]["offset"] == 0
+    t.stream.commit()  # the step completed (train_step)
     assert t.stream.position()[0] == 9 and t.stream.position()[1]["offset"] == 6
     assert t.data.state_dict()["offset"] == 9  # batch 9's prompts are drawn (in flight)
+
+
+def test_replica_dying_mid_stream_stops_the_step_and_keeps_its_batches_untrained():
+    """A replica dies while batches are in flight; the engine's collect raises as
+    ReplicaPool's does, here in a dynamic-sampling refill round, after the step's first batch
+    was scored. Every rank stops with the one-line RolloutFailed (the run then saves the last
+    completed step and exits 69), the engine is not asked again, and the checkpoint position
+    is the first batch the failed step took: a resume regenerates every batch of the step,
+    not only the one whose replica died. Then the same after a completed step, the failure
+    in its first round: the position is the next untrained batch."""
+    import types
+
+    from megatron_agpo.data.iterator import PromptIterator
+    from megatron_agpo.rollout.types import RolloutError
+    from megatron_agpo.trainer.loop import Timer
+    from megatron_agpo.trainer.records import RolloutFailed
+    from tests.test_trainer_features import _stub_trainer
+
+    m, r = [1.0, 0, 0, 0], [1.0] * 4  # a mixed group (kept), an all-right one (dropped)
+    t = _stub_trainer(["trainer.dynamic_sampling=zero_advantage", "trainer.max_staleness=1",
+                       "trainer.steps=10"], [m + r + r, m + m + m, m + m + m])  # fmt: skip
+    t.version, t._engine_failure = 3, None
+    calls, dead = [], {2}
+
+    def submit(reqs, partial):
+        calls.append("submit")
+        return calls.count("submit")
+
+    def collect(ticket):
+        calls.append(f"collect {ticket}")
+        if ticket in dead:
+            raise RolloutError("replica 1 (pid 4242) exited with code -9 during generate; "
+                               "log tail:\nvLLM said this")  # fmt: skip
+        return RolloutBatch.from_samples(
+            [Sample(p, j, (p,), (p, j), "", (-1.0, -1.0), "stop", False, 3)
+             for p in range(3) for j in range(4)],
+            allow_mixed=True,
+        )  # fmt: skip
+
+    t.data = PromptIterator([types.SimpleNamespace(prompt_ids=(p + 5,)) for p in range(100)],
+                            batch_size=3, shuffle=False)  # fmt: skip
+    t.engine = types.SimpleNamespace(submit=submit, collect=collect)
+    t.stream = RolloutStream(1, t.data, start_index=7)
+    rewards = iter([m + r + r, m + m + m, m + m + m])
+
+    def score(prompts, batch, n):
+        if batch is None:  # the engine failed: nothing to score
+            return None
+        s = batch.samples
+        return ScoredRollouts.from_lists(
+            [x.prompt_token_ids for x in s], [x.response_token_ids for x in s],
+            [x.logprobs for x in s], [False] * len(s), next(rewards), batch.weight_version, n,
+        )  # fmt: skip
+
+    t.score = score
+    start = t.data.state_dict()
+    with pytest.raises(RolloutFailed) as caught:
+        t.collect(Timer())
+    assert str(caught.value) == "replica 1 (pid 4242) exited with code -9 during generate"
+    # Batch 7 (ticket 1) was scored; the refill topped the stream up (batch 9) and batch 8
+    # (ticket 2) failed: 7 and 8 are untrained, 9 was in flight.
+    assert calls == ["submit", "submit", "collect 1", "submit", "collect 2"]
+    assert t.stream.position() == (7, start)
+    with pytest.raises(RolloutFailed):  # the engine is never asked again
+        t.collect(Timer())
+    assert calls == ["submit", "submit", "collect 1", "submit", "collect 2"]
+
+    # A completed step, then the failure in the next step's first round.
+    t._engine_failure, dead, calls[:] = None, {2}, []
+    t.data, t.stream = PromptIterator(t.data.items, batch_size=3, shuffle=False), None
+    t.stream = RolloutStream(1, t.data, start_index=7)
+    rewards = iter([m + m + m])
+    t.collect(Timer())
+    t.stream.commit()
+    assert calls == ["submit", "submit", "collect 1"]
+    with pytest.raises(RolloutFailed):
+        t.collect(Timer())
+    assert calls[3:] == ["submit", "collect 2"]  # batch 8 (ticket 2): the replica died
+    assert t.stream.position() == (8, {**start, "offset": 3})
 
 
 class _FakeEngine:

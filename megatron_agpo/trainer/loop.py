@@ -340,6 +340,8 @@ class Trainer:
                 f"{self.skipped_in_row} consecutive updates skipped for non-finite gradients"
             )
         self.step += 1
+        if self.stream is not None:  # the batches this step took are trained now
+            self.stream.commit()
         with t("sync"):
             if updated:
                 self.sync_weights(self.version + 1)  # 8: the engine gets the new weights
@@ -530,7 +532,8 @@ class Trainer:
             try:
                 scored = broadcast_scored(scored, self.device, failure=self._engine_failure)
             except RolloutFailed:  # every rank: nothing of this step is trained, or consumed
-                # (overlapped: the checkpoint stores the stream's position, this batch's)
+                # (overlapped: the checkpoint stores the stream's position, that of the first
+                # batch this step took, whatever round failed)
                 self.data.load_state_dict(data_state)
                 raise
             if self.stream is not None:

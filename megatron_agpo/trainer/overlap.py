@@ -12,7 +12,11 @@ any sample beyond the bound (counted, never trained on).
 Every rank holds a `RolloutStream` and draws the same prompts in the same order (the data
 position is part of every rank's checkpoint); only rank 0 talks to the engine. A checkpoint
 stores the position of the oldest batch not yet trained: in-flight rollouts are dropped and,
-after a resume, generated again from the same prompts with the same seeds.
+after a resume, generated again from the same prompts with the same seeds. A batch the step in
+progress has taken counts as not yet trained until the step completes (`commit`): a rollout
+failure in a later dynamic-sampling round of that step (a replica died mid-stream) stops the
+run with the step's earlier rounds untrained, and the emergency checkpoint must regenerate
+them too.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class RolloutStream:
         self.index = start_index
         """The next stream position to submit."""
         self.pending: deque[Pending] = deque()
+        self.taken: list[Pending] = []
+        """Batches the step in progress took (`pop`): untrained until it completes."""
         self.dropped_total = 0
         """Samples dropped for staleness since the run (or the resume) began."""
 
@@ -71,13 +77,22 @@ class RolloutStream:
         return self.pending[0]
 
     def pop(self) -> Pending:
-        return self.pending.popleft()
+        """The oldest batch, taken by the step in progress (still in the checkpoint's
+        position until `commit`)."""
+        p = self.pending.popleft()
+        self.taken.append(p)
+        return p
+
+    def commit(self) -> None:
+        """The step in progress completed: the batches it took are trained."""
+        self.taken.clear()
 
     def position(self) -> tuple[int, dict]:
-        """(stream position, prompt-iterator state) of the oldest batch not yet trained:
-        what a checkpoint stores, so a resume regenerates the in-flight batches exactly."""
-        if self.pending:
-            p = self.pending[0]
+        """(stream position, prompt-iterator state) of the oldest batch not yet trained
+        (taken by an unfinished step, or in flight): what a checkpoint stores, so a resume
+        regenerates those batches exactly."""
+        if self.taken or self.pending:
+            p = self.taken[0] if self.taken else self.pending[0]
             return p.index, p.data_state
         return self.index, self.data.state_dict()
 
