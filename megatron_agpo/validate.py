@@ -113,20 +113,29 @@ def model_problems(cfg: TrainConfig) -> list[str]:
 
 
 def data_problems(cfg: TrainConfig) -> list[str]:
-    """The prompt file: present, every row valid, more rows than the held-out split."""
+    """The prompt file: present, every row valid (made chats by data.prompt, as the trainer
+    loads it), more rows than the held-out split."""
+    from megatron_agpo.data.loaders import ROW_FORMATS
+    from megatron_agpo.data.tasks import file_examples
+
     d = cfg.data
     if d.kind != "math_jsonl" or not d.path:
         return []
+    if d.format not in ROW_FORMATS or d.prompt.problems("data.prompt."):
+        return []  # reported by DataSection.problems; the rows cannot be read without them
     path = Path(d.path).expanduser()
     if not path.is_file():
         return [f"data.path={d.path!r}: no such file"]
-    from megatron_agpo.data.loaders import DataConfig, held_out_split, load_prompts
-
     try:
-        rows = load_prompts(DataConfig(path=str(path), format=d.format))  # type: ignore[arg-type]
-        held_out_split(rows, d.num_eval, str(path))
+        file_examples(d)
     except ValueError as e:  # DataValidationError names file, row and line
-        return [f"data.path: {_one_line(e)}"]
+        msg = f"data.path: {_one_line(e)}"
+        if d.format == "problem" and "missing field" in msg:
+            msg += (
+                f" (the fields read are data.prompt.problem_key={d.prompt.problem_key!r} and "
+                f"data.prompt.answer_key={d.prompt.answer_key!r})"
+            )
+        return [msg]
     return []
 
 

@@ -43,6 +43,9 @@ def test_an_import_that_fails_is_one_line_naming_the_module():
         ("parallel.tensor_parallel=0", r"parallel\.tensor_parallel=0: must be >= 1"),
         ("optimizer.lr=0", r"optimizer\.lr=0\.0: must be > 0"),
         ("data.kind=nope", r"data\.kind='nope': one of arithmetic, math_jsonl, relevance"),
+        ("data.format=xml", r"^data\.format='xml': problem or verl$"),
+        ("data.prompt.problem_key=''", r"^data\.prompt\.problem_key='': must name a field$"),
+        ("data.prompt.answer_key=problem", r"^data\.prompt\.answer_key='problem': must differ"),
     ],
 )
 def test_every_section_names_the_full_key(override, message):

@@ -14,8 +14,8 @@ import pytest
 from megatron_agpo.data import (
     LEVELS,
     ArithmeticConfig,
-    DataConfig,
     DataValidationError,
+    PromptEncoding,
     PromptIterator,
     build_char_tokenizer,
     encode_prompts,
@@ -72,8 +72,9 @@ def test_load_problem_jsonl(tmp_path):
             {"problem": "Compute $3^2$.", "answer": 9},
         ],
     )
-    cfg = DataConfig(path=str(p), system_prompt="Think.", instruction_suffix=" Box it.")
-    ex = load_prompts(cfg)
+    ex = load_prompts(
+        p, encoding=PromptEncoding(system_prompt="Think.", instruction_suffix=" Box it.")
+    )
     assert [e.index for e in ex] == [0, 1]
     assert ex[0].messages == (
         {"role": "system", "content": "Think."},
@@ -86,14 +87,14 @@ def test_load_problem_jsonl(tmp_path):
 
 def test_load_problem_renamed_keys(tmp_path):
     p = write_jsonl(tmp_path / "q.jsonl", [{"question": "2+2?", "final": "4"}])
-    ex = load_prompts(DataConfig(path=str(p), problem_key="question", answer_key="final"))
+    ex = load_prompts(p, encoding=PromptEncoding(problem_key="question", answer_key="final"))
     assert ex[0].problem == "2+2?" and ex[0].ground_truth == "4"
 
 
 def test_load_verl_parquet(tmp_path):
     p = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(VERL_ROWS), p)
-    ex = load_prompts(DataConfig(path=str(p), format="verl", system_prompt="Sys."))
+    ex = load_prompts(p, "verl", PromptEncoding(system_prompt="Sys."))
     assert [e.ground_truth for e in ex] == ["2", "6"]
     assert [e.source for e in ex] == ["math500", "aime"]
     assert ex[0].messages[0] == {"role": "system", "content": "Sys."}  # added: it had none
@@ -104,13 +105,11 @@ def test_load_verl_parquet(tmp_path):
 
 
 def test_load_verl_jsonl_and_problem_parquet(tmp_path):
-    ex = load_prompts(
-        DataConfig(path=str(write_jsonl(tmp_path / "v.jsonl", VERL_ROWS)), format="verl")
-    )
+    ex = load_prompts(write_jsonl(tmp_path / "v.jsonl", VERL_ROWS), "verl")
     assert [e.problem for e in ex] == ["What is 1+1? Box it.", "Compute 2*3."]
     p = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist([{"problem": "1+1", "answer": "2"}]), p)
-    assert load_prompts(DataConfig(path=str(p)))[0].ground_truth == "2"
+    assert load_prompts(p)[0].ground_truth == "2"
 
 
 # ---- every error names the row and the field ----
@@ -139,7 +138,7 @@ def test_load_verl_jsonl_and_problem_parquet(tmp_path):
 def test_problem_errors(tmp_path, bad_row, message):
     p = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "ok", "answer": "1"}, bad_row])
     with pytest.raises(DataValidationError, match="bad.jsonl " + message):
-        load_prompts(DataConfig(path=str(p)))
+        load_prompts(p)
 
 
 def _verl(**overrides):
@@ -183,7 +182,7 @@ def _verl(**overrides):
 def test_verl_errors(tmp_path, bad_row, message):
     p = write_jsonl(tmp_path / "bad.jsonl", [VERL_ROWS[0], VERL_ROWS[1], bad_row])
     with pytest.raises(DataValidationError, match=r"bad.jsonl row 2 \(line 3\): " + message):
-        load_prompts(DataConfig(path=str(p), format="verl"))
+        load_prompts(p, "verl")
 
 
 def test_parquet_error_names_row(tmp_path):
@@ -192,16 +191,16 @@ def test_parquet_error_names_row(tmp_path):
         pa.Table.from_pylist([{"problem": "a", "answer": "1"}, {"problem": "b", "answer": None}]), p
     )
     with pytest.raises(DataValidationError, match="bad.parquet row 1: missing field 'answer'"):
-        load_prompts(DataConfig(path=str(p)))
+        load_prompts(p)
 
 
 def test_unknown_extension_and_config_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type '.csv'"):
-        load_prompts(DataConfig(path=str(tmp_path / "x.csv")))
-    with pytest.raises(ValueError, match="format"):
-        DataConfig(format="csv")
-    with pytest.raises(ValueError, match="max_prompt_tokens"):
-        DataConfig(max_prompt_tokens=0)
+        load_prompts(tmp_path / "x.csv")
+    with pytest.raises(ValueError, match=r"^format='csv': problem or verl$"):
+        load_prompts(tmp_path / "x.jsonl", "csv")
+    with pytest.raises(ValueError, match=r"^max_tokens=0: must be >= 1$"):
+        encode_prompts([], None, 0)
 
 
 # ---- length filter ----
@@ -215,8 +214,8 @@ def test_too_long_prompts_are_dropped_and_counted(tmp_path, char_tok):
         {"problem": "y" * 40, "answer": "1"},
     ]
     p = write_jsonl(tmp_path / "m.jsonl", rows)
-    cfg = DataConfig(path=str(p), instruction_suffix="", max_prompt_tokens=10)
-    kept, stats = encode_prompts(load_prompts(cfg), char_tok, cfg)
+    rows = load_prompts(p, encoding=PromptEncoding(instruction_suffix=""))
+    kept, stats = encode_prompts(rows, char_tok, max_tokens=10)
     assert [e.index for e in kept] == [0, 2]
     assert (stats.total, stats.kept, stats.too_long, stats.too_long_indices) == (4, 2, 2, [1, 3])
     # Not truncated: the kept ids are the whole prompt, <bos> then one id per character.
@@ -277,7 +276,7 @@ def test_arithmetic_determinism_and_disjoint_splits():
 def test_arithmetic_round_trips_through_jsonl(tmp_path):
     ex = generate_arithmetic(ArithmeticConfig(num_train=20), "train")
     write_problem_jsonl(ex, tmp_path / "arith.jsonl")
-    back = load_prompts(DataConfig(path=str(tmp_path / "arith.jsonl"), instruction_suffix=""))
+    back = load_prompts(tmp_path / "arith.jsonl", encoding=PromptEncoding(instruction_suffix=""))
     assert [(e.messages, e.ground_truth) for e in back] == [
         (e.messages, e.ground_truth) for e in ex
     ]
@@ -344,11 +343,11 @@ def test_empty_file_is_named(tmp_path):
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(DataValidationError, match=rf"{path}: no rows \(the file is empty\)"):
-            load_prompts(DataConfig(path=str(path)))
+            load_prompts(path)
     blank = tmp_path / "blank.json"
     blank.write_text(" \n")
     with pytest.raises(DataValidationError, match=rf"{blank}: the file is empty"):
-        load_prompts(DataConfig(path=str(blank)))
+        load_prompts(blank)
 
 
 def test_bad_encoding_names_file_row_line_and_byte(tmp_path):
@@ -360,15 +359,15 @@ def test_bad_encoding_names_file_row_line_and_byte(tmp_path):
         DataValidationError,
         match=rf"{path} row 1 \(line 3\): not UTF-8 text \(byte 0xe9 at column 17\)",
     ):
-        load_prompts(DataConfig(path=str(path)))
+        load_prompts(path)
     arr = tmp_path / "latin1.json"
     arr.write_bytes(b"[\n" + good + b",\n" + bad + b"\n]")
     with pytest.raises(DataValidationError, match=rf"{arr} \(line 3\): not UTF-8 text \(byte 0xe9"):
-        load_prompts(DataConfig(path=str(arr)))
+        load_prompts(arr)
     # A UTF-8 byte-order mark (Windows editors write one) is not an error.
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
-    assert [r.ground_truth for r in load_prompts(DataConfig(path=str(bom)))] == ["2"]
+    assert [r.ground_truth for r in load_prompts(bom)] == ["2"]
 
 
 def test_held_out_split_refuses_to_hold_out_every_row(tmp_path):
@@ -376,8 +375,82 @@ def test_held_out_split_refuses_to_hold_out_every_row(tmp_path):
 
     path = tmp_path / "few.jsonl"
     write_jsonl(path, [{"problem": f"{i}+0", "answer": str(i)} for i in range(3)])
-    rows = load_prompts(DataConfig(path=str(path)))
+    rows = load_prompts(path)
     held, train = held_out_split(rows, 1, str(path))
     assert [r.ground_truth for r in held] == ["0"] and [r.ground_truth for r in train] == ["1", "2"]
     with pytest.raises(DataValidationError, match=rf"{path}: 3 rows, not more than the 3 held"):
         held_out_split(rows, 3, str(path))
+
+
+# ---- the data section owns the settings: data.prompt reaches the loader and the tokenizer ----
+
+DEFAULT_RUN_PROMPTS = "278da3ad5750b3ac"
+"""Digest of the default run's prompts (messages, token ids, answers) as `load_task` gives them
+to the trainer; tests/test_default_curve.py's stored curve was sampled from exactly these."""
+
+
+def _prompts_digest(examples) -> str:
+    import hashlib
+
+    blob = json.dumps(
+        [
+            [e.messages, e.prompt_ids, e.ground_truth, e.index, e.source, e.metadata]
+            for e in examples
+        ],
+        default=list,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _task(overrides, tokenizer):
+    from megatron_agpo.data.tasks import load_task
+    from megatron_agpo.trainer.compose import load_config
+
+    cfg = load_config(overrides)
+    r = cfg.rollout
+    return load_task(cfg.data, tokenizer, r.engine.max_model_len, r.max_new_tokens)
+
+
+def test_the_default_runs_prompt_ids_are_unchanged(char_tok):
+    task = _task([], char_tok)
+    assert (len(task.train), len(task.held_out), task.prompt_budget) == (87, 13, 48)
+    for ex in task.train + task.held_out:  # the char template: <bos>, then the problem's chars
+        assert ex.prompt_ids == tuple([char_tok.bos_token_id] + char_tok.encode(ex.problem))
+    assert _prompts_digest(task.train + task.held_out) == DEFAULT_RUN_PROMPTS
+
+
+def test_data_prompt_keys_reach_the_file_loader_and_the_tokenizer(tmp_path, char_tok):
+    rows = [{"question": f"{i}+1=", "final": str(i + 1), "id": i} for i in range(4)]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    keys = ["data=math_jsonl", f"data.path={path}", "data.num_eval=1",
+            "data.prompt.problem_key=question", "data.prompt.answer_key=final",
+            "data.prompt.system_prompt=S:", "data.prompt.instruction_suffix=?"]  # fmt: skip
+    task = _task(keys, char_tok)
+    ex = task.train[0]
+    assert ex.messages == (
+        {"role": "system", "content": "S:"},
+        {"role": "user", "content": "1+1=?"},
+    )
+    assert (ex.problem, ex.ground_truth, ex.metadata) == ("1+1=", "2", {"id": 1})
+    assert [e.ground_truth for e in task.held_out] == ["1"]
+    assert ex.prompt_ids == tuple([char_tok.bos_token_id] + char_tok.encode("S:1+1=?"))
+    # Without the chat template only the user turn is tokenized (no system turn).
+    plain = _task([*keys, "data.prompt.use_chat_template=false"], char_tok).train[0]
+    assert plain.prompt_ids == tuple(char_tok("1+1=?")["input_ids"])
+    assert plain.prompt_ids != ex.prompt_ids
+
+
+def test_the_file_is_checked_before_launch_as_the_trainer_reads_it(tmp_path, monkeypatch, char_tok):
+    from megatron_agpo.trainer.compose import load_config
+    from megatron_agpo.validate import data_problems
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "q.jsonl", [{"question": f"{i}+1=", "final": str(i)} for i in range(4)])
+    base = ["data=math_jsonl", "data.path='~/q.jsonl'", "data.num_eval=1"]
+    renamed = ["data.prompt.problem_key=question", "data.prompt.answer_key=final"]
+    assert data_problems(load_config([*base, *renamed])) == []
+    assert len(_task([*base, *renamed], char_tok).train) == 3  # ~ expanded
+    assert data_problems(load_config(base)) == [
+        f"data.path: {tmp_path / 'q.jsonl'} row 0 (line 1): missing field 'problem' (the fields "
+        "read are data.prompt.problem_key='problem' and data.prompt.answer_key='answer')"
+    ]

@@ -511,7 +511,7 @@ def sample_counts(model: str, n: int, seed: int, held_out: int, train: int = 0) 
     from vllm import SamplingParams, TokensPrompt
 
     from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
-    from megatron_agpo.data.loaders import DataConfig, prompt_token_ids
+    from megatron_agpo.data.loaders import prompt_token_ids
     from megatron_agpo.eval.driver import problem_seed
     from megatron_agpo.rewards import score_batch
     from megatron_agpo.rollout.vllm_engine import build_llm
@@ -525,7 +525,6 @@ def sample_counts(model: str, n: int, seed: int, held_out: int, train: int = 0) 
     task = ArithmeticConfig(levels=GRADED_LEVELS, num_train=1, num_eval=held_out)
     held = training_sample(train) if train else generate_arithmetic(task, "eval")
     stream = f"graded-v{GRADED_VERSION}" + ("-train" if train else "")
-    enc = DataConfig(instruction_suffix="")
     llm = build_llm(dataclasses.replace(cfg.rollout.engine, model_path=path))
     r = cfg.rollout
     params = [
@@ -533,7 +532,8 @@ def sample_counts(model: str, n: int, seed: int, held_out: int, train: int = 0) 
                        seed=problem_seed(seed, stream, str(ex.index)))
         for ex in held
     ]  # fmt: skip
-    prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(ex, tok, enc)) for ex in held]
+    chat = cfg.data.prompt.use_chat_template  # tokenized as the trainer tokenizes
+    prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids(ex, tok, chat)) for ex in held]
     t0 = time.time()
     outs = llm.generate(prompts, params, use_tqdm=False)
     sample_s = time.time() - t0

@@ -54,7 +54,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
-    from megatron_agpo.data.loaders import DataConfig, encode_prompts
+    from megatron_agpo.data.loaders import encode_prompts
     from megatron_agpo.models.smollm2 import smollm2_hf_dir
     from megatron_agpo.rewards import MathReward, last_boxed
     from megatron_agpo.rollout.colocated import ColocatedEngine
@@ -77,7 +77,7 @@ def main() -> int:
     try:
         for variant in args.variants:
             chats = [replace(ex, messages=tuple(VARIANTS[variant](ex.problem))) for ex in problems]
-            enc, _ = encode_prompts(chats, tok, DataConfig())
+            enc, _ = encode_prompts(chats, tok, max_tokens=1024)
             reqs = [
                 RolloutRequest(
                     ex.prompt_ids,

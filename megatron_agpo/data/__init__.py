@@ -11,8 +11,8 @@ from megatron_agpo.data.arithmetic import (
 from megatron_agpo.data.char_tokenizer import build_char_tokenizer
 from megatron_agpo.data.iterator import PromptIterator, epoch_order
 from megatron_agpo.data.loaders import (
-    DataConfig,
     EncodeStats,
+    PromptEncoding,
     encode_prompts,
     load_prompts,
     prompt_token_ids,
@@ -24,9 +24,9 @@ from megatron_agpo.data.records import DataValidationError, PromptExample
 __all__ = [
     "LEVELS",
     "ArithmeticConfig",
-    "DataConfig",
     "DataValidationError",
     "EncodeStats",
+    "PromptEncoding",
     "PromptExample",
     "PromptIterator",
     "build_char_tokenizer",

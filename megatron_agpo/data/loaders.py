@@ -1,6 +1,6 @@
 """Prompt datasets from JSONL or parquet files, in the two shapes people already have.
 
-Shapes (`DataConfig.format`):
+Shapes (the `format` argument of `load_prompts`; the trainer's `data.format`):
 
 - ``problem``: MATH-style rows ``{"problem": str, "answer": str | int}``; the keys can be
   renamed with `problem_key` / `answer_key` (e.g. ``question``). The answer must be the final
@@ -12,9 +12,14 @@ Shapes (`DataConfig.format`):
   as written (verl prompts already carry their instruction); the system prompt is added only
   when the chat has none.
 
+Where the rows come from (file and shape) is the caller's: the trainer's `data.path` and
+`data.format`. How a row becomes a chat and a chat token ids is `PromptEncoding` (the
+trainer's `data.prompt`). The token budget is the caller's too (`data.max_prompt_tokens`,
+tightened by the engine's context in `megatron_agpo.data.tasks`).
+
 Every row is validated; an error names the file, the row index (and the line for JSONL) and
-the field. Prompts longer than `max_prompt_tokens` after the chat template are dropped and
-counted (`EncodeStats`), never truncated: a cut prompt would ask a different question.
+the field. Prompts longer than the budget after the chat template are dropped and counted
+(`EncodeStats`), never truncated: a cut prompt would ask a different question.
 """
 
 from __future__ import annotations
@@ -24,49 +29,49 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from megatron_agpo.data.files import read_rows
 from megatron_agpo.data.records import DataValidationError, PromptExample
+from megatron_agpo.registry import need
 
 logger = logging.getLogger(__name__)
 
-RowFormat = Literal["problem", "verl"]
+ROW_FORMATS: tuple[str, ...] = ("problem", "verl")
+"""The row shapes `load_prompts` reads (the trainer's `data.format`)."""
 _ROLES = ("system", "user", "assistant")
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """Where prompts come from and how they become token ids."""
+@dataclass
+class PromptEncoding:
+    """`data.prompt`: how a file's rows become chats (data.kind=math_jsonl) and every chat
+    token ids (all kinds)."""
 
-    path: str = ""
-    """A .jsonl or .parquet file."""
-    format: RowFormat = "problem"
-    """Row shape: problem ({problem, answer}) or verl ({prompt: chat,
-    reward_model: {ground_truth}})."""
     problem_key: str = "problem"
-    """problem format: the field holding the problem text."""
+    """math_jsonl, data.format=problem: the field holding the problem text (e.g. question)."""
     answer_key: str = "answer"
-    """problem format: the field holding the final answer."""
+    """math_jsonl, data.format=problem: the field holding the final answer."""
     system_prompt: str | None = None
-    """Optional system turn put before the user turn (verl: only if the chat has none)."""
+    """math_jsonl: a system turn put before the user turn (verl rows: only if the chat has
+    none). null: none."""
     instruction_suffix: str = "\nPut the final answer in \\boxed{}."
-    """problem format: appended to the problem in the user turn. The reward needs the box."""
-    max_prompt_tokens: int = 1024
-    """Longer prompts (after the chat template) are dropped and counted, never truncated."""
+    """math_jsonl, data.format=problem: appended to the problem in the user turn (the math
+    reward needs the box)."""
     use_chat_template: bool = True
-    """Tokenize through the tokenizer's chat template (with the generation prompt); False
-    tokenizes the user turn's text alone, for base models without a template."""
-    shuffle_seed: int = 0
-    """Seed of the per-epoch order of `PromptIterator`."""
+    """Tokenize through the tokenizer's chat template (with the generation prompt); false
+    tokenizes the last turn's text alone, for base models without a template."""
 
-    def __post_init__(self) -> None:
-        if self.format not in ("problem", "verl"):
-            raise ValueError(f"DataConfig.format must be problem or verl, got {self.format!r}")
-        if self.max_prompt_tokens < 1:
-            raise ValueError(
-                f"DataConfig.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}"
+    def problems(self, prefix: str) -> list[str]:
+        out: list[str] = []
+        for key in ("problem_key", "answer_key"):
+            need(out, bool(getattr(self, key)), prefix + key, getattr(self, key),
+                 "must name a field")  # fmt: skip
+        if self.problem_key and self.problem_key == self.answer_key:
+            out.append(
+                f"{prefix}answer_key={self.answer_key!r}: must differ from "
+                f"{prefix}problem_key={self.problem_key!r}"
             )
+        return out
 
 
 @dataclass
@@ -78,14 +83,11 @@ class EncodeStats:
     kept: int = 0
     """Examples within the token limit."""
     too_long: int = 0
-    """Examples dropped because their prompt exceeds `max_prompt_tokens`."""
+    """Examples dropped because their prompt exceeds the token budget."""
     too_long_indices: list[int] = field(default_factory=list)
     """Row indices of the first 20 dropped examples, to find them in the file."""
     longest_kept: int = 0
     """Longest kept prompt, in tokens."""
-
-
-# ---- reading rows ----
 
 
 # ---- validating rows ----
@@ -126,7 +128,7 @@ def _text(row: dict, key: str, where: str, name: str) -> str:
 
 
 def parse_problem_row(
-    index: int, where: str, row: Any, cfg: DataConfig, source: str
+    index: int, where: str, row: Any, cfg: PromptEncoding, source: str
 ) -> PromptExample:
     """A {problem, answer} row -> PromptExample."""
     problem = _text(row, cfg.problem_key, where, cfg.problem_key)
@@ -139,7 +141,9 @@ def parse_problem_row(
     return PromptExample(index, tuple(messages), problem, answer, source, metadata)
 
 
-def parse_verl_row(index: int, where: str, row: Any, cfg: DataConfig, source: str) -> PromptExample:
+def parse_verl_row(
+    index: int, where: str, row: Any, cfg: PromptEncoding, source: str
+) -> PromptExample:
     """A verl row -> PromptExample."""
     chat = _field(row, "prompt", where, list)
     if not chat:
@@ -177,16 +181,22 @@ def parse_verl_row(index: int, where: str, row: Any, cfg: DataConfig, source: st
     )
 
 
-def load_prompts(cfg: DataConfig) -> list[PromptExample]:
-    """Read and validate every row of `cfg.path`; raises `DataValidationError` on the first
-    bad row (a dataset with bad rows is fixed, not silently thinned)."""
-    if not cfg.path:
-        raise ValueError("DataConfig.path is empty")
-    parse = parse_problem_row if cfg.format == "problem" else parse_verl_row
-    source = Path(cfg.path).stem
-    rows = [parse(i, where, row, cfg, source) for i, where, row in read_rows(cfg.path)]
+def load_prompts(
+    path: str | Path, format: str = "problem", encoding: PromptEncoding | None = None
+) -> list[PromptExample]:
+    """Read and validate every row of `path` (a .jsonl, .json or .parquet file of `format`
+    rows, made chats by `encoding`); raises `DataValidationError` on the first bad row (a
+    dataset with bad rows is fixed, not silently thinned)."""
+    if not str(path):
+        raise ValueError("path is empty")
+    if format not in ROW_FORMATS:
+        raise ValueError(f"format={format!r}: {' or '.join(ROW_FORMATS)}")
+    enc = encoding if encoding is not None else PromptEncoding()
+    parse = parse_problem_row if format == "problem" else parse_verl_row
+    source = Path(path).stem
+    rows = [parse(i, where, row, enc, source) for i, where, row in read_rows(path)]
     if not rows:
-        raise DataValidationError(f"{cfg.path}: no rows (the file is empty)")
+        raise DataValidationError(f"{path}: no rows (the file is empty)")
     return rows
 
 
@@ -209,9 +219,12 @@ def held_out_split(
 # ---- tokenizing ----
 
 
-def prompt_token_ids(example: PromptExample, tokenizer: Any, cfg: DataConfig) -> list[int]:
-    """Token ids of the prompt the policy continues (chat template + generation prompt)."""
-    if cfg.use_chat_template:
+def prompt_token_ids(
+    example: PromptExample, tokenizer: Any, use_chat_template: bool = True
+) -> list[int]:
+    """Token ids of the prompt the policy continues: the chat template with the generation
+    prompt, or (use_chat_template=False) the last turn's text alone."""
+    if use_chat_template:
         ids = tokenizer.apply_chat_template(
             list(example.messages), add_generation_prompt=True, tokenize=True, return_dict=False
         )
@@ -220,14 +233,19 @@ def prompt_token_ids(example: PromptExample, tokenizer: Any, cfg: DataConfig) ->
 
 
 def encode_prompts(
-    examples: Sequence[PromptExample], tokenizer: Any, cfg: DataConfig
+    examples: Sequence[PromptExample],
+    tokenizer: Any,
+    max_tokens: int,
+    use_chat_template: bool = True,
 ) -> tuple[list[PromptExample], EncodeStats]:
-    """Fill `prompt_ids`; drop (and count) prompts over `cfg.max_prompt_tokens`."""
+    """Fill `prompt_ids` (`prompt_token_ids`); drop (and count) prompts over `max_tokens`."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: must be >= 1")
     stats = EncodeStats(total=len(examples))
     kept: list[PromptExample] = []
     for ex in examples:
-        ids = prompt_token_ids(ex, tokenizer, cfg)
-        if len(ids) > cfg.max_prompt_tokens:
+        ids = prompt_token_ids(ex, tokenizer, use_chat_template)
+        if len(ids) > max_tokens:
             stats.too_long += 1
             if len(stats.too_long_indices) < 20:
                 stats.too_long_indices.append(ex.index)
@@ -240,7 +258,7 @@ def encode_prompts(
             "dropped %d of %d prompts longer than %d tokens (first rows: %s)",
             stats.too_long,
             stats.total,
-            cfg.max_prompt_tokens,
+            max_tokens,
             stats.too_long_indices,
         )
     return kept, stats

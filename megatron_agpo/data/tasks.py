@@ -2,8 +2,10 @@
 search-ads relevance pairs. One entry point for the trainer (`load_task`).
 
 Each source is registered in `DATA_SOURCES` (`register_source(name, config=...)`) with what
-builds its (train, held-out, encoding) examples from the run's data section; a source with
-settings of its own (relevance) has them as `data.<name>.*`.
+builds its (train, held-out) examples from the run's data section; a source with settings of
+its own (relevance) has them as `data.<name>.*`. How every source's chats become token ids is
+the data section's `prompt` (`PromptEncoding`: the chat template) and its token budget
+`max_prompt_tokens`, applied here for all sources alike.
 
 Prompts are tokenized here and filtered against what the engine can really take: a prompt
 must leave room for the response inside the engine's context (max_model_len -
@@ -14,10 +16,10 @@ time, not found at its first sampling hours into a run.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from megatron_agpo.data.loaders import (
-    DataConfig,
     EncodeStats,
     encode_prompts,
     held_out_split,
@@ -52,7 +54,8 @@ def prompt_budget(max_prompt_tokens: int, max_model_len: int, max_new_tokens: in
     return min(max_prompt_tokens, max_model_len - max_new_tokens)
 
 
-Examples = tuple[list[PromptExample], list[PromptExample], DataConfig]
+Examples = tuple[list[PromptExample], list[PromptExample]]
+"""(train, held-out) examples, not yet tokenized."""
 
 
 @register_source("arithmetic")
@@ -64,16 +67,18 @@ def arithmetic_examples(data) -> Examples:
         levels=tuple(data.levels), seed=data.seed, num_train=data.num_train,
         num_eval=data.num_eval,
     )  # fmt: skip
-    enc = DataConfig(instruction_suffix="", max_prompt_tokens=data.max_prompt_tokens)
-    return generate_arithmetic(a, "train"), generate_arithmetic(a, "eval"), enc
+    return generate_arithmetic(a, "train"), generate_arithmetic(a, "eval")
 
 
 @register_source("math_jsonl")
 def file_examples(data) -> Examples:
-    """A MATH-style or verl file (data.path, data.format); the first num_eval rows held out."""
-    enc = DataConfig(path=data.path, format=data.format, max_prompt_tokens=data.max_prompt_tokens)
-    held, train = held_out_split(load_prompts(enc), data.num_eval, data.path)
-    return train, held, enc
+    """A MATH-style or verl file (data.path, data.format, its rows made chats by data.prompt);
+    the first num_eval rows held out. Raises `DataValidationError` naming file, row and field
+    (`megatron_agpo.validate` runs this before launch)."""
+    path = str(Path(data.path).expanduser()) if data.path else ""
+    rows = load_prompts(path, data.format, data.prompt)
+    held, train = held_out_split(rows, data.num_eval, path)
+    return train, held
 
 
 @register_source("relevance", config=RelevanceDataConfig)
@@ -81,23 +86,22 @@ def relevance_source(data) -> Examples:
     """Search-ads query-item pairs (data.relevance)."""
     from megatron_agpo.data.relevance import relevance_examples
 
-    train, held = relevance_examples(data)
-    return train, held, DataConfig(max_prompt_tokens=data.max_prompt_tokens)
+    return relevance_examples(data)
 
 
 def load_task(data, tokenizer, max_model_len: int, max_new_tokens: int) -> TaskPrompts:
     """`data` is the run's DataSection; the engine's context and response budget bound the
     prompts (see the module docstring)."""
-    train, held, enc = DATA_SOURCES.get(data.kind).build(data)
+    train, held = DATA_SOURCES.get(data.kind).build(data)
     budget = prompt_budget(data.max_prompt_tokens, max_model_len, max_new_tokens)
     if budget < 1:
         raise ValueError(
             f"rollout.max_new_tokens={max_new_tokens} leaves no room for a prompt in "
             f"rollout.engine.max_model_len={max_model_len}"
         )
-    enc = DataConfig(**{**asdict(enc), "max_prompt_tokens": budget})
-    train, s_train = encode_prompts(train, tokenizer, enc)
-    held, s_held = encode_prompts(held, tokenizer, enc)
+    chat = data.prompt.use_chat_template
+    train, s_train = encode_prompts(train, tokenizer, budget, chat)
+    held, s_held = encode_prompts(held, tokenizer, budget, chat)
     stats = EncodeStats(
         total=s_train.total + s_held.total,
         kept=s_train.kept + s_held.kept,

@@ -18,6 +18,7 @@ import functools
 from dataclasses import dataclass, field
 
 from megatron_agpo.algorithms import AdvantageConfig, PolicyLossConfig, resolve
+from megatron_agpo.data.loaders import ROW_FORMATS, PromptEncoding
 from megatron_agpo.data.relevance import RelevanceDataConfig
 from megatron_agpo.data.tasks import DATA_SOURCES
 from megatron_agpo.parallel import OptimizerSettings, ParallelConfig
@@ -177,7 +178,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Prompts: the synthetic arithmetic task or a MATH-style / verl file."""
+    """Prompts: the synthetic arithmetic task, a MATH-style / verl file, or relevance pairs
+    (each a registered source, `data.kind`), and how they become token ids (`prompt`,
+    `max_prompt_tokens`). The one owner of these settings: `megatron_agpo.data` takes them
+    as arguments."""
 
     kind: str = "arithmetic"
     """arithmetic or math_jsonl (JSONL/parquet with {problem, answer} or verl rows)."""
@@ -196,7 +200,11 @@ class DataSection:
     prompts_per_step: int = 16
     """Prompts per rollout batch (each sampled rollout.n times)."""
     max_prompt_tokens: int = 1024
-    """Longer prompts are filtered out and counted, never truncated."""
+    """Longer prompts (after the chat template) are filtered out and counted, never truncated;
+    the engine's context minus rollout.max_new_tokens may lower the limit further."""
+    prompt: PromptEncoding = field(default_factory=PromptEncoding)
+    """How a file's rows become chats (field names, system prompt, instruction) and chats
+    token ids (the chat template) (megatron_agpo.data.loaders)."""
     seed: int = 0
     """Generator and shuffle seed."""
     relevance: RelevanceDataConfig = field(default_factory=RelevanceDataConfig)
@@ -208,8 +216,8 @@ class DataSection:
         need(out, self.kind in kinds, f"{prefix}kind", self.kind, "one of " + ", ".join(kinds))
         if self.kind == "math_jsonl" and not self.path:
             out.append(f"{prefix}path is empty: {prefix}kind=math_jsonl needs {prefix}path=FILE")
-        need(out, self.format in ("problem", "verl"), f"{prefix}format", self.format,
-             "problem or verl")  # fmt: skip
+        need(out, self.format in ROW_FORMATS, f"{prefix}format", self.format,
+             " or ".join(ROW_FORMATS))  # fmt: skip
         for key in ("prompts_per_step", "max_prompt_tokens"):
             need(out, getattr(self, key) >= 1, prefix + key, getattr(self, key), "must be >= 1")
         need(out, self.num_eval >= 0, f"{prefix}num_eval", self.num_eval, "must be >= 0")
