@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -51,8 +52,13 @@ def run(k: int, seed: int, steps: int, out_dir: Path, extra: list[str]) -> list[
         f"logging.run_dir={run_dir}", *extra,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    # The run's output goes to a file: a pipe nobody reads while the run lasts would fill
+    # and stall the trainer.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / f"k{k}_seed{seed}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
     moved: set[int] = set()
     while proc.poll() is None:
         for pid in _replica_pids(proc.pid):
@@ -61,9 +67,10 @@ def run(k: int, seed: int, steps: int, out_dir: Path, extra: list[str]) -> list[
                                capture_output=True)  # fmt: skip
                 moved.add(pid)
         time.sleep(0.5)
-    log = proc.stdout.read()
     if proc.returncode != 0:
-        raise SystemExit(f"k={k} seed={seed} failed:\n{log[-3000:]}")
+        raise SystemExit(f"k={k} seed={seed} failed:\n{log_path.read_text()[-3000:]}")
+    if not moved:
+        raise SystemExit(f"k={k} seed={seed}: no replica process seen to pin to core 1")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "time/step_wall" in r]
 
@@ -84,6 +91,37 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+def _spread(values: list[float]) -> dict:
+    """Mean and range over seeds (with 3 seeds the range says more than a t-interval)."""
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "per_seed": values}  # fmt: skip
+
+
+def summary(runs: dict, ks: list[int], seeds: list[int]) -> dict:
+    """Per k over seeds: the steady-state times, the speed-up over k = 0 (per seed, then the
+    spread), the reward early / late, and per step the mean reward and cumulative wall."""
+    out = {}
+    for k in ks:
+        per = [runs[f"k{k}_seed{s}"] for s in seeds]
+        row = {key: _spread([p[key] for p in per])
+               for key in ("wall_per_step", "trainer_idle", "sync_wait", "replica_idle",
+                           "tokens_per_s_e2e", "staleness_mean")}  # fmt: skip
+        if 0 in ks:
+            base = [runs[f"k0_seed{s}"]["wall_per_step"] for s in seeds]
+            row["speedup_vs_k0"] = _spread(
+                [b / p["wall_per_step"] for b, p in zip(base, per, strict=True)]
+            )
+        steps = len(per[0]["reward"])
+        row["reward_first5"] = _spread([statistics.fmean(p["reward"][:5]) for p in per])
+        row["reward_last5"] = _spread([statistics.fmean(p["reward"][-5:]) for p in per])
+        row["reward_by_step"] = [statistics.fmean(p["reward"][i] for p in per)
+                                 for i in range(steps)]  # fmt: skip
+        row["cum_wall_by_step"] = [statistics.fmean(p["cum_wall"][i] for p in per)
+                                   for i in range(steps)]  # fmt: skip
+        out[f"k{k}"] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
@@ -92,8 +130,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/agpo_overlap_bench"))
     ap.add_argument("extra", nargs="*", help="more agpo-train overrides")
     args = ap.parse_args()
-    results: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                     time.gmtime()), "runs": {}}  # fmt: skip
+    results: dict = {"command": " ".join(["benchmarks/overlap.py", *sys.argv[1:]]),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                     "runs": {}}  # fmt: skip
     for seed in args.seeds:
         for k in args.ks:
             s = summarise(run(k, seed, args.steps, args.out, args.extra))
@@ -103,15 +143,19 @@ def main() -> None:
                   f"{s['replica_idle']:.3f} s, {s['tokens_per_s_e2e']:.0f} tok/s, reward "
                   f"{statistics.fmean(s['reward'][:5]):.3f} -> "
                   f"{statistics.fmean(s['reward'][-5:]):.3f}", flush=True)  # fmt: skip
+    results["summary"] = summary(results["runs"], args.ks, args.seeds)
     for k in args.ks:
-        per = [results["runs"][f"k{k}_seed{s}"] for s in args.seeds]
-        base = [results["runs"][f"k0_seed{s}"]["wall_per_step"] for s in args.seeds]
-        if 0 in args.ks:
-            ratio = statistics.fmean(b / p["wall_per_step"] for b, p in zip(base, per, strict=True))
-            print(f"k={k}: speed-up over synchronous {ratio:.2f}x (mean over seeds)")
+        row = results["summary"][f"k{k}"]
+        w = row["wall_per_step"]
+        line = f"k={k}: {w['mean']:.3f} s/step [{w['min']:.3f}, {w['max']:.3f}]"
+        if "speedup_vs_k0" in row:
+            r = row["speedup_vs_k0"]
+            line += f", k=0 / k={k} {r['mean']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]"
+        print(line)
     out = REPO / "benchmarks" / "results" / "overlap.json"
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
