@@ -319,6 +319,10 @@ class Plan:
     tokens_per_s_per_gpu: float
     train_mfu: float
     assumptions: list[str] = field(default_factory=list)
+    step_terms_s: dict[str, float] = field(default_factory=dict)
+    """Each stage's time split into its terms (`stage.term`, seconds; `generation.decode_steps`
+    is a count and the two `_s` decode entries the memory- and compute-bound times whose larger
+    one the decode pays): what the comparison with peers reads term by term."""
 
     def to_json(self) -> dict:
         return {
@@ -334,6 +338,7 @@ class Plan:
             "step_time_s": self.step_time_s,
             "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "train_mfu": self.train_mfu,
+            "step_terms_s": self.step_terms_s,
             "model": self.model,
             "params": self.params,
             "gpu": dataclasses.asdict(self.gpu),
@@ -430,6 +435,12 @@ def _is_moe(arch: ModelConfig) -> bool:
     return getattr(arch, "num_experts", 0) > 0
 
 
+def _train_efficiency(arch: ModelConfig, c: ClusterSection) -> float:
+    """Share of the BF16 peak the trainer's passes reach: cluster.moe_matmul_efficiency for a
+    mixture of experts, cluster.matmul_efficiency for a dense model."""
+    return c.moe_matmul_efficiency if _is_moe(arch) else c.matmul_efficiency
+
+
 def _engine_dtype_bytes(lay: Layout, arch: ModelConfig) -> int:
     if lay.engine_dtype in mem.DTYPE_BYTES:
         return mem.DTYPE_BYTES[lay.engine_dtype]
@@ -441,7 +452,9 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     """Seconds per stage of one RL step, its tokens and the training FLOPs (see steptime)."""
     world, L, h = lay.world, arch.num_layers, arch.hidden_size
     seq = lay.prompt_mean + lay.response_mean
-    peak = gpu.bf16_tflops * 1e12 * c.matmul_efficiency
+    # Trainer passes: a MoE model's at its own efficiency (small expert GEMMs, permutation,
+    # router: see ClusterSection.moe_matmul_efficiency), a dense one's at the matmul one.
+    peak = gpu.bf16_tflops * 1e12 * _train_efficiency(arch, c)
     if lay.fp8 != "none":
         peak *= FP8_TRAIN_SPEEDUP
     nvlink = gpu.intra_node_gb_s * c.link_efficiency
@@ -466,16 +479,19 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     # MoE: every layer's token dispatch and combine are all-to-alls over the EP group (2 per
     # forward, 2 more in the backward), each rank sending its tokens' top-k copies.
     # Megatron orders expert ranks expert-TP first, then EP: an EP group of consecutive ranks.
-    ep_bw = nvlink if lay.expert_tp * lay.ep <= lay.gpus_per_node else net
+    # The MoE efficiency (cluster.moe_matmul_efficiency) is a measured whole pass with its EP
+    # group inside one node, all-to-alls included: what is added here is what an EP group
+    # spanning nodes costs beyond the same all-to-alls over NVLink (nothing inside a node).
+    ep_across = lay.expert_tp * lay.ep > lay.gpus_per_node
 
     def a2a(per_layer: int) -> float:
-        if not _is_moe(arch) or lay.ep == 1:
+        if not _is_moe(arch) or lay.ep == 1 or not ep_across:
             return 0.0
         tokens_rank = tokens_group / (lay.tp if lay.sequence_parallel else 1)
         vol = tokens_rank * arch.moe_router_topk * h * act_bytes
         calls = per_layer * (L / lay.pp)
-        return calls * st.all_to_all_s(vol, lay.ep, ep_bw) + calls * m_calls * (
-            c.collective_latency_us * 1e-6)  # fmt: skip
+        extra = st.all_to_all_s(vol, lay.ep, net) - st.all_to_all_s(vol, lay.ep, nvlink)
+        return calls * extra + calls * m_calls * c.collective_latency_us * 1e-6
 
     # Context parallelism: Transformer Engine's ring passes each rank's K and V chunk to the
     # others in the forward, and K, V and their gradients back in the backward.
@@ -512,7 +528,10 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     if _is_moe(arch):
         # Experts live on EP x expert-TP ranks: their gradients reduce over expert-DP only.
         e_p = mem.stage_params(arch, lay.tp, lay.pp, 0, lay.ep, lay.expert_tp).experts
-        dense_p = stage_p - e_p
+        # The rest of the stage (attention, router, norms, embedding / output layer) reduces
+        # over DP x CP: the stage's parameters less all of its experts (stage_p counts every
+        # expert of the stage, as at EP 1), not less this GPU's share of them.
+        dense_p = stage_p - mem.stage_params(arch, lay.tp, lay.pp, 0).experts
         edp, e_bw = lay.expert_dp, (nvlink if lay.world <= lay.gpus_per_node else net)
         if lay.distributed_optimizer:
             dp_s = st.ring_gather_s(dense_p * 4, lay.dp * lay.cp, dp_bw) + st.ring_gather_s(
@@ -523,18 +542,27 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
             dp_s = st.ring_allreduce_s(dense_p * 4, lay.dp * lay.cp, dp_bw)
             dp_s += st.ring_allreduce_s(e_p * 4, edp, e_bw)
     a2a_calls = 6 if lay.recompute == "full" else 4
-    train = compute + bubble + lay.ppo_epochs * (
-        tp_comm(colls) + pp_comm(2) + a2a(a2a_calls) + cp_comm(3)
-    ) + updates * dp_s  # fmt: skip
+    terms = {
+        "train.compute": compute,
+        "train.pipeline_bubble": bubble,
+        "train.tp": lay.ppo_epochs * tp_comm(colls),
+        "train.pp": lay.ppo_epochs * pp_comm(2),
+        "train.all_to_all": lay.ppo_epochs * a2a(a2a_calls),
+        "train.cp": lay.ppo_epochs * cp_comm(3),
+        "train.dp": updates * dp_s,
+    }
+    train = sum(v for k, v in terms.items() if k.startswith("train."))
 
     # Log-prob passes: forward only.
     passes = int(lay.recompute_old_logp) + int(lay.reference_model)
     f_compute = rows_f * fwd_seq / mp_peak
     m_f = _micro_batches(lay, seq, per_optimizer_step=False)
-    logprobs = passes * (
-        f_compute * (1 + st.pipeline_bubble(lay.pp, 1, m_f)) + tp_comm(2) + pp_comm(1)
-        + a2a(2) + cp_comm(1)
-    )  # fmt: skip
+    terms.update({
+        "logprobs.compute": passes * f_compute,
+        "logprobs.pipeline_bubble": passes * f_compute * st.pipeline_bubble(lay.pp, 1, m_f),
+        "logprobs.comm": passes * (tp_comm(2) + pp_comm(1) + a2a(2) + cp_comm(1)),
+    })  # fmt: skip
+    logprobs = sum(v for k, v in terms.items() if k.startswith("logprobs."))
 
     # Generation: engines in parallel, each over its share of the prompts.
     e_bytes = 1 if lay.engine_quantization == "fp8" else _engine_dtype_bytes(lay, arch)
@@ -557,8 +585,9 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
         running = seqs / waves
         touched = st.experts_touched(arch.num_experts, arch.moe_router_topk, running)
         step_weights = total_p - expert_p + expert_p * touched / arch.num_experts
-    decode = st.decode_seconds(
-        steps=lay.response_max * waves,
+    steps = lay.response_max * waves
+    decode_args = dict(
+        steps=steps,
         weight_bytes=step_weights * e_bytes / lay.engine_tp,
         kv_bytes_read=kv_read,
         flops=2 * st.matmul_params(arch) * seqs * r_mean / lay.engine_tp,
@@ -567,16 +596,33 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
         step_overhead_s=overhead_ms * 1e-3,
         step_latency_s=latency,
     )
+    decode = st.decode_seconds(**decode_args)
     # vLLM prefills a prompt once for its n samples (prefix caching).
     prefill = prompts * st.forward_flops(arch, lay.prompt_mean) / (lay.engine_tp * gen_peak)
     generation = prefill + decode
+    hbm = gpu.hbm_gb_s * c.hbm_efficiency * 1e9
+    fixed = steps * (overhead_ms * 1e-3 + latency)
+    terms.update({
+        "generation.prefill": prefill,
+        # decode = max(weight + KV reads, compute) + the fixed cost per step; the reads are
+        # split here in proportion (their sum is the memory-bound time whenever memory binds).
+        "generation.decode_weights": (decode - fixed) * steps * decode_args["weight_bytes"]
+        / max(1.0, steps * decode_args["weight_bytes"] + kv_read),
+        "generation.decode_kv": (decode - fixed) * kv_read
+        / max(1.0, steps * decode_args["weight_bytes"] + kv_read),
+        "generation.decode_step_overhead": steps * overhead_ms * 1e-3,
+        "generation.decode_tp_latency": steps * latency,
+        "generation.decode_steps": steps,
+        "generation.decode_memory_s": (steps * decode_args["weight_bytes"] + kv_read) / hbm,
+        "generation.decode_compute_s": decode_args["flops"] / gen_peak,
+    })  # fmt: skip
 
     # Refit: gather the weights to trainer rank 0, then into the engines.
     weight_bytes = total_p * w_bytes
     gather = st.ring_gather_s(weight_bytes / lay.pp, lay.tp, tp_bw)
     if _is_moe(arch) and lay.ep > 1:  # the experts, spread over the EP ranks
         e_bytes_all = mem.stage_params(arch, 1, 1, 0).experts * w_bytes
-        gather += st.ring_gather_s(e_bytes_all / lay.pp, lay.ep, ep_bw)
+        gather += st.ring_gather_s(e_bytes_all / lay.pp, lay.ep, nvlink if not ep_across else net)
     if lay.pp > 1:
         gather += weight_bytes * (lay.pp - 1) / lay.pp / (pp_bw * 1e9)
     if lay.rollout_mode == "colocated":
@@ -587,6 +633,7 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     else:
         send = weight_bytes * lay.engines / (c.host_copy_gb_s * 1e9)
     refit = gather + send
+    terms.update({"refit.gather": gather, "refit.send": send})
 
     times = {"generation": generation, "logprobs": logprobs, "train": train, "refit": refit}
     times["total"] = sum(times.values())
@@ -596,7 +643,7 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     model_flops = lay.ppo_epochs * 3 * fwd
     mfu = model_flops / (train * world * gpu.bf16_tflops * 1e12) if train > 0 else 0.0
     tokens = lay.samples * seq
-    return times, tokens, mfu
+    return times, tokens, mfu, terms
 
 
 # ----------------------------------------------------------------------------- plan
@@ -649,7 +696,7 @@ def make_plan(lay: Layout, arch: ModelConfig, c: ClusterSection, model_name: str
             f"; and {lay.engines} engines x TP {lay.engine_tp} need "
             f"{lay.engines * lay.engine_tp} GPUs, the cluster has {lay.world}"
         )
-    times, tokens, mfu = step_time(lay, arch, gpu, c, m.kv_cache_tokens)
+    times, tokens, mfu, terms = step_time(lay, arch, gpu, c, m.kv_cache_tokens)
     return Plan(
         model=model_name,
         params=mem.total_params(arch),
@@ -666,6 +713,7 @@ def make_plan(lay: Layout, arch: ModelConfig, c: ClusterSection, model_name: str
         step_time_s=times,
         tokens_per_s_per_gpu=tokens / (times["total"] * (lay.world + lay.rollout_gpus)),
         train_mfu=mfu,
+        step_terms_s=terms,
         assumptions=assumptions(lay, c, gpu, arch),
     )
 
@@ -679,8 +727,16 @@ def assumptions(
         f"GPU {gpu.name}: {gpu.memory_gib} GiB, {gpu.bf16_tflops:g} TFLOP/s BF16 dense, "
         f"{gpu.fp8_tflops:g} FP8, {gpu.hbm_gb_s:g} GB/s HBM, {gpu.intra_node_gb_s:g} GB/s NVLink "
         f"and {gpu.inter_node_gb_s:g} GB/s network per GPU (one direction)",
-        f"efficiencies: matmuls {c.matmul_efficiency:g} of peak, decode {c.hbm_efficiency:g} of "
-        f"HBM bandwidth, collectives {c.link_efficiency:g} of link bandwidth; nothing overlaps",
+        f"efficiencies: training and log-prob passes {_train_efficiency(arch, c):g} of the BF16 "
+        "peak"
+        + (
+            " (cluster.moe_matmul_efficiency: Megatron-Bridge's measured Qwen3-30B-A3B "
+            "pretraining on H100, its all-to-alls inside a node included)"
+            if arch is not None and _is_moe(arch)
+            else ""
+        )
+        + f", prefill {c.matmul_efficiency:g}, decode {c.hbm_efficiency:g} of HBM bandwidth, "
+        f"collectives {c.link_efficiency:g} of link bandwidth; nothing overlaps",
         f"sequences: prompt {lay.prompt_mean} tokens on average (cluster.prompt_tokens_mean), "
         f"response {lay.response_mean} on average and {lay.response_max} for the longest, "
         "which sets the decode steps; "
@@ -712,19 +768,20 @@ def assumptions(
         "reward scoring, dynamic-sampling extra rounds and evaluation are not counted",
     ]
     if arch is not None and _is_moe(arch):
+        across = lay.ep * lay.expert_tp > lay.gpus_per_node
+        replay = (
+            f"; router replay: int64 [tokens, layers, {arch.moe_router_topk}] routes per "
+            "micro-batch on the GPU"
+        )
         out.append(
             f"MoE: {arch.num_experts} experts, top-{arch.moe_router_topk}, over EP {lay.ep} x "
             f"expert TP {lay.expert_tp} (their optimizer state over {lay.expert_dp} expert-DP "
-            "ranks); FLOPs of the top-k experts only, at the dense matmul efficiency (perfect "
-            "load balance, no dropped tokens); 2 all-to-alls per layer per forward (dispatch, "
-            "combine), 2 more per backward; a decode step reads the experts its running batch "
-            "touches, E(1 - (1 - k/E)^batch)"
-            + (
-                f"; router replay: int64 [tokens, layers, {arch.moe_router_topk}] routes per "
-                "micro-batch on the GPU"
-                if lay.router_replay
-                else ""
-            )  # fmt: skip
+            "ranks); FLOPs of the top-k experts only, at the MoE efficiency (no dropped "
+            "tokens); 2 all-to-alls per layer per forward (dispatch, combine), 2 more per "
+            "backward, counted only for what an EP group spanning nodes adds over NVLink "
+            f"({'here it spans nodes' if across else 'here inside a node: none'}); a decode "
+            "step reads the experts its running batch touches, E(1 - (1 - k/E)^batch), the "
+            "batch at its largest for every step" + (replay if lay.router_replay else "")
         )
     if lay.cp > 1:
         out.append(
