@@ -163,7 +163,13 @@ def test_pool_submit_collect_overlaps_and_a_sync_waits_for_the_request(tmp_path)
         second = pool.submit([RolloutRequest([7, 8])])
         fresh = pool.generate([RolloutRequest([9])], expected_version=1)
         assert fresh.samples[0].weight_version == 1
+        # The reply was read (and kept) during the sync: collect takes it without waiting
+        # for the next message (a 200 ms poll per step, the trainer idle, before the fix).
+        pumps, pump = [], pool._pump
+        pool._pump = lambda ms: pumps.append(ms) or pump(ms)
         batch = pool.collect(ticket)
+        pool._pump = pump
+        assert pumps == [0]
         assert [s.response_token_ids for s in batch.samples] == [(3, 2, 1), (5, 4)]
         assert {s.weight_version for s in batch.samples} == {0}  # sampled before the sync
         assert pool.collect(second).samples[0].weight_version == 1

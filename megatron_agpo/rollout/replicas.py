@@ -387,8 +387,13 @@ class ReplicaPool:
         pending = list(order)
         replies: dict[int, dict] = {}
         start = time.monotonic()
+        # First a look without waiting: a reply may have been read already (a submitted
+        # batch's, stashed while a weight sync waited), and the next message may be a
+        # heartbeat 5 s away.
+        wait_ms = 0
         while pending:
-            self._pump(POLL_MS)
+            self._pump(wait_ms)
+            wait_ms = POLL_MS
             for i in list(pending):
                 header = self._take(i, seq)
                 if header is None:
