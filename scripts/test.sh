@@ -2,16 +2,15 @@
 # The project's test command (README and CI). Extra arguments go to pytest.
 #   scripts/test.sh                 # the CI tiers: unit + dist (+ slow tests that fit)
 #   scripts/test.sh -m unit         # fast tier only
-#   AGPO_TEST_WORKERS=2 scripts/test.sh   # two pytest-xdist worker processes (see below)
+#   AGPO_TEST_WORKERS=0 scripts/test.sh   # one process (default: 2 pytest-xdist workers)
 # With workers, tests that share a trainer run or an engine (module- or session-scoped
-# fixtures) and the SLURM tests run on one worker each (tests/conftest.py groups them for
-# --dist loadgroup), costly tiers first. Not the default: its gain on the 2-core CI machine
-# is not measured yet (2026-12-05: one run, interrupted, with the grouping then broken and
-# other jobs loading the machine, showed none).
+# fixtures), the SLURM tests and the memory-heavy (`bigmem`) tests run on one worker each
+# (tests/conftest.py groups them for --dist loadgroup), costly tiers first. Two workers on the
+# 2-core CI machine: the README gives the times measured both ways.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-workers=${AGPO_TEST_WORKERS:-0}
+workers=${AGPO_TEST_WORKERS:-2}
 xdist=()
 if [[ $workers != 0 ]]; then
     if .venv/bin/python -c "import xdist" 2>/dev/null; then

@@ -52,8 +52,11 @@ def pytest_collection_modifyitems(config, items):
         # Every test gets a tier; the ones that declare none are fast unit tests.
         if not declared:
             item.add_marker(pytest.mark.unit)
-        # The local SLURM cluster has one 2-CPU node: its jobs run one at a time anyway.
-        group = "slurm" if item.get_closest_marker("slurm") else _shared_scope(item)
+        # The local SLURM cluster has one 2-CPU node: its jobs run one at a time anyway. Tests
+        # that need several GiB run one at a time too (two of them side by side can exceed
+        # the CI machine's memory: the SmolLM2 example was OOM-killed next to another).
+        group = next((m for m in ("slurm", "bigmem") if item.get_closest_marker(m)), None)
+        group = group or _shared_scope(item)
         if group and not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(group))
             if config.getoption("loadgroup", default=False):

@@ -24,6 +24,7 @@ SCRIPT = REPO / "examples" / "smollm2_arithmetic" / "run.sh"
 pytest.importorskip("gguf")
 
 
+@pytest.mark.bigmem
 @pytest.mark.engine
 @pytest.mark.e2e
 @pytest.mark.slow
