@@ -134,7 +134,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/agpo_overlap_bench"))
     ap.add_argument("extra", nargs="*", help="more agpo-train overrides")
     args = ap.parse_args()
-    results: dict = {"command": " ".join(["benchmarks/overlap.py", *sys.argv[1:]]),
+    # The command as it reproduces the numbers (--out only says where the runs' folders go).
+    seeds, ks = " ".join(map(str, args.seeds)), " ".join(map(str, args.ks))
+    command = f"benchmarks/overlap.py --steps {args.steps} --seeds {seeds} --ks {ks}"
+    command = " ".join([command, *args.extra])
+    results: dict = {"command": command,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "runs": {}}  # fmt: skip
