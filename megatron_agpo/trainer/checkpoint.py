@@ -2,9 +2,9 @@
 training needs to continue exactly: the distributed optimizer, each rank's RNG, the data
 position, the lr schedule and the step.
 
-    step_NNNNNNN/model/              the model (any TP/PP)
+    step_NNNNNNN/model/              the model (any TP/PP/EP)
     step_NNNNNNN/optimizer/          Adam moments and fp32 main params in model space (megatron's
-                                     `fully_reshardable` format: reshards to another TP/PP/DP)
+                                     `fully_reshardable` format: reshards to another TP/PP/DP/EP)
     step_NNNNNNN/rng/rank_NNNNN.pt   torch / python / model-parallel RNG of each rank
     step_NNNNNNN/trainer_state.json  step, weight version, data position, scheduler, Adam step
     + tokenizer files, manifest.json (HF config, layout, SHA-256 of every file), COMPLETE
@@ -12,7 +12,7 @@ position, the lr schedule and the step.
 Saving: every rank writes into a hidden temporary folder; rank 0 hashes and fsyncs every
 file, writes the manifest and COMPLETE, and renames the folder into place; only then are old
 checkpoints pruned (keep_last). Loading: rank 0 checks every file against the manifest
-first, then the layout is compared (a different TP/PP/DP is resharded by megatron's dist
+first, then the layout is compared (a different TP/PP/DP/EP is resharded by megatron's dist
 checkpointing), then model and optimizer load with every key checked both ways.
 """
 
@@ -180,8 +180,55 @@ def _optimizer_sharded_state(model_sd: dict, optimizer, is_loading: bool) -> dic
             # Gather over the gloo group onto DP rank 0: no `.cuda()` copies (CPU runs) and
             # one full copy of the state at a time.
             "distrib_optim_fully_reshardable_mem_efficient": True,
+            # An MoE model at EP > 1 has two optimizers (dense parameters over DP, experts
+            # over expert-DP), at EP = 1 one (megatron marks experts expert-parallel only when
+            # EP > 1): without the "chained_<i>." key prefix (Megatron-LM's default too) the
+            # keys are the model's, so the state reshards between EP sizes. A dense model has
+            # one optimizer either way (no prefix: its keys are unchanged).
+            "chained_optim_avoid_prefix": True,
         },
     )
+
+
+_GROUP_KEYS = ("wd_mult", "lr_mult", "is_decoupled_lr")
+
+
+def _fit_optimizer_state(loaded: dict, optimizer) -> dict:
+    """The loaded optimizer state in the nesting this run's optimizer expects.
+
+    The tensors (each parameter's Adam state in model space) come back where this run's
+    request put them, but megatron's non-tensor part (each inner optimizer's param groups:
+    lr, betas, eps, step, and `is_expert_parallel`, by which a group is matched on load) comes
+    from the checkpoint's common state in the nesting it was saved with: one optimizer (a
+    dense model, or an MoE model at EP = 1) or one per buffer kind ({0: dense, 1: experts} at
+    EP > 1). When the two differ (an MoE checkpoint resharded between EP = 1 and EP > 1) each
+    inner optimizer of this run gets the saved groups of the same (wd_mult, lr_mult,
+    is_decoupled_lr), marked with its own `is_expert_parallel`."""
+    inner = _inner(optimizer)
+    parts = {k: v for k, v in loaded.items() if isinstance(k, int)}
+    saved_chained = any(isinstance(v, dict) and "optimizer" in v for v in parts.values())
+    if saved_chained == (len(inner) > 1):
+        return loaded
+    common = [loaded] if not saved_chained else [parts[k] for k in sorted(parts)]
+    saved_groups = [g for c in common for g in c["optimizer"]["param_groups"]]
+    sharding = common[0]["param_state_sharding_type"]
+    extra = {k: v for k, v in common[0]["optimizer"].items() if k != "param_groups"}
+    out = {}
+    for i, o in enumerate(inner):
+        groups = []
+        for g in o.optimizer.param_groups:
+            want = tuple(g.get(k) for k in _GROUP_KEYS)
+            match = [s for s in saved_groups if tuple(s.get(k) for k in _GROUP_KEYS) == want]
+            if not match:
+                raise CheckpointError(
+                    f"the checkpoint's optimizer has no parameter group with "
+                    f"{dict(zip(_GROUP_KEYS, want, strict=True))}"
+                )
+            groups.append({**match[0], "is_expert_parallel": g["is_expert_parallel"]})
+        tensors = loaded[i]["param_state"] if len(inner) > 1 else loaded["param_state"]
+        out[i] = {"optimizer": {**extra, "param_groups": groups}, "param_state": tensors,
+                  "param_state_sharding_type": sharding}  # fmt: skip
+    return out if len(inner) > 1 else out[0]
 
 
 def _model(model):
@@ -336,6 +383,8 @@ def check_layout(path: Path, manifest: dict, mcfg=None) -> bool:
     saved, now = manifest.get("layout", {}), parallel_layout()
     keys = ("tensor_parallel", "pipeline_parallel", "data_parallel")
     changed = any(saved.get(k) != now[k] for k in keys)
+    # A layout written before expert parallelism was recorded had EP = 1.
+    changed |= saved.get("expert_parallel", 1) != now["expert_parallel"]
     if mcfg is not None and manifest.get("model_config") is not None:
         from megatron_agpo.models.config import ModelConfig
 
@@ -344,7 +393,8 @@ def check_layout(path: Path, manifest: dict, mcfg=None) -> bool:
             k: (v, getattr(mcfg, k))
             for k, v in theirs.to_dict().items()
             if k in ("num_layers", "hidden_size", "vocab_size", "num_attention_heads",
-                     "num_query_groups", "ffn_hidden_size", "architecture")
+                     "num_query_groups", "ffn_hidden_size", "architecture", "num_experts",
+                     "moe_ffn_hidden_size", "moe_router_topk")
             and v != getattr(mcfg, k)
         }  # fmt: skip
         if diff:
@@ -352,7 +402,8 @@ def check_layout(path: Path, manifest: dict, mcfg=None) -> bool:
             raise CheckpointError(f"{path} is a checkpoint of another model ({fields})")
         if changed:
             try:
-                theirs.validate(now["tensor_parallel"], now["pipeline_parallel"])
+                theirs.validate(now["tensor_parallel"], now["pipeline_parallel"],
+                                expert_parallel=now["expert_parallel"])  # fmt: skip
             except ValueError as e:
                 raise CheckpointError(
                     f"{path} was written at {layout_str(saved)} and cannot be resharded to "
@@ -391,7 +442,9 @@ def load(path: Path, model, optimizer, mcfg=None, log=print) -> dict:
     state = dist_load(model_sd, path / MODEL_SUBDIR, "model")
     with torch.no_grad():
         load_state_strict(module, state, path / MODEL_SUBDIR)
-    opt_state = dist_load(opt_sd, path / OPTIMIZER_SUBDIR, "optimizer")
+    opt_state = _fit_optimizer_state(
+        dist_load(opt_sd, path / OPTIMIZER_SUBDIR, "optimizer"), optimizer
+    )
     # megatron 0.16.1 without Apex/TE: load_state_dict puts a `step` into every parameter's
     # state and then copies the loaded tensors over all state keys, where the model-space
     # format has no `step` (it skips it): hand it one, then set the real step below.

@@ -5,7 +5,7 @@ HF <-> Megatron conversion. `megatron_agpo.trainer.checkpoint` adds the training
 Layout of a checkpoint folder (a run's `runs/X/checkpoints/step_NNNNNNN`, or the output of
 `tools/convert_hf_to_megatron.py`):
 
-    model/              megatron dist checkpoint (torch_dist) of the model; loads at any TP/PP
+    model/              megatron dist checkpoint (torch_dist) of the model; loads at any TP/PP/EP
     optimizer/          run checkpoints only: the distributed optimizer in model space
     rng/rank_NNNNN.pt   run checkpoints only: each rank's RNG states
     trainer_state.json  run checkpoints only: step, weight version, data position, lr schedule

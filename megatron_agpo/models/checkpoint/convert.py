@@ -1,10 +1,11 @@
 """HF <-> Megatron conversion: each direction runs in its own process group (spawned here on
-CPU when none exists), HF folder -> checkpoint at any TP/PP, and checkpoint (or a
-Megatron-LM one) -> HF safetensors streamed tensor by tensor."""
+CPU when none exists), HF folder -> checkpoint at any TP/PP (and EP for a mixture of
+experts), and checkpoint (or a Megatron-LM one) -> HF safetensors streamed tensor by tensor."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -61,37 +62,57 @@ def _hf_dtype(hf: HFWeights) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dt]
 
 
-def _convert_hf_rank(hf_dir: str, out_dir: str, tp: int, pp: int) -> None:
+def _convert_hf_rank(hf_dir: str, out_dir: str, tp: int, pp: int, ep: int = 1) -> None:
     from megatron_agpo.models.build import build_model
     from megatron_agpo.models.weights import load_hf_weights
     from megatron_agpo.parallel import ParallelConfig, init_parallel
 
-    init_parallel(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+    # megatron's MoE layer refuses TP x EP without sequence parallelism, which changes no
+    # weight (it shards activations only).
+    init_parallel(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                 sequence_parallel=tp > 1 and ep > 1))  # fmt: skip
     hf = HFWeights(hf_dir)
     # The stored tensors' dtype wins over config.json's (a GGUF export may say bfloat16 and
     # hold float32); keeping it is what makes the round trip bit-exact.
     cfg = ModelConfig.from_hf(hf_dir, params_dtype=_hf_dtype(hf))
-    cfg.validate(tensor_parallel=tp, pipeline_parallel=pp)
+    cfg.validate(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
     model = build_model(cfg)
     load_hf_weights(model, hf, cfg)
     save_checkpoint(model, out_dir, cfg, hf_dir=hf_dir, extra={"source": str(hf_dir)})
 
 
-def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1):
-    """HF folder -> megatron_agpo checkpoint written by tp*pp ranks (spawned here on CPU when
-    no process group exists; collective when one does). Returns the ModelConfig."""
+def conversion_world(tp: int = 1, pp: int = 1, ep: int = 1) -> int:
+    """Ranks that write a checkpoint at TP=tp, PP=pp, EP=ep: PP stages of lcm(tp, ep) ranks
+    (the dense part TP x DP, the experts EP x expert-DP over the same ranks)."""
+    return pp * math.lcm(tp, ep)
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, ep: int = 1
+):
+    """HF folder -> megatron_agpo checkpoint written by conversion_world(tp, pp, ep) ranks
+    (spawned here on CPU when no process group exists; collective in the caller's world when
+    one does). ep: a mixture of experts' experts split over that many ranks, each writing its
+    own (the checkpoint loads at any other EP). Returns the ModelConfig."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = ModelConfig.from_hf(hf_dir)
-    cfg.validate(tensor_parallel=tp, pipeline_parallel=pp)  # fail before spawning anything
+    if ep != 1 and not cfg.is_moe:
+        raise ValueError(f"ep={ep} needs a mixture-of-experts model; {hf_dir} is "
+                         f"{cfg.architecture}, a dense model")  # fmt: skip
+    if ep < 1 or (cfg.is_moe and cfg.num_experts % ep):
+        raise ValueError(f"ep={ep} does not divide the {cfg.num_experts} experts of {hf_dir}")
+    # fail before spawning anything
+    cfg.validate(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
     if (out_dir / COMPLETE).exists() or (out_dir.exists() and any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} is not empty")
-    kwargs = dict(hf_dir=str(hf_dir), out_dir=str(out_dir), tp=tp, pp=pp)
-    if dist.is_initialized():
+    kwargs = dict(hf_dir=str(hf_dir), out_dir=str(out_dir), tp=tp, pp=pp, ep=ep)
+    world = conversion_world(tp, pp, ep)
+    if dist.is_initialized():  # the caller's world (the rest of it data-parallel replicas)
         _convert_hf_rank(**kwargs)
-    elif tp * pp == 1:
+    elif world == 1:
         _worker(0, 1, free_port(), "_convert_hf_rank", kwargs)
     else:
-        _run_in_world("_convert_hf_rank", tp * pp, **kwargs)
+        _run_in_world("_convert_hf_rank", world, **kwargs)
     return config_from_checkpoint(out_dir)
 
 
@@ -168,7 +189,8 @@ def convert_megatron_to_hf(
     """A checkpoint (a step folder, or a run folder meaning its latest complete checkpoint,
     or a Megatron-LM torch_dist checkpoint) -> HF folder (safetensors, config.json, tokenizer
     files). Loads the model at TP=1, PP=1 in one process (a fresh one when no process group
-    exists) and streams it out tensor by tensor. Returns the checkpoint folder exported.
+    exists) and streams it out tensor by tensor (a mixture of experts loads whole, whatever EP
+    it was saved at). Returns the checkpoint folder exported.
 
     For a Megatron-LM checkpoint the model config comes from hf_config (config.json) or the
     checkpoint's saved arguments, and the tokenizer files from `tokenizer` (a folder)."""

@@ -97,24 +97,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def parallel_layout() -> dict[str, int]:
-    """The TP/PP/DP layout of the current process groups (1s when none)."""
+    """The TP/PP/DP/EP layout of the current process groups (1s when none). expert_parallel:
+    each MoE layer's experts split over that many ranks (megatron's expert-model-parallel
+    size; 1 for a dense model)."""
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1, "world_size": 1}
+        return {"tensor_parallel": 1, "pipeline_parallel": 1, "data_parallel": 1,
+                "expert_parallel": 1, "world_size": 1}  # fmt: skip
     return {
         "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
         "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
         "data_parallel": ps.get_data_parallel_world_size(),
+        "expert_parallel": ps.get_expert_model_parallel_world_size(),
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }
 
 
 def layout_str(layout: dict[str, int]) -> str:
-    return (
+    """TP=2 PP=1 DP=1, with " EP=n" when the experts are split (n > 1; a layout written
+    before expert parallelism existed has no key: 1)."""
+    out = (
         f"TP={layout.get('tensor_parallel')} PP={layout.get('pipeline_parallel')} "
         f"DP={layout.get('data_parallel')}"
     )
+    ep = layout.get("expert_parallel", 1)
+    return out + (f" EP={ep}" if ep != 1 else "")
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:

@@ -1,5 +1,5 @@
 """The model part of a checkpoint: every rank's shards of the model written and read as a
-megatron dist checkpoint (any TP/PP), and the model-only checkpoint built on them."""
+megatron dist checkpoint (any TP/PP/EP), and the model-only checkpoint built on them."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def save_model_shards(model, model_dir: Path) -> None:
 
 
 def load_model_shards(model, model_dir: Path) -> None:
-    """Collective: load model_dir into this rank's shard, whatever TP/PP it was saved at;
+    """Collective: load model_dir into this rank's shard, whatever TP/PP/EP it was saved at;
     every parameter must be there and nothing else."""
     (chunk,) = model_chunks(model)
     state = dist_load(chunk.sharded_state_dict(), model_dir, "model")
