@@ -243,21 +243,23 @@ def test_ep1_run_checkpoint_reshards_to_ep2(moe_hf, tmp_path):
     run_distributed(_resume, 2, moe_hf, str(tmp_path), 2, "TP=1 PP=1 DP=1")
 
 
-def _convert(rank, world, hf, ckpt, ep):
-    fmt.convert_hf_to_megatron(hf, ckpt, ep=ep)
+def _convert(rank, world, hf, ckpt, ep, tp=1):
+    fmt.convert_hf_to_megatron(hf, ckpt, tp=tp, ep=ep)
 
 
 @pytest.mark.dist
-def test_convert_hf_to_ep2_checkpoint_and_back_bit_exact(moe_hf, tmp_path):
-    """HF -> checkpoint written at EP=2 by 2 ranks (each its experts) -> HF in one process:
-    every tensor bit-exact (float32)."""
+@pytest.mark.parametrize(("tp", "layout"), [(1, "TP=1 PP=1 DP=2 EP=2"), (2, "TP=2 PP=1 DP=1 EP=2")])
+def test_convert_hf_to_ep2_checkpoint_and_back_bit_exact(moe_hf, tmp_path, tp, layout):
+    """HF -> checkpoint written at EP=2 by 2 ranks (each its experts; the dense part
+    data-parallel, or split over TP=2) -> HF in one process: every tensor bit-exact
+    (float32)."""
     from tests.test_convert import _assert_bit_exact
 
     ckpt = tmp_path / "ck"
-    run_distributed(_convert, 2, moe_hf, str(ckpt), 2)
+    run_distributed(_convert, 2, moe_hf, str(ckpt), 2, tp)
     manifest = json.loads((ckpt / fmt.MANIFEST).read_text())
     assert manifest["kind"] == "model"
-    assert fmt.layout_str(manifest["layout"]) == "TP=1 PP=1 DP=2 EP=2"
+    assert fmt.layout_str(manifest["layout"]) == layout
     assert _expert_writers(ckpt) == {0: {0}, 1: {0}, 2: {1}, 3: {1}}
     run_distributed(_export, 1, str(ckpt), str(tmp_path / "out"))
     _assert_bit_exact(Path(moe_hf), tmp_path / "out")

@@ -67,10 +67,9 @@ def _convert_hf_rank(hf_dir: str, out_dir: str, tp: int, pp: int, ep: int = 1) -
     from megatron_agpo.models.weights import load_hf_weights
     from megatron_agpo.parallel import ParallelConfig, init_parallel
 
-    # megatron's MoE layer refuses TP x EP without sequence parallelism, which changes no
-    # weight (it shards activations only).
-    init_parallel(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
-                                 sequence_parallel=tp > 1 and ep > 1))  # fmt: skip
+    # (TP x EP trains only with sequence parallelism, which megatron's MoE layer checks in a
+    # training forward; building and saving the weights need none.)
+    init_parallel(ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep))
     hf = HFWeights(hf_dir)
     # The stored tensors' dtype wins over config.json's (a GGUF export may say bfloat16 and
     # hold float32); keeping it is what makes the round trip bit-exact.
