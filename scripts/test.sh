@@ -6,7 +6,8 @@
 # With workers, tests that share a trainer run or an engine (module- or session-scoped
 # fixtures), the SLURM tests and the memory-heavy (`bigmem`) tests run on one worker each
 # (tests/conftest.py groups them for --dist loadgroup), costly tiers first. Two workers on the
-# 2-core CI machine: the README gives the times measured both ways.
+# 2-core CI machine: the README gives the times measured both ways. The whole suite (no -m,
+# -k or test path given) runs the `bigmem` tests after the others, alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
@@ -26,9 +27,26 @@ if [[ $workers != 0 ]]; then
         echo "test.sh: pytest-xdist is not installed (scripts/setup.sh installs it): one process"
     fi
 fi
-.venv/bin/python -m pytest -m "not gpu" --timeout=1200 "${xdist[@]}" "$@"
-rc=$?
+pytest() { .venv/bin/python -m pytest --timeout=1200 "$@"; }
 # 5 = no test collected (e.g. a marker selection that matches nothing here): not a failure.
+ok() { [[ $1 -eq 0 || $1 -eq 5 ]]; }
+selects=0
+for a in "$@"; do
+    [[ $a == -m || $a == -k || $a == -m* || $a == -k* || -e ${a%%::*} ]] && selects=1
+done
+if [[ ${#xdist[@]} -gt 0 && $selects == 0 ]]; then
+    # The whole suite: the memory-heavy tests (`bigmem`) run after the others, alone. Beside
+    # another worker's trainer run the SmolLM2 example's trainer (near 10 GB resident) was
+    # OOM-killed on the 24 GB CI machine.
+    pytest -m "not gpu and not bigmem" "${xdist[@]}" "$@"
+    rc=$?
+    pytest -m "not gpu and bigmem" "$@"
+    rc2=$?
+    ok $rc && rc=$rc2
+else
+    pytest -m "not gpu" "${xdist[@]}" "$@"
+    rc=$?
+fi
 if [[ $rc -eq 5 ]]; then
     echo "test.sh: pytest collected no tests for this selection"
     exit 0

@@ -229,6 +229,20 @@ def _sbatch(tmp_path: Path, *args: str, wait: bool, **env: str) -> subprocess.Co
     return _run(cmd, cwd=tmp_path, timeout=900, RUN_DIR=str(tmp_path / "run"), **env)
 
 
+FINAL_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
+"""Job states slurm does not leave (squeue(1), JOB STATE CODES)."""
+
+
 def _preempt(tmp_path: Path, job_id: str, started, between=lambda: None) -> dict[str, str]:
     """Once `started()`, USR1 to the batch shell (what --signal=B:USR1 does before the time
     limit); wait for the job to requeue itself, call `between()`, and wait until it ends.
@@ -247,7 +261,9 @@ def _preempt(tmp_path: Path, job_id: str, started, between=lambda: None) -> dict
         between()
         # The requeued job starts again by itself (after cred_expire, 10 s on the test
         # cluster: scripts/slurm_local.sh).
-        while _job(job_id).get("JobState") in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
+        # Until a final state: COMPLETING (the first start's clean-up, before REQUEUED) lasts
+        # long enough on a loaded machine for a poll to see it.
+        while _job(job_id).get("JobState") not in FINAL_STATES:
             assert time.time() < deadline + 300, _batch_log(tmp_path, job_id)
             time.sleep(1)
     finally:
