@@ -298,16 +298,28 @@ def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_
     assert a4["data"]["offset"] == 4 * 8
 
 
+def _stream_of_stubs(t, submit, collect) -> None:
+    """Give a stub trainer a k = 1 stream at position 7 over 100 one-token prompts (3 a
+    batch) and an engine of the two given stand-ins."""
+    import types
+
+    from megatron_agpo.data.iterator import PromptIterator
+    from megatron_agpo.trainer.overlap import RolloutStream
+
+    t.data = PromptIterator([types.SimpleNamespace(prompt_ids=(p + 5,)) for p in range(100)],
+                            batch_size=3, shuffle=False)  # fmt: skip
+    t.engine = types.SimpleNamespace(submit=submit, collect=collect)
+    t.stream = RolloutStream(1, t.data, start_index=7)
+
+
 def test_overlapped_collect_refills_from_the_stream_and_drops_stale_groups():
     """The trainer's collect under overlap (a stand-in engine: submit records, collect returns
     samples of the version each batch was 'sampled' at): k + 1 batches in flight, dynamic
     sampling's refill is the stream's next batch (its seeds keyed by its stream position),
     groups past the bound are dropped and counted, and the checkpoint position is the oldest
     batch not yet trained."""
-    import types
 
     from megatron_agpo.trainer.loop import Timer
-    from megatron_agpo.trainer.overlap import RolloutStream
     from tests.test_trainer_features import _stub_trainer
 
     m = [1.0, 0, 0, 0]  # a mixed group (kept by dynamic sampling)
@@ -331,12 +343,7 @@ def test_overlapped_collect_refills_from_the_stream_and_drops_stale_groups():
             allow_mixed=True,
         )  # fmt: skip
 
-    from megatron_agpo.data.iterator import PromptIterator
-
-    t.data = PromptIterator([types.SimpleNamespace(prompt_ids=(p + 5,)) for p in range(100)],
-                            batch_size=3, shuffle=False)  # fmt: skip
-    t.engine = types.SimpleNamespace(submit=submit, collect=collect)
-    t.stream = RolloutStream(1, t.data, start_index=7)
+    _stream_of_stubs(t, submit, collect)
     seen, rounds = [], iter([m + r, m + m + r])
 
     def score(prompts, batch, n):
@@ -376,7 +383,6 @@ def test_replica_dying_mid_stream_stops_the_step_and_keeps_its_batches_untrained
     is the first batch the failed step took: a resume regenerates every batch of the step,
     not only the one whose replica died. Then the same after a completed step, the failure
     in its first round: the position is the next untrained batch."""
-    import types
 
     from megatron_agpo.data.iterator import PromptIterator
     from megatron_agpo.rollout.types import RolloutError
@@ -405,10 +411,7 @@ def test_replica_dying_mid_stream_stops_the_step_and_keeps_its_batches_untrained
             allow_mixed=True,
         )  # fmt: skip
 
-    t.data = PromptIterator([types.SimpleNamespace(prompt_ids=(p + 5,)) for p in range(100)],
-                            batch_size=3, shuffle=False)  # fmt: skip
-    t.engine = types.SimpleNamespace(submit=submit, collect=collect)
-    t.stream = RolloutStream(1, t.data, start_index=7)
+    _stream_of_stubs(t, submit, collect)
     rewards = iter([m + r + r, m + m + m, m + m + m])
 
     def score(prompts, batch, n):
