@@ -19,6 +19,7 @@ import torch
 from megatron_agpo.models import checkpoint as fmt
 from megatron_agpo.models.weights import HFWeights
 from megatron_agpo.trainer import checkpoint as ck
+from tests import test_checkpoint
 from tests.dist_utils import run_distributed
 from tests.tiny_models import tiny_hf_model
 
@@ -86,25 +87,10 @@ def _make(ep: int, hf: str):
     return model, opt, mcfg
 
 
-def _step(model, opt, seed: int) -> None:
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-
-    from megatron_agpo.models import forward_logits
-
-    ids = torch.randint(3, 60, (4, 10), generator=torch.Generator().manual_seed(seed))
-    model.zero_grad_buffer()
-    opt.zero_grad()
-    # Every rank the same batch: the DP=2 mean gradient is the one-rank gradient.
-    forward_logits(model, ids).pow(2).sum().div(5000).backward()
-    finalize_model_grads([model])
-    opt.step()
-
-
-def _hf_tensors(model, mcfg) -> dict:
-    """Every weight under its HF name (experts all-gathered over EP, on every rank)."""
-    from megatron_agpo.models import megatron_to_hf_tensors
-
-    return {n: t.clone() for n, t in megatron_to_hf_tensors(model, mcfg)}
+# One Adam step on a seeded batch, and every weight under its HF name (experts all-gathered
+# over EP): the dense checkpoint tests' helpers. Every rank gets the same batch, so at EP=2
+# (DP=2) the mean gradient is the one-rank gradient.
+_step, _hf_tensors = test_checkpoint._step, test_checkpoint._hf_tensors
 
 
 def _optimizer_state(model, opt) -> dict:
