@@ -209,7 +209,7 @@ def _killed_mid_stream(run, steps, *extra) -> int:
     import sys
 
     from tests.runs import REPO, SHORT
-    from tests.test_rollout_failure import _alive, _descendants, _replica_pids, _steps
+    from tests.test_rollout_failure import _alive, _kill_replica_after_first_step, _steps
 
     cmd = [sys.executable, "-m", "megatron_agpo.train", f"trainer.steps={steps}", *SHORT,
            f"logging.run_dir={run}", *extra]  # fmt: skip
@@ -219,14 +219,7 @@ def _killed_mid_stream(run, steps, *extra) -> int:
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     tree: set[int] = set()
     try:
-        t0 = time.time()
-        while not _steps(run):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() - t0 < 900, "no first step after 900 s"
-            time.sleep(0.2)
-        tree = _descendants(proc.pid)
-        (replica,) = _replica_pids(proc.pid)
-        os.kill(replica, signal.SIGKILL)
+        replica, tree = _kill_replica_after_first_step(proc, run, log)
         rc = proc.wait(timeout=600)
         text = log.read_text()
         assert rc == 69, text[-3000:]
