@@ -32,7 +32,7 @@ pytest() { .venv/bin/python -m pytest --timeout=1200 "$@"; }
 ok() { [[ $1 -eq 0 || $1 -eq 5 ]]; }
 selects=0
 for a in "$@"; do
-    [[ $a == -m || $a == -k || $a == -m* || $a == -k* || -e ${a%%::*} ]] && selects=1
+    [[ $a == -m* || $a == -k* || -e ${a%%::*} ]] && selects=1
 done
 if [[ ${#xdist[@]} -gt 0 && $selects == 0 ]]; then
     # The whole suite: the memory-heavy tests (`bigmem`) run after the others, alone. Beside

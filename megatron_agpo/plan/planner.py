@@ -602,18 +602,18 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     generation = prefill + decode
     hbm = gpu.hbm_gb_s * c.hbm_efficiency * 1e9
     fixed = steps * (overhead_ms * 1e-3 + latency)
+    weight_reads = steps * decode_args["weight_bytes"]
+    reads = weight_reads + kv_read
     terms.update({
         "generation.prefill": prefill,
         # decode = max(weight + KV reads, compute) + the fixed cost per step; the reads are
         # split here in proportion (their sum is the memory-bound time whenever memory binds).
-        "generation.decode_weights": (decode - fixed) * steps * decode_args["weight_bytes"]
-        / max(1.0, steps * decode_args["weight_bytes"] + kv_read),
-        "generation.decode_kv": (decode - fixed) * kv_read
-        / max(1.0, steps * decode_args["weight_bytes"] + kv_read),
+        "generation.decode_weights": (decode - fixed) * weight_reads / max(1.0, reads),
+        "generation.decode_kv": (decode - fixed) * kv_read / max(1.0, reads),
         "generation.decode_step_overhead": steps * overhead_ms * 1e-3,
         "generation.decode_tp_latency": steps * latency,
         "generation.decode_steps": steps,
-        "generation.decode_memory_s": (steps * decode_args["weight_bytes"] + kv_read) / hbm,
+        "generation.decode_memory_s": reads / hbm,
         "generation.decode_compute_s": decode_args["flops"] / gen_peak,
     })  # fmt: skip
 
