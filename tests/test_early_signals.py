@@ -1,7 +1,7 @@
 """Preemption signals from the first moment: a signal sent to a rank before any handler of
 its own exists (the launcher started torchrun, torchrun the rank, which is still importing)
-is not lost; SIGTERM to every process of the job at once saves like SIGTERM to the launcher;
-a signal before the first step exits 75 saying there is nothing to save."""
+is not lost; a signal before the first step exits 75 saying there is nothing to save. SIGTERM
+to every process of a running job at once: tests/test_preemption.py."""
 
 from __future__ import annotations
 
@@ -157,29 +157,3 @@ def test_torn_metrics_line_in_the_middle_is_one_line_exit_2(tmp_path, capsys, mo
     assert err.startswith("agpo-train: error: ") and "\n" not in err
     assert "metrics.jsonl line 2 is not JSON and is not the last line" in err
     fake.run_lock.release()
-
-
-@pytest.mark.engine
-@pytest.mark.e2e
-@pytest.mark.slow
-def test_sigterm_to_every_process_of_the_run_saves_and_exits_75(tmp_path):
-    """A scheduler's signal to the whole job (launcher, torchrun, ranks, the vLLM replica and
-    the reward workers at once) saves like a signal to the launcher."""
-    from tests.test_preemption import _descendants, _output, _start, _steps, _wait_for_step
-
-    run = tmp_path / "run"
-    proc = _start(run, 50)
-    try:
-        _wait_for_step(proc, run, 1, timeout=900)
-        for pid in [proc.pid, *_descendants(proc.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        proc.wait(timeout=600)
-        out = _output(proc)
-        assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
-        line = next(x for x in out.splitlines() if "preempted (SIGTERM): saved" in x)
-        stopped = int(line.split(" at step ")[1].split(";")[0])
-        assert (run / "checkpoints" / f"step_{stopped:07d}" / "COMPLETE").is_file()
-        assert _steps(run) == list(range(1, stopped + 1))
-    finally:
-        _kill_all(proc, _descendants(proc.pid))

@@ -1,5 +1,6 @@
 """Preemption with real signals on the CPU default run (2 ranks, TP=2, a vLLM replica):
-SIGTERM to the launcher saves and exits 75, the requeued run counts every step once. A kill -9
+SIGTERM to every process of the run saves and exits 75, the requeued run counts every step
+once. A kill -9
 of the whole run's launcher leaving no process behind is tests/test_no_orphans.py's (one run
 after a save, which has every process a run before its first save has, and the save's too)."""
 
@@ -169,11 +170,17 @@ def test_killed_launcher_takes_torchrun_and_ranks_down(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_saves_exits_75_and_resume_counts_each_step_once(tmp_path):
+    """A scheduler's SIGTERM to the whole job (launcher, torchrun, ranks, the vLLM replica and
+    the reward workers at once), then a second one to the launcher during the step or the
+    save: the run saves once and exits 75; the requeued run counts every step once. (The
+    launcher alone signalled, forwarding to the ranks: test_launcher_forwards_sigterm_...)"""
     run = tmp_path / "run"
     proc = _start(run, 6)
     _wait_for_step(proc, run, 2, timeout=600)
     tree = _descendants(proc.pid)
-    proc.send_signal(signal.SIGTERM)
+    for pid in [proc.pid, *tree]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)  # a second signal during the step/save changes nothing
     proc.wait(timeout=300)

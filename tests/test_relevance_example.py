@@ -13,7 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.bigmem
 @pytest.mark.engine
 @pytest.mark.e2e
 @pytest.mark.slow

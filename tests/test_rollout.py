@@ -95,8 +95,10 @@ class _Pools:
         self.build = build
         self.pool = None
 
-    def get(self):
-        if self.pool is not None and self.pool._failed:
+    def get(self, needs: tuple[int, ...] | None = None):
+        """The pool, rebuilt first if a replica in `needs` (default: every one) failed."""
+        p = self.pool
+        if p is not None and any(i in p._failed for i in needs or range(p.num_replicas)):
             self.pool.close()
             self.pool = None
         if self.pool is None:
@@ -132,12 +134,23 @@ def _pools(tiny_dir, tmp_path_factory):
     pools.close()
 
 
-@pytest.fixture
-def pool(_pools):
-    p = _pools.get()
+def _borrowed(pools: _Pools, needs: tuple[int, ...] | None = None):
+    p = pools.get(needs)
     saved = copy.copy(p.config)
     yield p
     p.config = saved  # tests shorten timeouts and buckets
+
+
+@pytest.fixture
+def pool(_pools):
+    yield from _borrowed(_pools)
+
+
+@pytest.fixture
+def pool_replica0(_pools):
+    """The shared pool for a test that uses only its replica 0: kept when another replica
+    failed (the killed-replica test breaks replica 1), which saves a pool start."""
+    yield from _borrowed(_pools, needs=(0,))
 
 
 def _collective_pool(tiny_dir, log_dir):
@@ -172,10 +185,7 @@ def _collective_pools(tiny_dir, tmp_path_factory):
 
 @pytest.fixture
 def collective_pool(_collective_pools):
-    p = _collective_pools.get()
-    saved = copy.copy(p.config)
-    yield p
-    p.config = saved
+    yield from _borrowed(_collective_pools)
 
 
 def _prompts(tokenizer, texts):
@@ -591,7 +601,8 @@ def test_hostile_peers_refused_and_get_nothing(pool, tokenizer, hf_model, tmp_pa
     assert pool.replica_info[0]["pid"] == pool.processes[0].pid  # no hijacked replica slot
 
 
-# The failure tests break replicas; the `pool` fixture builds a new pool for the next test.
+# The failure tests break replicas; the `pool` fixture builds a new pool for the next test
+# (`pool_replica0` only when replica 0 broke).
 
 
 @pytest.mark.engine
@@ -618,7 +629,8 @@ def test_replica_killed_mid_request_fails_fast(pool, tokenizer):
 
 
 @pytest.mark.engine
-def test_silent_replica_times_out(pool, hf_model):
+def test_silent_replica_times_out(pool_replica0, hf_model):
+    pool = pool_replica0
     victim = pool.processes[0]
     victim.send_signal(signal.SIGSTOP)  # alive but silent
     pool.config.sync_timeout_s = 3.0

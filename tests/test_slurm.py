@@ -284,33 +284,10 @@ def _batch_log(tmp_path: Path, job_id: str) -> str:
 @pytest.mark.slurm
 @pytest.mark.slow
 @slurm
-def test_tiny_job_runs_with_a_replica_step(tmp_path):
-    res = _sbatch(tmp_path, "trainer.steps=2", wait=True)
-    job_id = res.stdout.strip().split(";")[0]
-    log = _batch_log(tmp_path, job_id) if job_id else ""
-    assert res.returncode == 0, res.stderr + log
-    run = tmp_path / "run"
-    rows = _rows(run)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert [r["weight_version"] for r in rows] == [1, 2]
-    # The replica, its own job step, sampled with the weights just synced to it: its log-probs
-    # equal the trainer's (fp32) after every sync.
-    assert all(r["logp_gap"] < 1e-4 for r in rows), rows
-    logs = run / "logs" / f"{job_id}-0"
-    assert sorted(p.name for p in logs.iterdir()) == ["replica-0.log", "train-0.log", "train-1.log"]
-    assert "srun --job-name=replica0" in log and "--replica-index 0" in log
-    assert not any((run / "replica_logs").glob("*"))  # nothing spawned by the trainer
-    assert (run / "rollout_secret").stat().st_mode & 0o777 == 0o600
-    job = _job(job_id)
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "0"
-
-
-@pytest.mark.engine
-@pytest.mark.e2e
-@pytest.mark.slurm
-@pytest.mark.slow
-@slurm
 def test_usr1_saves_requeues_and_resumes_every_step_once(tmp_path):
+    """slurm/agpo_tiny.sh under the controller: the trainer and a vLLM replica (its own job
+    step) run, USR1 to the batch shell saves and requeues, the second start resumes; every
+    step once, each sampled with the weights just synced."""
     steps = 6
     res = _sbatch(tmp_path, f"trainer.steps={steps}", wait=False)
     assert res.returncode == 0, res.stderr
@@ -343,6 +320,16 @@ def test_usr1_saves_requeues_and_resumes_every_step_once(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["weight_version"] for r in rows] == list(range(1, steps + 1))
     assert metrics.read_text().startswith(first[0]) and len(first[0].splitlines()) == k
+    # The replica, its own job step, sampled with the weights just synced to it: its log-probs
+    # equal the trainer's (fp32) after every sync, in both starts.
+    assert all(r["logp_gap"] < 1e-4 for r in rows), rows
+    for start in (0, 1):
+        logs = run / "logs" / f"{job_id}-{start}"
+        names = sorted(p.name for p in logs.iterdir())
+        assert names == ["replica-0.log", "train-0.log", "train-1.log"], names
+    assert "srun --job-name=replica0" in log and "--replica-index 0" in log
+    assert not any((run / "replica_logs").glob("*"))  # nothing spawned by the trainer
+    assert (run / "rollout_secret").stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.e2e
