@@ -84,6 +84,8 @@ def run_ranks(cmd: list[str], env: dict[str, str]) -> int:
     pending = [s for s in take_pending() if s in FORWARDED_TO_RANKS]
 
     def deliver() -> None:
+        if not pending:  # the common case: no scan of /proc every poll
+            return
         ranks = children_of(proc.pid)
         while pending and ranks:
             signum = pending.pop(0)

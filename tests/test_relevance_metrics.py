@@ -57,6 +57,8 @@ def test_ndcg_by_hand():
     )
     # Cut at k = 1: q1's top item has gain 2 of the ideal 3.
     assert ndcg_per_query(["q"] * 3, [3, 2, 0], [0.1, 0.9, 0.5], k=1)["q"] == pytest.approx(2 / 3)
+    # A tie across the cut: gains 3 and 0 tied at the top share position 1's discount (1.5).
+    assert ndcg_per_query(["q"] * 3, [0, 2, 3], [0.9, 0.1, 0.9], k=1)["q"] == pytest.approx(0.5)
 
 
 def test_majority_vote_and_intervals():

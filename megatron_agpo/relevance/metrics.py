@@ -1,5 +1,10 @@
-"""Metrics of labels against gold: accuracy, macro-F1 and per-class F1 (scikit-learn),
-NDCG@k per query, majority voting, and confidence intervals. Pure functions."""
+"""Metrics of labels against gold: accuracy, macro-F1 and per-class F1, NDCG@k per query,
+majority voting, and confidence intervals. Pure functions.
+
+Written out here rather than taken from scikit-learn (with its definitions: zero_division=0,
+tie-averaged NDCG): with scikit-learn installed, every process that imports transformers'
+generation utilities (each rank, each vLLM replica) also imports it and SciPy's statistics,
+0.9 CPU-s of start-up each."""
 
 from __future__ import annotations
 
@@ -16,36 +21,55 @@ def classification_metrics(
 ) -> dict[str, float]:
     """accuracy, macro_f1 and f1/<name> per class over label indices. A missing prediction
     (None: no valid answer) counts as wrong for every class. Classes absent from both gold
-    and predictions score F1 0 (scikit-learn's zero_division=0) and still count in the macro
+    and predictions score F1 0 (as scikit-learn's zero_division=0) and still count in the macro
     average, so a label set's score does not depend on which classes a test set happens to
     hold."""
-    from sklearn.metrics import accuracy_score, f1_score
-
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
     if not gold:
         raise ValueError("no labels to score")
     k = len(labels)
     p = [k if x is None else x for x in pred]  # an extra "no answer" class, never gold
-    per = f1_score(gold, p, labels=list(range(k)), average=None, zero_division=0)
+    per = [_f1(gold, p, c) for c in range(k)]
     out = {
-        "accuracy": float(accuracy_score(gold, p)),
-        "macro_f1": float(sum(per) / k),
+        "accuracy": sum(g == x for g, x in zip(gold, p, strict=True)) / len(gold),
+        "macro_f1": sum(per) / k,
         "n": float(len(gold)),
     }
-    out.update({f"f1/{name}": float(f) for name, f in zip(labels.names, per, strict=True)})
+    out.update({f"f1/{name}": f for name, f in zip(labels.names, per, strict=True)})
     return out
+
+
+def _f1(gold: Sequence[int], pred: Sequence[int], c: int) -> float:
+    """F1 of class c: 2 TP / (2 TP + FP + FN), 0 when the class is in neither."""
+    tp = sum(g == c and x == c for g, x in zip(gold, pred, strict=True))
+    wrong = sum((g == c) != (x == c) for g, x in zip(gold, pred, strict=True))  # FP + FN
+    return 2 * tp / (2 * tp + wrong) if tp or wrong else 0.0
+
+
+def _dcg(gains: Sequence[float], scores: Sequence[float], k: int) -> float:
+    """DCG@k of items ranked by `scores`, each run of tied scores given its members' mean
+    gain at each of its positions (the order within a tie is not information)."""
+    disc = [1 / math.log2(i + 2) if i < k else 0.0 for i in range(len(gains))]
+    order = sorted(range(len(gains)), key=lambda i: -scores[i])
+    total, i = 0.0, 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and scores[order[j]] == scores[order[i]]:
+            j += 1
+        mean_gain = sum(gains[order[t]] for t in range(i, j)) / (j - i)
+        total += mean_gain * sum(disc[i:j])
+        i = j
+    return total
 
 
 def ndcg_per_query(
     groups: Sequence[str], gains: Sequence[float], scores: Sequence[float], k: int = 10
 ) -> dict[str, float]:
     """NDCG@k of each query (group): items ranked by `scores`, judged by their gold `gains`
-    (linear gains, log2 discount, tied scores averaged: scikit-learn's ndcg_score). Queries
+    (linear gains, log2 discount, tied scores averaged, as scikit-learn's ndcg_score). Queries
     with fewer than 2 items or no item of positive gain have no defined NDCG and are left
     out."""
-    from sklearn.metrics import ndcg_score
-
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for g, gain, s in zip(groups, gains, scores, strict=True):
         by[g].append((gain, s))
@@ -53,7 +77,8 @@ def ndcg_per_query(
     for g, rows in by.items():
         if len(rows) < 2 or max(r[0] for r in rows) <= 0:
             continue
-        out[g] = float(ndcg_score([[r[0] for r in rows]], [[r[1] for r in rows]], k=k))
+        gain = [r[0] for r in rows]
+        out[g] = _dcg(gain, [r[1] for r in rows], k) / _dcg(gain, gain, k)  # over the ideal
     return out
 
 
