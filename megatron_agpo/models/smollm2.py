@@ -4,8 +4,11 @@ scripts/setup.sh) as a plain HF folder, converted once and cached. The real mode
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,8 +34,32 @@ def smollm2_hf_dir(out: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors + tokenizer), converted
     once from the GGUF (dequantised Q4_1 weights) and cached."""
     out = Path(out) if out else cache_dir() / "SmolLM2-135M-Instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _complete(out):
         return out
+    # Processes started together on a fresh machine (tests, ranks) convert it once: the first
+    # to take the lock builds into a temporary folder of its own and renames it into place.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(out):
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        try:
+            _convert(tmp)
+            if out.exists():  # a partial folder an older version left: replaced
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _convert(tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -47,8 +74,5 @@ def smollm2_hf_dir(out: str | Path | None = None) -> Path:
         if hasattr(model.config, attr):
             delattr(model.config, attr)
     model.config.dtype = torch.float32
-    tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
