@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -135,9 +136,10 @@ def _forget_destroyed_vllm_groups() -> None:
     destroys the dead groups again). The groups are already gone, so forgetting them is all
     that is left to do; live groups are left alone."""
     from torch.distributed import distributed_c10d as c10d
-    from vllm.distributed import parallel_state as ps
 
-    world = ps._WORLD
+    # Not imported yet: no engine of this process ever made groups (and no import for it).
+    ps = sys.modules.get("vllm.distributed.parallel_state")
+    world = getattr(ps, "_WORLD", None)
     if world is None or getattr(world, "cpu_group", None) in c10d._world.pg_map:
         return
     for name in [n for n, v in vars(ps).items() if isinstance(v, ps.GroupCoordinator)]:
