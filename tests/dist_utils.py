@@ -207,3 +207,24 @@ def run_distributed(fn, world_size: int = 2, *args, timeout: float = 300.0) -> N
         raise AssertionError(f"rank {rank} failed:\n{tb}")
     if timed_out:
         raise TimeoutError(f"ranks of a world of {world_size} still running after {timeout}s")
+
+
+def called_together(fn, n: int) -> tuple[list, list[Exception]]:
+    """Call `fn()` from n threads started at once (callers racing for one cache entry): the
+    results and the exceptions raised, each in the order they came."""
+    import threading
+
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(fn())
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors

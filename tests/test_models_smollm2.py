@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import called_together, run_distributed
 from tests.test_models import _assert_parity, _gather_vocab, _hf_logits
 
 pytest.importorskip("gguf")
@@ -46,7 +46,6 @@ def test_conversion_runs_once_when_processes_start_together(tmp_path, monkeypatc
     """Two callers at once on a fresh cache (tests or ranks started together): one converts,
     the other waits and gets the finished folder. (Both used to write one `.tmp` folder and
     the second rename failed: CI of 2026-12-05, tests/test_gpu_check.py beside another.)"""
-    import threading
     import time
 
     from megatron_agpo.models import smollm2
@@ -60,18 +59,7 @@ def test_conversion_runs_once_when_processes_start_together(tmp_path, monkeypatc
         (tmp / "model.safetensors").write_bytes(b"x")
 
     monkeypatch.setattr(smollm2, "_convert", slow_convert)
-    out, got, errors = tmp_path / "cache" / "SmolLM2", [], []
-
-    def call():
-        try:
-            got.append(smollm2.smollm2_hf_dir(out))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = tmp_path / "cache" / "SmolLM2"
+    got, errors = called_together(lambda: smollm2.smollm2_hf_dir(out), 3)
     assert not errors and got == [out] * 3 and len(calls) == 1
     assert sorted(p.name for p in out.parent.iterdir()) == [".SmolLM2.lock", "SmolLM2"]

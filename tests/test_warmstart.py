@@ -8,6 +8,7 @@ import pytest
 
 from megatron_agpo.trainer import warmstart
 from megatron_agpo.trainer.config import DataSection, ModelSection
+from tests.dist_utils import called_together
 
 
 def test_key_names_the_code_that_shapes_the_weights():
@@ -90,7 +91,6 @@ def test_runs_started_together_build_the_entry_once(tmp_path, monkeypatch):
     """Two runs on an empty cache at once (parallel test workers, two jobs on a machine): one
     builds, the other waits for it and takes its folder (no second build, no failed rename
     onto the finished folder)."""
-    import threading
     import time
 
     model = ModelSection(cache_dir=str(tmp_path))
@@ -104,18 +104,8 @@ def test_runs_started_together_build_the_entry_once(tmp_path, monkeypatch):
         return 1.0
 
     monkeypatch.setattr(warmstart, "build_and_warm_start", slow_build)
-    got, errors = [], []
-
-    def start():
-        try:
-            got.append(warmstart.tiny_policy_dir(model, data, log=lambda *_: None))
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got, errors = called_together(
+        lambda: warmstart.tiny_policy_dir(model, data, log=lambda *_: None), 2
+    )
     assert not errors, errors
     assert len(built) == 1 and got == [tmp_path / f"tiny-arith-{warmstart._key(model, data)}"] * 2
