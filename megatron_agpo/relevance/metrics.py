@@ -4,7 +4,7 @@ majority voting, and confidence intervals. Pure functions.
 Written out here rather than taken from scikit-learn (with its definitions: zero_division=0,
 tie-averaged NDCG): with scikit-learn installed, every process that imports transformers'
 generation utilities (each rank, each vLLM replica) also imports it and SciPy's statistics,
-0.9 CPU-s of start-up each."""
+about a CPU-second of start-up each (`from transformers import AutoTokenizer`: 5.4 -> 4.0 CPU-s)."""
 
 from __future__ import annotations
 
