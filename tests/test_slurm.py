@@ -223,9 +223,9 @@ def test_70b_job_accepted_by_the_controller(tmp_path):
     assert job["StdOut"] == str(tmp_path / f"agpo-70b-{job_id}.out")
 
 
-def _sbatch(tmp_path: Path, *args: str, wait: bool, **env: str) -> subprocess.CompletedProcess:
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []),
-           str(REPO / "slurm" / "agpo_tiny.sh"), *TINY, *args]  # fmt: skip
+def _sbatch(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Submit slurm/agpo_tiny.sh (TINY, then `args`) and return at once (--parsable)."""
+    cmd = ["sbatch", "--parsable", str(REPO / "slurm" / "agpo_tiny.sh"), *TINY, *args]
     return _run(cmd, cwd=tmp_path, timeout=900, RUN_DIR=str(tmp_path / "run"), **env)
 
 
@@ -289,7 +289,7 @@ def test_usr1_saves_requeues_and_resumes_every_step_once(tmp_path):
     step) run, USR1 to the batch shell saves and requeues, the second start resumes; every
     step once, each sampled with the weights just synced."""
     steps = 6
-    res = _sbatch(tmp_path, f"trainer.steps={steps}", wait=False)
+    res = _sbatch(tmp_path, f"trainer.steps={steps}")
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
     run = tmp_path / "run"
@@ -341,7 +341,7 @@ def test_usr1_reaches_the_ranks_only_and_the_job_requeues(tmp_path):
     -> resume; every step of every rank once."""
     steps, run = 12, tmp_path / "run"
     standin = str(REPO / "tests" / "slurm_standin.py")
-    res = _sbatch(tmp_path, f"trainer.steps={steps}", wait=False, ROLLOUT_LAUNCH="spawn",
+    res = _sbatch(tmp_path, f"trainer.steps={steps}", ROLLOUT_LAUNCH="spawn",
                   PYTHON=standin, STANDIN_STEP_S="0.5")  # fmt: skip
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
