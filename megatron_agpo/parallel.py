@@ -212,6 +212,34 @@ def broadcast_bytes(data: bytes | None, src: int, group=None, device=None) -> by
     return data if me == src else buf.cpu().numpy().tobytes()
 
 
+def mirror_group(group) -> dist.ProcessGroup | None:
+    """A second process group with the members of `group`: collective, every rank passes its
+    own group of one kind (its TP group, its pipeline...). None when the groups have one
+    member (nothing to communicate).
+
+    For collectives that run beside the step's own on the same ranks (the weight sync's
+    gather in a thread of its own): two threads must never drive one group, whose operations
+    match across ranks only by their order. Every rank's member list is all-gathered as
+    integers (nothing pickled) and `new_group` is called for each distinct list in the same
+    order everywhere, as it must be."""
+    ranks = dist.get_process_group_ranks(group)
+    size, world = len(ranks), dist.get_world_size()
+    if size == 1:
+        return None
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    mine = torch.tensor(ranks, dtype=torch.int64, device=device)
+    every = torch.empty(world * size, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(every, mine)
+    lists = sorted({tuple(r) for r in every.view(world, size).tolist()})
+    out = None
+    for members in lists:  # every rank creates every group, in one order
+        g = dist.new_group(list(members))
+        if dist.get_rank() in members:
+            out = g
+    return out
+
+
 def global_rank() -> int:
     """This process's rank in the default process group (0 without one)."""
     return dist.get_rank() if dist.is_initialized() else 0

@@ -138,6 +138,29 @@ def test_config_refuses_bad_overlap_settings():
     assert "rollout.partial='later': finish or resume" in cfg.problems()
 
 
+def test_background_sync_is_on_exactly_where_it_can_be():
+    from megatron_agpo.trainer.config import TrainConfig
+    from megatron_agpo.trainer.loop import background_sync_on
+
+    cfg = TrainConfig()
+    found = lambda: [p for p in cfg.problems() if "background_sync" in p]  # noqa: E731
+    assert not background_sync_on(cfg)  # synchronous: the next rollout needs the weights
+    cfg.trainer.max_staleness = 1
+    assert background_sync_on(cfg)
+    cfg.rollout.partial = "resume"
+    assert not background_sync_on(cfg) and not found()
+    cfg.trainer.background_sync = True
+    assert found() == ["trainer.background_sync=true needs rollout.partial=finish: with resume "
+                       "the next step's batch takes the new weights mid-response, so it waits "
+                       "for the sync"]  # fmt: skip
+    cfg.rollout.partial, cfg.trainer.max_staleness = "finish", 0
+    assert [p.split(":")[0] for p in found()] == [
+        "trainer.background_sync=true needs trainer.max_staleness >= 1"
+    ]
+    cfg.trainer.max_staleness, cfg.trainer.background_sync = 2, False
+    assert not background_sync_on(cfg) and not found()
+
+
 @pytest.mark.dist
 def test_pool_submit_collect_overlaps_and_a_sync_waits_for_the_request(tmp_path):
     """submit returns at once; the replica generates while the caller works; a weight sync
@@ -441,6 +464,166 @@ def test_replica_dying_mid_stream_stops_the_step_and_keeps_its_batches_untrained
         t.collect(Timer())
     assert calls[3:] == ["submit", "collect 2"]  # batch 8 (ticket 2): the replica died
     assert t.stream.position() == (8, {**start, "offset": 3})
+
+
+def test_background_sync_collects_first_submits_after_the_update_and_owns_the_engine(
+    monkeypatch,
+):
+    """The end of an updated step under trainer.background_sync (a stand-in engine and
+    gather, no processes): rank 0 collects the next step's batch first, the new batch is
+    drawn on the trainer's thread (every rank draws) but submitted only after the engine
+    loaded the new version, from the sync's thread; until the sync is joined the trainer
+    calls the engine no more (its next call waits for the join); the next step takes the
+    collected batch without asking the engine. A failure of the engine inside the sync becomes
+    the trainer's at the join (the gather still runs to its end: the other ranks' collectives
+    match); an error of the gather itself is raised at the join."""
+    import threading
+
+    from megatron_agpo import models
+    from megatron_agpo.rollout.types import RolloutError
+    from megatron_agpo.trainer.loop import Timer
+    from tests.test_trainer_features import _stub_trainer
+
+    t = _stub_trainer(["trainer.max_staleness=1", "trainer.steps=10"], [])
+    t.version, t._engine_failure, t._stream_dropped = 3, None, 0
+    t.model = t.mcfg = t._gather_groups = None
+    calls, gathered, loaded, gate = [], [], [], threading.Event()
+    here = lambda: threading.current_thread().name  # noqa: E731
+
+    def gather(model, mcfg, groups):
+        for i in range(3):
+            gathered.append(here())
+            yield f"w{i}", torch.full((2,), float(i))
+
+    def collect(ticket):
+        calls.append(("collect", ticket, here()))
+        return RolloutBatch.from_samples(
+            [Sample(p, j, (p,), (p, j), "", (-1.0, -1.0), "stop", False, 3)
+             for p in range(3) for j in range(4)], allow_mixed=True)  # fmt: skip
+
+    def submit(reqs, partial):
+        calls.append(("submit", reqs[0].seed, here()))
+        return len(calls)
+
+    def update_weights(weights, version):
+        calls.append(("update", version, here()))
+        it = iter(weights)
+        loaded[:] = [next(it)[0]]
+        if not gate.wait(10):  # one tensor in: the rest of the gather is the caller's to run
+            raise RolloutError("replica 0 (pid 7) exited with code -9 during weight sync; "
+                               "log tail:\nvLLM said this")  # fmt: skip
+        loaded.extend(n for n, _ in it)
+
+    monkeypatch.setattr(models, "gather_hf_tensors_to_rank0", gather)
+    _stream_of_stubs(t, submit, collect)
+    t.engine.update_weights = update_weights
+    t.stream.top_up(t._submit, 3, most=8)  # batches 7 and 8 in flight
+    t.stream.pop(), t.stream.commit()  # step 3 trained batch 7
+    t.step = 3
+    del calls[:]
+    t._prefetch_next_batch()
+    t._start_background_sync(4)
+    time.sleep(0.2)
+    main, sync = threading.current_thread().name, "agpo-weight-sync"
+    assert calls == [("collect", 2, main), ("update", 4, sync)] and loaded == ["w0"]
+    nxt = t.stream.pending[-1]  # drawn here, at the new version, not submitted yet
+    assert (nxt.index, nxt.version, nxt.ticket) == (9, 4, None) and t.version == 4
+    assert t.data.state_dict()["offset"] == 9
+    threading.Timer(0.3, gate.set).start()
+    t._engine_call(lambda: calls.append(("main", here())))  # waits for the sync
+    seed = calls[2][1]
+    assert calls[2:] == [("submit", seed, sync), ("main", main)] and nxt.ticket == 3
+    assert loaded == ["w0", "w1", "w2"] and gathered == [sync] * 3
+    from megatron_agpo.trainer.loop import sampling_seed
+
+    assert seed == sampling_seed(t.cfg.trainer.seed, 9, 0)  # keyed by its stream position
+    assert t._sync_background_s >= 0.3 and 0.05 < t._sync_exposed_s <= t._sync_background_s
+    prompts, samples = t._stream_next(Timer())  # step 4: batch 8, collected before the sync
+    assert len(calls) == 4 and len(samples.samples) == 12 and t.stream.head().index == 8
+    assert [p.prompt_ids for p in prompts] == [(8,), (9,), (10,)]  # batch 8: prompts 3-5
+
+    # The engine fails inside the sync: the trainer learns it at the join, not before.
+    gate.clear()
+    del gathered[:]
+    t.stream.pop(), t.stream.commit()
+    t.step = 4
+    t._prefetch_next_batch()
+    monkeypatch.setattr(gate, "wait", lambda timeout: False)
+    t._start_background_sync(5)
+    t._bg._thread.join()
+    assert t._engine_failure is None and len(gathered) == 3  # drained after the failure
+    t._join_sync()
+    assert t._engine_failure == "replica 0 (pid 7) exited with code -9 during weight sync"
+    assert t.stream.pending[-1].ticket is None  # nothing submitted after the failure
+
+    def broken(model, mcfg, groups):
+        yield "w0", torch.zeros(1)
+        raise RuntimeError("gloo: connection reset by peer")
+
+    monkeypatch.setattr(models, "gather_hf_tensors_to_rank0", broken)
+    t.stream.pop(), t.stream.commit()
+    t.step = 5
+    t._start_background_sync(6)
+    with pytest.raises(RuntimeError, match="connection reset"):
+        t._join_sync()
+
+
+def _gather_beside_the_step(rank, world, hf):
+    import threading
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_agpo.models import GatherGroups, build_model_from_hf, gather_hf_tensors_to_rank0
+    from megatron_agpo.parallel import ParallelConfig, init_parallel
+
+    init_parallel(ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
+    model, mcfg = build_model_from_hf(hf)
+    ref = {n: t.clone() for n, t in gather_hf_tensors_to_rank0(model, mcfg)}
+    groups = GatherGroups.mirror(mcfg)
+    tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    members = {"tp": dist.get_process_group_ranks(tp), "pp": dist.get_process_group_ranks(pp)}
+    assert groups.tp is not tp and groups.pp is not pp and groups.ep is None
+    assert dist.get_process_group_ranks(groups.tp) == members["tp"]
+    assert dist.get_process_group_ranks(groups.pp) == members["pp"]
+    got, errors = {}, []
+
+    def gather():
+        try:
+            for n, t in gather_hf_tensors_to_rank0(model, mcfg, groups):
+                got[n] = t.clone()
+        except Exception as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    thread = threading.Thread(target=gather)
+    thread.start()
+    # Meanwhile the step's own collectives on megatron's groups and the default group.
+    for i in range(300):
+        for name, group in (("tp", tp), ("pp", pp), ("world", None)):
+            ranks = members.get(name, list(range(world)))
+            x = torch.full((256,), float(rank + i))
+            dist.all_reduce(x, group=group)
+            assert torch.equal(x, torch.full((256,), float(sum(ranks) + len(ranks) * i))), name
+    thread.join(120)
+    assert not thread.is_alive() and not errors, errors
+    if rank == 0:  # every tensor, bit for bit those of a gather alone
+        assert sorted(got) == sorted(ref) and len(ref) > 10
+        for n, t in ref.items():
+            assert torch.equal(got[n], t), n
+    else:
+        assert not got
+
+
+@pytest.mark.dist
+def test_weight_gather_on_mirrored_groups_runs_beside_the_steps_collectives(tmp_path):
+    """The background sync's gather (TP all-gathers, pipeline sends to rank 0) runs in a
+    thread over `GatherGroups` (groups with the members of megatron's TP and pipeline
+    groups) while the main thread drives collectives on megatron's groups and the default
+    group: both finish, each with the right values (TP=2 x PP=2, 4 gloo ranks)."""
+    from tests.dist_utils import run_distributed
+    from tests.tiny_models import tiny_hf_model
+
+    run_distributed(_gather_beside_the_step, 4, str(tiny_hf_model(tmp_path)), timeout=240)
 
 
 class _FakeEngine:

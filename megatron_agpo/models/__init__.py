@@ -29,6 +29,7 @@ from megatron_agpo.models.config import (
     UnsupportedModelError,
 )
 from megatron_agpo.models.weights import (
+    GatherGroups,
     HFWeights,
     WeightMismatchError,
     fuse_qkv,
@@ -75,6 +76,7 @@ __all__ = [
     "layer_spec",
     "load_hf_weights",
     "mask_vocab_padding_",
+    "GatherGroups",
     "gather_hf_tensors_to_rank0",
     "megatron_to_hf_tensors",
     "rope_inv_freq",

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -319,7 +320,32 @@ def _layer_offset(model) -> int:
     return get_transformer_layer_offset(model.config)
 
 
-def _ep(cfg: ModelConfig):
+@dataclass(frozen=True)
+class GatherGroups:
+    """Process groups with the members of this rank's TP, EP and pipeline groups, for a gather
+    of the weights that runs in a thread beside the training step (the background weight
+    sync): the step's own collectives keep megatron's groups. None: that kind has one member.
+    Built collectively by `mirror` (every rank)."""
+
+    tp: Any = None
+    ep: Any = None
+    pp: Any = None
+
+    @classmethod
+    def mirror(cls, cfg: ModelConfig) -> GatherGroups:
+        from megatron.core import parallel_state as ps
+
+        from megatron_agpo.parallel import mirror_group
+
+        ep = ps.get_expert_model_parallel_group() if cfg.is_moe else None
+        return cls(
+            tp=mirror_group(ps.get_tensor_model_parallel_group()),
+            ep=None if ep is None else mirror_group(ep),
+            pp=mirror_group(ps.get_pipeline_model_parallel_group()),
+        )
+
+
+def _ep(cfg: ModelConfig, groups: GatherGroups | None = None):
     """(EP rank, EP size, EP group, local experts per rank) of this process."""
     from megatron.core import parallel_state
 
@@ -329,12 +355,12 @@ def _ep(cfg: ModelConfig):
     return (
         parallel_state.get_expert_model_parallel_rank(),
         size,
-        parallel_state.get_expert_model_parallel_group(),
+        parallel_state.get_expert_model_parallel_group() if groups is None else groups.ep,
         cfg.num_experts // size,
     )
 
 
-def _tp():
+def _tp(groups: GatherGroups | None = None):
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -342,7 +368,7 @@ def _tp():
     return (
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_tensor_model_parallel_group(),
+        parallel_state.get_tensor_model_parallel_group() if groups is None else groups.tp,
     )
 
 
@@ -370,6 +396,7 @@ def megatron_to_hf_tensors(
     layer_offset: int | None = None,
     gather: bool = True,
     dtype: torch.dtype | None = None,
+    groups: GatherGroups | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (hf_name, tensor) for this rank's PP stage, one tensor at a time.
 
@@ -382,11 +409,12 @@ def megatron_to_hf_tensors(
     PP stage yields only the layers it holds. A tied output layer on the last stage is skipped
     (HF has only embed_tokens). The padded vocabulary rows are stripped. Tensors are cast to
     `dtype` (default cfg.params_dtype): megatron keeps norm weights in fp32 in a bf16 model,
-    and values loaded from bf16 come back bit-exact.
+    and values loaded from bf16 come back bit-exact. `groups`: gather over these instead of
+    megatron's TP / EP groups (a gather beside the training step's collectives).
     """
     dtype = dtype or cfg.torch_dtype
-    tp_rank, tp_size, tp_group = _tp() if gather else (0, 1, None)
-    ep_rank, ep_size, ep_group, local_experts = _ep(cfg)
+    tp_rank, tp_size, tp_group = _tp(groups) if gather else (0, 1, None)
+    ep_rank, ep_size, ep_group, local_experts = _ep(cfg, groups)
     if not gather:  # this rank's own experts only, under their global names
         ep_size = 1
     if isinstance(model_or_state, dict):
@@ -430,36 +458,38 @@ _WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, tor
 _MAX_DIMS = 8
 
 
-def _send_tensor(name: str | None, t: torch.Tensor | None, dst: int, device) -> None:
+def _send_tensor(name: str | None, t: torch.Tensor | None, dst: int, device, group=None) -> None:
     """One named tensor as plain tensors: an int64 header [name bytes, ndim, dtype, shape...],
     the name's UTF-8 bytes, the data. No pickling; `name=None` ends the stream."""
     header = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64, device=device)
     if name is None:
         header[0] = -1
-        dist.send(header, dst=dst)
+        dist.send(header, dst=dst, group=group)
         return
     raw = name.encode()
     header[0], header[1], header[2] = len(raw), t.dim(), _WIRE_DTYPES.index(t.dtype)
     header[3 : 3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    dist.send(header, dst=dst)
-    dist.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device), dst=dst)
-    dist.send(t.contiguous(), dst=dst)
+    dist.send(header, dst=dst, group=group)
+    dist.send(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device), dst=dst, group=group)
+    dist.send(t.contiguous(), dst=dst, group=group)
 
 
-def _recv_tensor(src: int, device) -> tuple[str, torch.Tensor] | None:
+def _recv_tensor(src: int, device, group=None) -> tuple[str, torch.Tensor] | None:
     header = torch.empty(3 + _MAX_DIMS, dtype=torch.int64, device=device)
-    dist.recv(header, src=src)
+    dist.recv(header, src=src, group=group)
     n_name, ndim, code, *shape = header.tolist()
     if n_name < 0:
         return None
     raw = torch.empty(n_name, dtype=torch.uint8, device=device)
-    dist.recv(raw, src=src)
+    dist.recv(raw, src=src, group=group)
     t = torch.empty(shape[:ndim], dtype=_WIRE_DTYPES[code], device=device)
-    dist.recv(t, src=src)
+    dist.recv(t, src=src, group=group)
     return raw.cpu().numpy().tobytes().decode(), t
 
 
-def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def gather_hf_tensors_to_rank0(
+    model, cfg: ModelConfig, groups: GatherGroups | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every HF tensor of a (TP x PP x DP) model, yielded on global rank 0, one at a time.
 
     Collective over data-parallel rank 0's model-parallel ranks only (the other DP replicas
@@ -468,6 +498,8 @@ def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, t
     pipeline group, one tensor per message (a plain header, the name's bytes, the data; never
     pickled), so no rank holds more than one full tensor beyond its own shards. The other
     ranks yield nothing; they take part in their stage's TP all-gathers and send.
+    `groups`: communicate over these (`GatherGroups.mirror`) instead of megatron's groups and
+    the default group: a gather in a thread beside the training step.
     """
     from megatron.core import parallel_state as ps
 
@@ -477,7 +509,7 @@ def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, t
         # parallelism the experts are spread over DP ranks, so every rank takes part in the
         # EP all-gathers and rank 0 yields them all.)
         return
-    own = megatron_to_hf_tensors(model, cfg)
+    own = megatron_to_hf_tensors(model, cfg, groups=groups)
     if ps.get_pipeline_model_parallel_world_size() == 1 or not dist.is_initialized():
         if not dist.is_initialized() or dist.get_rank() == 0:
             yield from own
@@ -488,15 +520,16 @@ def gather_hf_tensors_to_rank0(model, cfg: ModelConfig) -> Iterator[tuple[str, t
     line = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     rank = dist.get_rank()
     device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    pp = None if groups is None else groups.pp
     if rank == 0:
         yield from own
         for src in line[1:]:
-            while (item := _recv_tensor(src, device)) is not None:
+            while (item := _recv_tensor(src, device, pp)) is not None:
                 yield item
     elif line[0] == 0:  # a later stage of rank 0's pipeline: send this stage to rank 0
         for name, t in own:
-            _send_tensor(name, t, 0, device)
-        _send_tensor(None, None, 0, device)
+            _send_tensor(name, t, 0, device, pp)
+        _send_tensor(None, None, 0, device, pp)
     else:
         for _ in own:
             pass

@@ -324,6 +324,14 @@ class TrainerSection:
     never trained on). 0: synchronous, sample then train (the default). Needs
     rollout.mode=replicas; the loss corrects with the behaviour importance weight
     (algorithm.loss.tis_mode, docs/ALGORITHM.md)."""
+    background_sync: bool | None = None
+    """With overlap: the weight sync after an update runs in a thread of its own, beside the
+    next step's reward, log-probs and first forward and backward passes, and is joined
+    before the next optimizer step changes the weights (the gather over process groups of
+    its own; the next step's batch is collected before the sync starts). null (auto): on
+    where it can be, trainer.max_staleness >= 1 with rollout.partial=finish; false: the sync
+    blocks the end of the step. (Synchronous runs and rollout.partial=resume need the new
+    weights for the next step's samples, so the sync cannot move beside it.)"""
 
     def problems(self, prefix: str) -> list[str]:
         out: list[str] = []
@@ -556,6 +564,16 @@ class TrainConfig:
             out.append(
                 "rollout.partial=resume needs rollout.mode=replicas: the colocated engine "
                 "cannot be interrupted by a weight update (use finish)"
+            )
+        if t.background_sync and t.max_staleness == 0:
+            out.append(
+                "trainer.background_sync=true needs trainer.max_staleness >= 1: a synchronous "
+                "step samples with the weights the sync brings, so it waits for the sync"
+            )
+        if t.background_sync and r.partial == "resume":
+            out.append(
+                "trainer.background_sync=true needs rollout.partial=finish: with resume the "
+                "next step's batch takes the new weights mid-response, so it waits for the sync"
             )
         if t.max_staleness > 0 and t.old_logp != "recompute":
             out.append(

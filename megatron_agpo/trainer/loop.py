@@ -58,6 +58,21 @@ from megatron_agpo.trainer.step import (
 )
 
 
+def failure_line(e: BaseException) -> str:
+    """An engine error's first line, without the log tail: what the run's error names."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return lines[0].split("; log tail:")[0]
+
+
+def background_sync_on(cfg: TrainConfig) -> bool:
+    """trainer.background_sync, or (null) on exactly where it can be: overlapped generation
+    with rollout.partial=finish."""
+    setting = cfg.trainer.background_sync
+    if setting is not None:
+        return bool(setting)
+    return cfg.trainer.max_staleness > 0 and cfg.rollout.partial == "finish"
+
+
 def sampling_seed(run_seed: int, step: int, index: int, round_: int = 0) -> int:
     """A request's sampling seed: fixed by (run, step, dynamic-sampling round, prompt), so a
     resumed run resamples exactly what the uninterrupted run sampled."""
@@ -151,7 +166,12 @@ class Trainer:
     """Overlapped generation's in-flight batches (`overlap.RolloutStream`), when
     trainer.max_staleness > 0; None: the synchronous loop."""
     _sync_wait_s = 0.0
-    """Rank 0: seconds of this step spent waiting on the engine's weight sync."""
+    """Rank 0: seconds inside the engine's weight update since the last step's metrics."""
+    _bg = None
+    """The weight sync running in the background (`overlap.BackgroundSync`), until joined."""
+    _sync_exposed_s = _sync_background_s = 0.0
+    """Rank 0, background sync: seconds the trainer waited for it (joins) and seconds it ran,
+    since the last step's metrics."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         from transformers import AutoTokenizer
@@ -214,12 +234,17 @@ class Trainer:
             from megatron_agpo.trainer.overlap import RolloutStream
 
             self.stream = RolloutStream(tr.max_staleness, self.data, self._stream_start)
+        self.background_sync = background_sync_on(cfg)
+        if self.background_sync:  # collective: the gather's own groups (TP, EP, pipeline)
+            from megatron_agpo.models import GatherGroups
+
+            self._gather_groups = GatherGroups.mirror(self.mcfg)
         self._idle_seen: list[float] = []
-        self._sync_wait_s = 0.0
         if self.rank == 0:
             self._start_services()
         if self.version > 0:  # resumed: the engine starts from the original weights
             self.sync_weights(self.version)
+        self._sync_wait_s = 0.0
 
     # ----------------------------------------------------------------- build helpers
     def _correct_precision_mismatch(self) -> None:
@@ -326,7 +351,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One RL step, the stages of docs/TRAINING.md in order."""
         cfg, t = self.cfg, Timer(cuda=self.device.type == "cuda")
-        wall0, self._sync_wait_s = time.perf_counter(), 0.0
+        wall0 = time.perf_counter()
         scored, sampling = self.collect(t)  # 1-4: rollout, reward, broadcast, advantages
         batch, minis = self.token_batch(scored)  # this rank's rows, on the model's device
         with t("logprob"):
@@ -342,8 +367,13 @@ class Trainer:
         self.step += 1
         if self.stream is not None:  # the batches this step took are trained now
             self.stream.commit()
-        with t("sync"):
-            if updated:
+        if updated and self.background_sync:  # 8, beside the next step's first stages
+            with t("rollout"):  # rank 0: the next step's batch, before the engine is busy
+                self._prefetch_next_batch()
+            with t("sync"):
+                self._start_background_sync(self.version + 1)
+        elif updated:
+            with t("sync"):
                 self.sync_weights(self.version + 1)  # 8: the engine gets the new weights
         row = {**self._step_metrics(scored, batch, metrics, t, updated), **sampling}
         return {**row, **self._overlap_metrics(scored, t, time.perf_counter() - wall0)}
@@ -375,6 +405,10 @@ class Trainer:
             # finish) waiting for the replicas to finish the responses in flight.
             "time/sync_wait": self._sync_wait_s,
         }
+        if self.background_sync:  # the sync(s) joined since the last row
+            out["time/sync_background"] = self._sync_background_s
+            out["time/sync_exposed"] = self._sync_exposed_s
+        self._sync_wait_s = self._sync_exposed_s = self._sync_background_s = 0.0
         idle = getattr(self.engine, "replica_idle_s", None)
         if idle is not None:
             seen = self._idle_seen or [0.0] * len(idle)
@@ -446,8 +480,13 @@ class Trainer:
             st.top_up(self._submit, self.version, most=self.cfg.trainer.steps - self.step)
             p = st.head()
             samples = None
-            if self.rank == 0 and p.ticket is not None:
-                samples = self._engine_call(self.engine.collect, p.ticket)
+            if self.rank == 0:
+                if p.samples is not None:  # collected before the background sync started
+                    samples, p.samples = p.samples, None
+                else:
+                    self._join_sync()  # a background sync may still be submitting this batch
+                    if p.ticket is not None:
+                        samples = self._engine_call(self.engine.collect, p.ticket)
                 if samples is not None:
                     samples, dropped = drop_stale(samples, self.version, st.k, n)
                     st.dropped_total += dropped
@@ -460,14 +499,15 @@ class Trainer:
         """Rank 0: fn(*args) on the rollout engine, or None once the engine has failed (a
         replica died, its heartbeat stopped, the pool is unusable). The failure is recorded,
         not raised: only rank 0 talks to the engine, so it reaches every rank through the next
-        broadcast of scored rollouts, and every rank stops there together (`run`)."""
+        broadcast of scored rollouts, and every rank stops there together (`run`). A
+        background weight sync still running owns the engine: it is joined first."""
+        self._join_sync()
         if self._engine_failure is not None:
             return None
         try:
             return fn(*args)
         except (RolloutError, StaleWeightsError) as e:
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            self._engine_failure = lines[0].split("; log tail:")[0]
+            self._engine_failure = failure_line(e)
             return None
 
     def score(self, prompts, batch, n: int) -> ScoredRollouts | None:
@@ -658,6 +698,7 @@ class Trainer:
                     self.skipped_in_row += 1
                     continue
                 extra = {"lr": self.optimizer.param_groups[0]["lr"]}  # this update's
+                self._join_sync()  # the background sync reads the weights this step changes
                 ok, grad_norm, _ = self.optimizer.step()  # megatron reads its grad norm
                 self.scheduler.step(1)
                 updated |= bool(ok)
@@ -681,6 +722,67 @@ class Trainer:
         for _ in tensors:
             pass
         self.version = version
+
+    def _prefetch_next_batch(self) -> None:
+        """Rank 0, before a background sync: collect the stream's oldest batch (the next
+        step's), so that step needs the engine for nothing while the sync owns it. Under
+        rollout.partial=finish the engine would finish that batch before loading the new
+        weights anyway: nothing waits longer than it did."""
+        st = self.stream
+        if self.rank != 0 or not st.pending:
+            return
+        p = st.head()
+        if p.ticket is not None and p.samples is None:
+            p.samples = self._engine_call(self.engine.collect, p.ticket)
+            p.ticket = None
+
+    def _start_background_sync(self, version: int) -> None:
+        """Collective: start the weight sync to `version` in its thread (`BackgroundSync`),
+        having drawn the batches the stream submits next (every rank draws the same prompts);
+        rank 0's thread submits them once the engine holds `version`, as `top_up` would at
+        the start of the next step. The trainer's weights are `version` from here on."""
+        from megatron_agpo.models import gather_hf_tensors_to_rank0
+        from megatron_agpo.trainer.overlap import BackgroundSync
+
+        self._join_sync()
+        steps_left = self.cfg.trainer.steps - self.step
+        new = self.stream.draw(version, steps_left) if steps_left > 0 else []
+        rank0, engine, failed = self.rank == 0, self.engine, self._engine_failure
+        n = self.cfg.rollout.n
+        submits = [(p, self._requests(p.prompts, n, p.index)) for p in new] if rank0 else []
+        partial, model, mcfg, groups = (self.cfg.rollout.partial, self.model, self.mcfg,
+                                        self._gather_groups)  # fmt: skip
+
+        def work() -> tuple[str | None, float]:  # the sync's thread; no trainer state touched
+            tensors = gather_hf_tensors_to_rank0(model, mcfg, groups)
+            failure, t0 = None, time.perf_counter()
+            try:
+                if rank0 and failed is None:
+                    engine.update_weights(tensors, version)
+                    for p, requests in submits:
+                        p.ticket = engine.submit(requests, partial)
+            except (RolloutError, StaleWeightsError) as e:
+                failure = failure_line(e)
+            finally:  # the rest of the gather (all of it elsewhere): the other ranks' match
+                seconds = time.perf_counter() - t0
+                for _ in tensors:
+                    pass
+            return failure, seconds
+
+        self._bg = BackgroundSync(work, self.device)
+        self.version = version
+
+    def _join_sync(self) -> None:
+        """Wait for the background weight sync, if one runs; its failure (rank 0) is the
+        engine's from here on (the next broadcast of scored rollouts carries it)."""
+        bg, self._bg = self._bg, None
+        if bg is None:
+            return
+        self._sync_exposed_s += bg.join()
+        self._sync_background_s += bg.seconds
+        self._sync_wait_s += bg.engine_seconds
+        if bg.failure is not None and self._engine_failure is None:
+            self._engine_failure = bg.failure
 
     def _step_metrics(
         self, scored: ScoredRollouts, batch: TokenBatch, m: dict, t: Timer, updated: bool
@@ -780,6 +882,7 @@ class Trainer:
                     print(f"preempted ({self.preemption.describe()}): saved {path} at step "
                           f"{self.step}; exit {ckpt.EXIT_PREEMPTED}", flush=True)  # fmt: skip
                 raise ckpt.Preempted()
+        self._join_sync()  # the last step's weight sync (its failure is reported below)
         # A rerun of a finished run (or a resume at the last step) saves nothing again.
         if cfg.checkpoint.save_final and self._saved_step != self.step:
             self.save()
@@ -853,6 +956,11 @@ class Trainer:
 
         if getattr(self, "preemption", None) is not None:
             self.preemption.uninstall()
+        try:  # a stop in the middle of a step: the sync's thread must end before its engine
+            self._join_sync()
+        except Exception as e:  # noqa: BLE001 - the run already ends with its own error
+            if self.rank == 0:
+                print(f"weight sync in the background failed: {e}", file=sys.stderr, flush=True)
         if self.engine is not None:
             self.engine.close()
         if self.reward is not None:

@@ -21,6 +21,8 @@ them too.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +46,9 @@ class Pending:
     """Rank 0: the engine's ticket for `collect`; None elsewhere."""
     version: int
     """The trainer's weight version when the batch was submitted."""
+    samples: RolloutBatch | None = None
+    """Rank 0: the batch's samples once collected ahead of its step (the background weight
+    sync collects the next step's batch before it starts); None: not collected yet."""
 
 
 class RolloutStream:
@@ -66,12 +71,21 @@ class RolloutStream:
         """Submit batches until k + 1 are in flight, or `most` (the steps left: nothing is
         sampled past the run's end), or one when none is (a refill always gets one).
         submit(prompts, index) -> ticket."""
+        for p in self.draw(version, most):
+            p.ticket = submit(p.prompts, p.index)
+
+    def draw(self, version: int, most: int) -> list[Pending]:
+        """The batches `top_up` would submit, drawn from the prompts (every rank) and queued
+        without a ticket: the caller submits them (the background weight sync does, after the
+        engine has loaded `version`)."""
+        new: list[Pending] = []
         while not self.pending or len(self.pending) < min(self.k + 1, most):
-            state = self.data.state_dict()
-            prompts = self.data.next_batch()
-            ticket = submit(prompts, self.index)
-            self.pending.append(Pending(self.index, prompts, state, ticket, version))
+            state = self.data.state_dict()  # before the draw: the batch's data position
+            p = Pending(self.index, self.data.next_batch(), state, None, version)
+            self.pending.append(p)
+            new.append(p)
             self.index += 1
+        return new
 
     def head(self) -> Pending:
         return self.pending[0]
@@ -95,6 +109,65 @@ class RolloutStream:
             p = self.taken[0] if self.taken else self.pending[0]
             return p.index, p.data_state
         return self.index, self.data.state_dict()
+
+
+class BackgroundSync:
+    """A step's weight sync in a thread of its own, beside the next step's first stages
+    (`trainer.background_sync`, docs/TRAINING.md).
+
+    `work()` gathers the weights (over `GatherGroups`, never the groups the step's own
+    collectives use) and, on rank 0, drives the engine: the weight update, then the
+    submission of the batches drawn for the new version. It returns (the engine's failure as
+    one line or None, rank 0's seconds inside the engine's update); whatever else it raises (a
+    collective of the gather failed) `join` raises again. Until `join` returns, the trainer
+    must not change the weights (the next optimizer step joins first) nor use the engine (one
+    thread owns its socket: every other engine call joins first).
+
+    On CUDA the thread queues its work on a stream of its own that first waits for what the
+    main stream had queued when the sync started (the optimizer step that wrote the weights),
+    and `join` makes the main stream wait for the thread's stream, so what the caller queues
+    next (the optimizer step) runs after the gather has read the weights."""
+
+    def __init__(self, work: Callable[[], tuple[str | None, float]], device: torch.device):
+        self.failure: str | None = None
+        self.engine_seconds = 0.0
+        self.seconds = 0.0
+        """Wall time of the whole sync, in its thread."""
+        self._error: BaseException | None = None
+        self._work, self._device = work, device
+        self._ready = self._done = None
+        if device.type == "cuda":
+            self._ready, self._done = torch.cuda.Event(), torch.cuda.Event()
+            self._ready.record()
+        self._thread = threading.Thread(target=self._run, name="agpo-weight-sync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self._ready is None:
+                self.failure, self.engine_seconds = self._work()
+                return
+            torch.cuda.set_device(self._device)  # the current device is per thread
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                stream.wait_event(self._ready)
+                self.failure, self.engine_seconds = self._work()
+                self._done.record(stream)
+        except BaseException as e:  # noqa: BLE001 - raised again by `join`, in the trainer
+            self._error = e
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def join(self) -> float:
+        """Wait for the sync to end; the seconds waited (the sync's exposed time)."""
+        t0 = time.perf_counter()
+        self._thread.join()
+        if self._done is not None:
+            torch.cuda.current_stream().wait_event(self._done)
+        if self._error is not None:
+            raise self._error
+        return time.perf_counter() - t0
 
 
 def drop_stale(
