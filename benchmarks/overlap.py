@@ -5,6 +5,11 @@ step has nothing in flight yet), trainer idle (waiting for samples) and sync wai
 idle, tokens/s end to end, the training reward per step and against wall time.
 
     .venv/bin/python benchmarks/overlap.py --steps 20 --seeds 0 1 2 --ks 0 1 2
+    .venv/bin/python benchmarks/overlap.py --steps 20 --seeds 0 1 2 --ks 0 1 --sync-ab
+
+With --sync-ab every k >= 1 also runs with the weight sync blocking the step
+(trainer.background_sync=false, as `k<k>_blocking`) beside the default (the sync in the
+background), and the results go to benchmarks/results/overlap_sync.json.
 
 One trainer process (TP=1) so that trainer and replica each have one core: the trainer is
 started under `taskset -c 0`; the replica is spawned by it and moved to core 1 (all its
@@ -42,8 +47,20 @@ def _replica_pids(root: int) -> list[int]:
     return found
 
 
-def run(k: int, seed: int, steps: int, out_dir: Path, extra: list[str]) -> list[dict]:
-    run_dir = out_dir / f"k{k}_seed{seed}"
+def _rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "time/step_wall" in r]
+
+
+def run(
+    name: str, k: int, seed: int, steps: int, out_dir: Path, extra: list[str], reuse: bool = False
+) -> list[dict]:
+    run_dir = out_dir / f"{name}_seed{seed}"
+    if reuse:  # the run this command made before (its metrics), not a new one
+        rows = _rows(run_dir)
+        if len(rows) != steps:
+            raise SystemExit(f"{run_dir}: {len(rows)} steps logged, not {steps}: run it again")
+        return rows
     cmd = [
         "taskset", "-c", "0", sys.executable, "-m", "megatron_agpo.train", "nproc=1",
         "parallel.tensor_parallel=1", f"trainer.steps={steps}", f"trainer.seed={seed}",
@@ -55,7 +72,7 @@ def run(k: int, seed: int, steps: int, out_dir: Path, extra: list[str]) -> list[
     # The run's output goes to a file: a pipe nobody reads while the run lasts would fill
     # and stall the trainer.
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / f"k{k}_seed{seed}.log"
+    log_path = out_dir / f"{name}_seed{seed}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)  # fmt: skip
@@ -68,11 +85,10 @@ def run(k: int, seed: int, steps: int, out_dir: Path, extra: list[str]) -> list[
                 moved.add(pid)
         time.sleep(0.5)
     if proc.returncode != 0:
-        raise SystemExit(f"k={k} seed={seed} failed:\n{log_path.read_text()[-3000:]}")
+        raise SystemExit(f"{name} seed={seed} failed:\n{log_path.read_text()[-3000:]}")
     if not moved:
-        raise SystemExit(f"k={k} seed={seed}: no replica process seen to pin to core 1")
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "time/step_wall" in r]
+        raise SystemExit(f"{name} seed={seed}: no replica process seen to pin to core 1")
+    return _rows(run_dir)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -86,6 +102,10 @@ def summarise(rows: list[dict]) -> dict:
         "trainer_idle_median": statistics.median(r.get("time/trainer_idle", 0.0) for r in steady),
         "trainer_idle": mean("time/trainer_idle"),
         "sync_wait": mean("time/sync_wait"),
+        # Background sync: its seconds in its thread, and the trainer's wait at the joins.
+        "sync_background": mean("time/sync_background"),
+        "sync_exposed": mean("time/sync_exposed"),
+        "sync_stage": mean("time/sync"),
         "replica_idle": mean("time/replica_idle"),
         "tokens_per_s_e2e": mean("tokens_per_s_e2e"),
         "reward": [r["reward/mean"] for r in rows],
@@ -100,21 +120,22 @@ def _spread(values: list[float]) -> dict:
             "per_seed": values}  # fmt: skip
 
 
-def summary(runs: dict, ks: list[int], seeds: list[int]) -> dict:
-    """Per k over seeds: the steady-state times, the speed-up over k = 0 (per seed, then the
-    spread), the reward early / late, and per step the mean reward and cumulative wall."""
+def summary(runs: dict, names: list[str], seeds: list[int]) -> dict:
+    """Per variant over seeds: the steady-state times, the speed-up over k = 0 (per seed, then
+    the spread), the reward early / late, and per step the mean reward and cumulative wall."""
     out = {}
-    for k in ks:
-        per = [runs[f"k{k}_seed{s}"] for s in seeds]
+    for name in names:
+        per = [runs[f"{name}_seed{s}"] for s in seeds]
         row = {key: _spread([p[key] for p in per])
                for key in ("wall_per_step", "wall_per_step_median", "trainer_idle",
-                           "trainer_idle_median", "sync_wait", "replica_idle",
-                           "tokens_per_s_e2e", "staleness_mean")}  # fmt: skip
-        if 0 in ks:
+                           "trainer_idle_median", "sync_wait", "sync_background",
+                           "sync_exposed", "sync_stage", "replica_idle", "tokens_per_s_e2e",
+                           "staleness_mean")}  # fmt: skip
+        if "k0" in names:
             for key in ("wall_per_step", "wall_per_step_median"):
                 base = [runs[f"k0_seed{s}"][key] for s in seeds]
-                name = "speedup_vs_k0" + key.removeprefix("wall_per_step")
-                row[name] = _spread([b / p[key] for b, p in zip(base, per, strict=True)])
+                ratio = "speedup_vs_k0" + key.removeprefix("wall_per_step")
+                row[ratio] = _spread([b / p[key] for b, p in zip(base, per, strict=True)])
         steps = len(per[0]["reward"])
         row["reward_first5"] = _spread([statistics.fmean(p["reward"][:5]) for p in per])
         row["reward_last5"] = _spread([statistics.fmean(p["reward"][-5:]) for p in per])
@@ -122,7 +143,7 @@ def summary(runs: dict, ks: list[int], seeds: list[int]) -> dict:
                                  for i in range(steps)]  # fmt: skip
         row["cum_wall_by_step"] = [statistics.fmean(p["cum_wall"][i] for p in per)
                                    for i in range(steps)]  # fmt: skip
-        out[f"k{k}"] = row
+        out[name] = row
     return out
 
 
@@ -132,36 +153,66 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ks", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("/tmp/agpo_overlap_bench"))
+    ap.add_argument(
+        "--sync-ab",
+        action="store_true",
+        help="every k >= 1 also with trainer.background_sync=false",
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="summarise the runs already in --out (the same arguments) again",
+    )
     ap.add_argument("extra", nargs="*", help="more agpo-train overrides")
     args = ap.parse_args()
     # The command as it reproduces the numbers (--out only says where the runs' folders go).
     seeds, ks = " ".join(map(str, args.seeds)), " ".join(map(str, args.ks))
     command = f"benchmarks/overlap.py --steps {args.steps} --seeds {seeds} --ks {ks}"
+    if args.sync_ab:
+        command += " --sync-ab"
     command = " ".join([command, *args.extra])
     results: dict = {"command": command,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "runs": {}}  # fmt: skip
+    variants = [(f"k{k}", k, []) for k in args.ks]
+    if args.sync_ab:  # the blocking sync beside each overlapped k (the default: background)
+        variants += [(f"k{k}_blocking", k, ["trainer.background_sync=false"])
+                     for k in args.ks if k >= 1]  # fmt: skip
+    names = [v[0] for v in variants]
     for seed in args.seeds:
-        for k in args.ks:
-            s = summarise(run(k, seed, args.steps, args.out, args.extra))
-            results["runs"][f"k{k}_seed{seed}"] = s
-            print(f"k={k} seed={seed}: {s['wall_per_step']:.3f} s/step, trainer idle "
-                  f"{s['trainer_idle']:.3f} s, sync wait {s['sync_wait']:.3f} s, replica idle "
+        for name, k, more in variants:
+            rows = run(name, k, seed, args.steps, args.out, [*args.extra, *more], args.reuse)
+            s = summarise(rows)
+            results["runs"][f"{name}_seed{seed}"] = s
+            print(f"{name} seed={seed}: {s['wall_per_step']:.3f} s/step, trainer idle "
+                  f"{s['trainer_idle']:.3f} s, sync wait {s['sync_wait']:.3f} s (exposed "
+                  f"{s['sync_exposed']:.3f} s), replica idle "
                   f"{s['replica_idle']:.3f} s, {s['tokens_per_s_e2e']:.0f} tok/s, reward "
                   f"{statistics.fmean(s['reward'][:5]):.3f} -> "
                   f"{statistics.fmean(s['reward'][-5:]):.3f}", flush=True)  # fmt: skip
-    results["summary"] = summary(results["runs"], args.ks, args.seeds)
-    for k in args.ks:
-        row = results["summary"][f"k{k}"]
+    results["summary"] = summary(results["runs"], names, args.seeds)
+    for name in names:
+        row = results["summary"][name]
         w = row["wall_per_step"]
-        line = f"k={k}: {w['mean']:.3f} s/step [{w['min']:.3f}, {w['max']:.3f}]"
+        line = f"{name}: {w['mean']:.3f} s/step [{w['min']:.3f}, {w['max']:.3f}]"
         if "speedup_vs_k0" in row:
             r, m = row["speedup_vs_k0"], row["speedup_vs_k0_median"]
-            line += (f", k=0 / k={k} {r['mean']:.2f}x [{r['min']:.2f}, {r['max']:.2f}] "
+            line += (f", k0 / {name} {r['mean']:.2f}x [{r['min']:.2f}, {r['max']:.2f}] "
                      f"(medians {m['mean']:.2f}x)")  # fmt: skip
         print(line)
-    out = REPO / "benchmarks" / "results" / "overlap.json"
+    if args.sync_ab:  # per seed: the blocking sync's step over the background sync's
+        for k in (k for k in args.ks if k >= 1):
+            ratio = [results["runs"][f"k{k}_blocking_seed{s}"]["wall_per_step_median"]
+                     / results["runs"][f"k{k}_seed{s}"]["wall_per_step_median"]
+                     for s in args.seeds]  # fmt: skip
+            results["summary"][f"k{k}"]["speedup_vs_blocking_median"] = _spread(ratio)
+            print(
+                f"k={k}: blocking / background sync (step medians) "
+                f"{statistics.fmean(ratio):.3f}x [{min(ratio):.3f}, {max(ratio):.3f}]"
+            )
+    name = "overlap_sync.json" if args.sync_ab else "overlap.json"
+    out = REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out.relative_to(REPO)}")

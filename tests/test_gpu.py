@@ -96,6 +96,42 @@ def test_model_forward_backward_on_cuda_matches_cpu_transformers(cuda_world, lla
     assert seen == len(ref), f"compared {seen} of {len(ref)} HF parameters"
 
 
+def test_background_sync_stream_waits_for_the_update_and_the_next_update_for_it(cuda):
+    """`overlap.BackgroundSync` on CUDA (trainer.background_sync): the sync's thread works on
+    a stream of its own that starts after what the main stream queued before the sync (the
+    optimizer step that wrote the weights), and after `join` the main stream's next work
+    (the next optimizer step) runs after the thread's. Slow kernels queued in front of each
+    write, without a host synchronisation, make a missing wait visible."""
+    from megatron_agpo.trainer.overlap import BackgroundSync
+
+    n = 1 << 22
+    weights, buf = torch.zeros(n, device=cuda), torch.zeros(n, device=cuda)
+    a = torch.randn(2048, 2048, device=cuda)
+
+    def slow():  # tens of milliseconds of queued matmuls on the current stream
+        for _ in range(100):
+            a.copy_(torch.tanh(a @ a))
+
+    slow()
+    weights.add_(1.0)  # the update, queued behind them
+    seen = {}
+
+    def work():
+        seen["stream"] = torch.cuda.current_stream()
+        seen["weights"] = weights.clone()  # the gather's read, on the sync's stream
+        slow()
+        buf.fill_(7.0)  # written on the sync's stream, behind slow kernels
+        return None, 0.0
+
+    BackgroundSync(work, weights.device).join()
+    after = buf.sum()  # queued on the main stream after the join
+    weights.add_(1.0)  # the next update
+    torch.cuda.synchronize()
+    assert seen["stream"] != torch.cuda.current_stream()
+    assert torch.equal(seen["weights"].cpu(), torch.ones(n))
+    assert after.item() == 7.0 * n
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_fused_loss_on_cuda_matches_float64_reference(dtype, tol, cuda):
     """The fused AGPO loss (logits and output-layer variants) on CUDA against the naive

@@ -140,9 +140,10 @@ def test_config_refuses_bad_overlap_settings():
 
 def test_background_sync_is_on_exactly_where_it_can_be():
     from megatron_agpo.trainer.config import TrainConfig
-    from megatron_agpo.trainer.loop import background_sync_on
+    from megatron_agpo.trainer.config import background_sync_on as resolve
 
     cfg = TrainConfig()
+    background_sync_on = lambda c: resolve(c.trainer, c.rollout)  # noqa: E731
     found = lambda: [p for p in cfg.problems() if "background_sync" in p]  # noqa: E731
     assert not background_sync_on(cfg)  # synchronous: the next rollout needs the weights
     cfg.trainer.max_staleness = 1
@@ -302,6 +303,18 @@ def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_
     for r in rows:
         assert r["staleness/dropped"] == 0 and r["time/trainer_idle"] >= 0
         assert 0 < r["is/weight_max"] <= 2.0 and "time/replica_idle" in r
+    # The weight sync ran beside the next step (trainer.background_sync, on by default here):
+    # each step from the second joined the sync its predecessor started.
+    for r in rows[1:]:
+        assert 0 <= r["time/sync_exposed"] <= r["time/sync_background"] and r["time/sync_wait"]
+    # ... and changed nothing but the timing: the same run with the sync blocking the step
+    # trains on the same samples to the same weights (every value of steps 1-2 and their
+    # evaluations, bit for bit).
+    c = train(tmp_path / "c", 2, *k1, "trainer.background_sync=false")
+    skip = ("time/", "tokens_per_s")
+    same = lambda rs: [{k: v for k, v in r.items() if not k.startswith(skip)}  # noqa: E731
+                       for r in rs if r.get("step", 9) <= 2 and not isinstance(r, str)]  # fmt: skip
+    assert same(c) == same(all_rows) and "time/sync_background" not in c[-1]
     a = _state(tmp_path / "a", 2)  # batch 3 was in flight: not consumed
     assert a["stream"] == 2 and a["data"]["offset"] == 2 * 8
     last = _killed_mid_stream(tmp_path / "b", 4, *k1)

@@ -221,7 +221,8 @@ def test_qwen3_30b_a3b_recipe_fits():
 
 # ----------------------------------------------------------------------------- overlap
 def test_overlapped_step_is_the_slower_side_plus_refit():
-    p = _plan("model=qwen3_30b_a3b", *EXTERNAL, "trainer.max_staleness=1")
+    p = _plan("model=qwen3_30b_a3b", *EXTERNAL, "trainer.max_staleness=1",
+              "trainer.background_sync=false")  # fmt: skip
     t = p.step_time_s
     assert t["total"] == pytest.approx(
         max(t["generation"], t["logprobs"] + t["train"]) + t["refit"]
@@ -229,6 +230,26 @@ def test_overlapped_step_is_the_slower_side_plus_refit():
     assert t["sequential"] == pytest.approx(
         t["generation"] + t["logprobs"] + t["train"] + t["refit"]
     )
+    # The sync in the background (the default with overlap): the engines still pause for the
+    # refit, the trainer only for what its log-probs and first mini-batch do not cover. With
+    # 16 engines the step is the trainer's: the blocking sync adds the refit, the background
+    # one hides it.
+    many = ("rollout.engine.num_replicas=16",)
+    blocking = _plan("model=qwen3_30b_a3b", *EXTERNAL, "trainer.max_staleness=1", *many,
+                     "trainer.background_sync=false").step_time_s  # fmt: skip
+    for extra in ([], ["trainer.mini_batches=4", "trainer.max_staleness=2"]):
+        b = _plan("model=qwen3_30b_a3b", *EXTERNAL, "trainer.max_staleness=1", *many, *extra)
+        s, m = b.step_time_s, 4 if extra else 1
+        assert b.layout.background_sync
+        trainer = s["logprobs"] + s["train"]
+        assert trainer > s["generation"] + s["refit"] > 0  # trainer-bound
+        assert s["total"] == pytest.approx(max(
+            s["generation"] + s["refit"],
+            trainer + max(0.0, s["refit"] - (s["logprobs"] + s["train"] / m)),
+        ))  # fmt: skip
+        assert s["total"] == pytest.approx(trainer)  # the refit hidden
+        assert blocking["total"] == pytest.approx(trainer + s["refit"])
+        assert any("trainer.background_sync" in a for a in b.assumptions)
     # Engines sharing the trainer's GPUs cannot overlap: the stages add up.
     shared = _plan("model=qwen3_30b_a3b", "trainer.max_staleness=1",
                    "rollout.engine.gpu_memory_utilization=0.3")  # fmt: skip

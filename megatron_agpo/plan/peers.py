@@ -48,8 +48,11 @@ _WORKLOAD = [
 ]
 # The table's "G-Average Seq len" is the mean generated length: on every row, tokens/s/GPU x
 # step x GPUs / 2,048 samples exceeds it by 100-160 tokens, the prompt.
+# NeMo-RL refits between its steps (the trainer waits for the weights to reach vLLM): the
+# sync is not in the background.
 _EXTERNAL = ["rollout.engine.launch=external", "rollout.engine.secret_file=/dev/null",
-             "rollout.engine.gpu_memory_utilization=0.8", "trainer.max_staleness=1"]  # fmt: skip
+             "rollout.engine.gpu_memory_utilization=0.8", "trainer.max_staleness=1",
+             "trainer.background_sync=false"]  # fmt: skip
 # Llama: activation checkpointing (full recomputation) in both recipes; training PP2 when
 # synchronous, PP1 one step off; vLLM TP1.
 _LLAMA = ["model.hf_path=/models/Llama-3.1-8B-Instruct", "parallel.tensor_parallel=1",

@@ -77,6 +77,10 @@ class Layout:
     max_staleness: int = 0
     """trainer.max_staleness: >= 1 overlaps generation with training (engines on GPUs of
     their own)."""
+    background_sync: bool = False
+    """trainer.background_sync as the trainer resolves it (null: on with overlap and
+    rollout.partial=finish): the refit runs beside the next step's log-probs and first
+    mini-batch."""
 
     @property
     def expert_tp(self) -> int:
@@ -107,6 +111,8 @@ class Layout:
     @classmethod
     def from_config(cls, cfg) -> Layout:
         """The layout of a TrainConfig (megatron_agpo.train.load_config) and its cluster."""
+        from megatron_agpo.trainer.config import background_sync_on
+
         c, p, r, t = cfg.cluster, cfg.parallel, cfg.rollout, cfg.trainer
         e = r.engine
         fp8 = getattr(cfg.model, "fp8", "none") or "none"
@@ -158,6 +164,7 @@ class Layout:
             etp=getattr(p, "expert_tensor_parallel", 0) or 0,
             router_replay=getattr(cfg.model, "router_replay", "off") == "rollout",
             max_staleness=getattr(t, "max_staleness", 0),
+            background_sync=background_sync_on(t, r),
         )
 
     def overrides(self) -> list[str]:
@@ -639,7 +646,12 @@ def step_time(lay: Layout, arch: ModelConfig, gpu: GpuSpec, c: ClusterSection, k
     times["total"] = sum(times.values())
     if lay.max_staleness >= 1 and lay.engines_on_own_gpus:
         times["sequential"] = times["total"]
-        times["total"] = st.step_with_overlap(generation, logprobs + train, refit)
+        # Background sync: the next step's log-probs and first mini-batch (its forward and
+        # backward) run beside the refit; its first optimizer step waits for it.
+        hidden = 0.0
+        if lay.background_sync:
+            hidden = logprobs + train / (lay.ppo_epochs * lay.mini_batches)
+        times["total"] = st.step_with_overlap(generation, logprobs + train, refit, hidden)
     model_flops = lay.ppo_epochs * 3 * fwd
     mfu = model_flops / (train * world * gpu.bf16_tflops * 1e12) if train > 0 else 0.0
     tokens = lay.samples * seq
@@ -793,8 +805,16 @@ def assumptions(
         out.append(
             f"overlap (trainer.max_staleness={lay.max_staleness}): "
             + (
-                "step = max(generation, log-probs + train) + refit (the engines pause to load "
-                "the weights); the same steady state for every k >= 1"
+                (
+                    "step = max(generation + refit, log-probs + train + the refit beyond "
+                    "log-probs + the first mini-batch's passes) (trainer.background_sync: the "
+                    "refit runs beside the next step until its first optimizer step; the "
+                    "engines pause to load the weights)"
+                    if lay.background_sync
+                    else "step = max(generation, log-probs + train) + refit (the engines pause "
+                    "to load the weights, the trainer waits for the sync)"
+                )
+                + "; the same steady state for every k >= 1"
                 if lay.engines_on_own_gpus
                 else "the engines share the trainer's GPUs, so nothing is gained: the stages "
                 "are summed"

@@ -65,13 +65,19 @@ def experts_touched(num_experts: int, topk: int, tokens: float) -> float:
     return num_experts * (1 - (1 - topk / num_experts) ** max(0.0, tokens))
 
 
-def step_with_overlap(generation: float, trainer_side: float, refit: float) -> float:
+def step_with_overlap(
+    generation: float, trainer_side: float, refit: float, hidden: float = 0.0
+) -> float:
     """Step time when generation overlaps training (trainer.max_staleness >= 1, engines on
-    GPUs of their own): the slower of the engines' generation and the trainer's log-prob and
-    training passes, plus the refit, during which neither side can work (the engines pause
-    to load the weights the trainer sends). With k >= 1 the steady state is the same for
-    every k: a larger bound only absorbs the variance of the two sides."""
-    return max(generation, trainer_side) + refit
+    GPUs of their own): the slower of two cycles. The engines generate, then pause to load
+    the weights the trainer sends (generation + refit); the trainer runs its log-prob and
+    training passes and waits for the part of the refit that its next step does not cover
+    (`hidden`: with trainer.background_sync the sync runs beside the next step up to its
+    first optimizer step, i.e. beside its log-probs and first mini-batch; 0: the sync
+    blocks the trainer, and the step is max(generation, trainer_side) + refit). With k >= 1
+    the steady state is the same for every k: a larger bound only absorbs the variance of
+    the two sides."""
+    return max(generation + refit, trainer_side + max(0.0, refit - hidden))
 
 
 def pipeline_bubble(pp: int, vp: int, micro_batches: int) -> float:

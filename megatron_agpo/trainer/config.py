@@ -352,6 +352,14 @@ class TrainerSection:
         return out
 
 
+def background_sync_on(trainer: TrainerSection, rollout: RolloutSection) -> bool:
+    """trainer.background_sync, or (null) on exactly where it can be: overlapped generation
+    with rollout.partial=finish."""
+    if trainer.background_sync is not None:
+        return bool(trainer.background_sync)
+    return trainer.max_staleness > 0 and rollout.partial == "finish"
+
+
 @dataclass
 class SchedulerSection:
     """Learning-rate schedule over optimizer updates (megatron's OptimizerParamScheduler)."""

@@ -43,7 +43,7 @@ from megatron_agpo.trainer.batch import (
     build_token_batch,
     row_scales,
 )
-from megatron_agpo.trainer.config import TrainConfig
+from megatron_agpo.trainer.config import TrainConfig, background_sync_on
 from megatron_agpo.trainer.metrics import MetricsWriter, plot_run, wandb_settings
 from megatron_agpo.trainer.records import RolloutFailed, ScoredRollouts, broadcast_scored
 from megatron_agpo.trainer.step import (
@@ -62,15 +62,6 @@ def failure_line(e: BaseException) -> str:
     """An engine error's first line, without the log tail: what the run's error names."""
     lines = str(e).strip().splitlines() or [type(e).__name__]
     return lines[0].split("; log tail:")[0]
-
-
-def background_sync_on(cfg: TrainConfig) -> bool:
-    """trainer.background_sync, or (null) on exactly where it can be: overlapped generation
-    with rollout.partial=finish."""
-    setting = cfg.trainer.background_sync
-    if setting is not None:
-        return bool(setting)
-    return cfg.trainer.max_staleness > 0 and cfg.rollout.partial == "finish"
 
 
 def sampling_seed(run_seed: int, step: int, index: int, round_: int = 0) -> int:
@@ -234,7 +225,7 @@ class Trainer:
             from megatron_agpo.trainer.overlap import RolloutStream
 
             self.stream = RolloutStream(tr.max_staleness, self.data, self._stream_start)
-        self.background_sync = background_sync_on(cfg)
+        self.background_sync = background_sync_on(cfg.trainer, cfg.rollout)
         if self.background_sync:  # collective: the gather's own groups (TP, EP, pipeline)
             from megatron_agpo.models import GatherGroups
 
