@@ -5,6 +5,8 @@
   reference on the whole batch, i.e. DP=1's gradient.
 - TP=2 with sequence parallelism: log-probs and gradients equal the same reference (and so
   TP=2 without it).
+- The background weight sync's gather over mirrored groups (TP=2 x PP=2) beside collectives
+  on megatron's groups: both right.
 - Device rule: with `torch.set_default_device("meta")` every tensor created without an
   explicit device lands on `meta`, and the first op mixing it with the CPU model's tensors
   raises; the step must run unharmed and give the same numbers.
@@ -111,6 +113,62 @@ def test_parallel_step_gradient_equals_reference(
 ):
     hf = tiny_tied if tied else tiny_hf
     run_distributed(_body, world, hf, tp, sp, token_budget, fuse)
+
+
+def _gather_beside_the_step(rank, world, hf):
+    import threading
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_agpo.models import GatherGroups, build_model_from_hf, gather_hf_tensors_to_rank0
+    from megatron_agpo.parallel import ParallelConfig, init_parallel
+
+    init_parallel(ParallelConfig(tensor_parallel=2, pipeline_parallel=2))
+    model, mcfg = build_model_from_hf(hf)
+    ref = {n: t.clone() for n, t in gather_hf_tensors_to_rank0(model, mcfg)}
+    groups = GatherGroups.mirror(mcfg)
+    tp, pp = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    members = {"tp": dist.get_process_group_ranks(tp), "pp": dist.get_process_group_ranks(pp)}
+    assert groups.tp is not tp and groups.pp is not pp and groups.ep is None
+    assert dist.get_process_group_ranks(groups.tp) == members["tp"]
+    assert dist.get_process_group_ranks(groups.pp) == members["pp"]
+    got, errors = {}, []
+
+    def gather():
+        try:
+            for n, t in gather_hf_tensors_to_rank0(model, mcfg, groups):
+                got[n] = t.clone()
+        except Exception as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    thread = threading.Thread(target=gather)
+    thread.start()
+    # Meanwhile the step's own collectives on megatron's groups and the default group.
+    for i in range(300):
+        for name, group in (("tp", tp), ("pp", pp), ("world", None)):
+            ranks = members.get(name, list(range(world)))
+            x = torch.full((256,), float(rank + i))
+            dist.all_reduce(x, group=group)
+            assert torch.equal(x, torch.full((256,), float(sum(ranks) + len(ranks) * i))), name
+    thread.join(120)
+    assert not thread.is_alive() and not errors, errors
+    if rank == 0:  # every tensor, bit for bit those of a gather alone
+        assert sorted(got) == sorted(ref) and len(ref) > 10
+        for n, t in ref.items():
+            assert torch.equal(got[n], t), n
+    else:
+        assert not got
+
+
+@pytest.mark.dist
+def test_weight_gather_on_mirrored_groups_runs_beside_the_steps_collectives(tiny_hf):
+    """The background sync's gather (TP all-gathers, pipeline sends to rank 0) runs in a
+    thread over `GatherGroups` (groups with the members of megatron's TP and pipeline
+    groups) while the main thread drives collectives on megatron's groups and the default
+    group: both finish, each with the right values (TP=2 x PP=2, 4 gloo ranks; after the
+    TP=2 x DP=2 step above, whose processes it reuses)."""
+    run_distributed(_gather_beside_the_step, 4, tiny_hf, timeout=240)
 
 
 def _meta_body(rank, world, hf_dir):
