@@ -9,7 +9,10 @@ idle, tokens/s end to end, the training reward per step and against wall time.
 
 With --sync-ab every k >= 1 also runs with the weight sync blocking the step
 (trainer.background_sync=false, as `k<k>_blocking`) beside the default (the sync in the
-background), and the results go to benchmarks/results/overlap_sync.json.
+background), and the results go to benchmarks/results/overlap_sync.json. With --partial-ab
+every k >= 1 also runs with rollout.partial=resume (`k<k>_resume`: a weight update interrupts
+the responses in flight; its sync blocks the step) beside the default (finish), results in
+benchmarks/results/overlap_partial.json.
 
 One trainer process (TP=1) so that trainer and replica each have one core: the trainer is
 started under `taskset -c 0`; the replica is spawned by it and moved to core 1 (all its
@@ -159,6 +162,11 @@ def main() -> None:
         help="every k >= 1 also with trainer.background_sync=false",
     )
     ap.add_argument(
+        "--partial-ab",
+        action="store_true",
+        help="every k >= 1 also with rollout.partial=resume",
+    )
+    ap.add_argument(
         "--reuse",
         action="store_true",
         help="summarise the runs already in --out (the same arguments) again",
@@ -170,6 +178,8 @@ def main() -> None:
     command = f"benchmarks/overlap.py --steps {args.steps} --seeds {seeds} --ks {ks}"
     if args.sync_ab:
         command += " --sync-ab"
+    if args.partial_ab:
+        command += " --partial-ab"
     command = " ".join([command, *args.extra])
     results: dict = {"command": command,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -179,6 +189,8 @@ def main() -> None:
     if args.sync_ab:  # the blocking sync beside each overlapped k (the default: background)
         variants += [(f"k{k}_blocking", k, ["trainer.background_sync=false"])
                      for k in args.ks if k >= 1]  # fmt: skip
+    if args.partial_ab:  # responses in flight interrupted by the update, then continued
+        variants += [(f"k{k}_resume", k, ["rollout.partial=resume"]) for k in args.ks if k >= 1]
     names = [v[0] for v in variants]
     for seed in args.seeds:
         for name, k, more in variants:
@@ -211,7 +223,20 @@ def main() -> None:
                 f"k={k}: blocking / background sync (step medians) "
                 f"{statistics.fmean(ratio):.3f}x [{min(ratio):.3f}, {max(ratio):.3f}]"
             )
+    if args.partial_ab:  # per seed: the resume run's step over the finish run's
+        for k in (k for k in args.ks if k >= 1):
+            ratio = [
+                results["runs"][f"k{k}_resume_seed{s}"]["wall_per_step_median"]
+                / results["runs"][f"k{k}_seed{s}"]["wall_per_step_median"]
+                for s in args.seeds
+            ]
+            results["summary"][f"k{k}_resume"]["step_over_finish_median"] = _spread(ratio)
+            print(
+                f"k={k}: resume / finish (step medians) "
+                f"{statistics.fmean(ratio):.3f}x [{min(ratio):.3f}, {max(ratio):.3f}]"
+            )
     name = "overlap_sync.json" if args.sync_ab else "overlap.json"
+    name = "overlap_partial.json" if args.partial_ab else name
     out = REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
