@@ -744,7 +744,8 @@ class Trainer:
         partial, model, mcfg, groups = (self.cfg.rollout.partial, self.model, self.mcfg,
                                         self._gather_groups)  # fmt: skip
 
-        def work() -> tuple[str | None, float]:  # the sync's thread; no trainer state touched
+        def work() -> tuple[str | None, float]:  # in the sync's thread: of the trainer's
+            # state it writes only the drawn batches' tickets, read after the join
             tensors = gather_hf_tensors_to_rank0(model, mcfg, groups)
             failure, t0 = None, time.perf_counter()
             try:
