@@ -304,9 +304,11 @@ def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_
         assert r["staleness/dropped"] == 0 and r["time/trainer_idle"] >= 0
         assert 0 < r["is/weight_max"] <= 2.0 and "time/replica_idle" in r
     # The weight sync ran beside the next step (trainer.background_sync, on by default here):
-    # each step from the second joined the sync its predecessor started.
+    # each row from the second has joined the sync before it (at its optimizer step, or at the
+    # evaluation's first engine call, which waits for all of it: no bound on the wait here).
     for r in rows[1:]:
-        assert 0 <= r["time/sync_exposed"] <= r["time/sync_background"] and r["time/sync_wait"]
+        assert r["time/sync_background"] > 0 and r["time/sync_exposed"] >= 0
+        assert r["time/sync_wait"] > 0
     # ... and changed nothing but the timing: the same run with the sync blocking the step
     # trains on the same samples to the same weights (every value of steps 1-2 and their
     # evaluations, bit for bit).
