@@ -553,7 +553,7 @@ def test_background_sync_collects_first_submits_after_the_update_and_owns_the_en
     from megatron_agpo.trainer.loop import sampling_seed
 
     assert seed == sampling_seed(t.cfg.trainer.seed, 9, 0)  # keyed by its stream position
-    assert t._sync_background_s >= 0.3 and 0.05 < t._sync_exposed_s <= t._sync_background_s
+    assert t._sync_background_s >= 0.3 and t._sync_exposed_s > 0.05  # the gate's 0.3 s
     prompts, samples = t._stream_next(Timer())  # step 4: batch 8, collected before the sync
     assert len(calls) == 4 and len(samples.samples) == 12 and t.stream.head().index == 8
     assert [p.prompt_ids for p in prompts] == [(8,), (9,), (10,)]  # batch 8: prompts 3-5
