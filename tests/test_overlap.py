@@ -503,7 +503,8 @@ def test_background_sync_collects_first_submits_after_the_update_and_owns_the_en
     t = _stub_trainer(["trainer.max_staleness=1", "trainer.steps=10"], [])
     t.version, t._engine_failure, t._stream_dropped = 3, None, 0
     t.model = t.mcfg = t._gather_groups = None
-    calls, gathered, loaded, gate = [], [], [], threading.Event()
+    calls, gathered, loaded = [], [], []
+    gate, entered = threading.Event(), threading.Event()
     here = lambda: threading.current_thread().name  # noqa: E731
 
     def gather(model, mcfg, groups):
@@ -525,6 +526,7 @@ def test_background_sync_collects_first_submits_after_the_update_and_owns_the_en
         calls.append(("update", version, here()))
         it = iter(weights)
         loaded[:] = [next(it)[0]]
+        entered.set()
         if not gate.wait(10):  # one tensor in: the rest of the gather is the caller's to run
             raise RolloutError("replica 0 (pid 7) exited with code -9 during weight sync; "
                                "log tail:\nvLLM said this")  # fmt: skip
@@ -539,7 +541,7 @@ def test_background_sync_collects_first_submits_after_the_update_and_owns_the_en
     del calls[:]
     t._prefetch_next_batch()
     t._start_background_sync(4)
-    time.sleep(0.2)
+    assert entered.wait(10)  # the sync's thread is inside the engine's update
     main, sync = threading.current_thread().name, "agpo-weight-sync"
     assert calls == [("collect", 2, main), ("update", 4, sync)] and loaded == ["w0"]
     nxt = t.stream.pending[-1]  # drawn here, at the new version, not submitted yet
