@@ -50,6 +50,18 @@ def _replica_pids(root: int) -> list[int]:
     return found
 
 
+AB = {
+    # flag: (variant suffix, its overrides, what its step over the default's is, the summary
+    # row and key that keep that ratio, the results file)
+    "sync_ab": ("blocking", ["trainer.background_sync=false"], "blocking / background sync",
+                "k{k}", "speedup_vs_blocking_median", "overlap_sync.json"),
+    "partial_ab": ("resume", ["rollout.partial=resume"], "resume / finish",
+                   "k{k}_resume", "step_over_finish_median", "overlap_partial.json"),
+}  # fmt: skip
+"""The A/B runs beside each overlapped k: --sync-ab (the sync blocking the step against the
+default, in the background) and --partial-ab (rollout.partial=resume against finish)."""
+
+
 def _rows(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "time/step_wall" in r]
@@ -176,21 +188,17 @@ def main() -> None:
     # The command as it reproduces the numbers (--out only says where the runs' folders go).
     seeds, ks = " ".join(map(str, args.seeds)), " ".join(map(str, args.ks))
     command = f"benchmarks/overlap.py --steps {args.steps} --seeds {seeds} --ks {ks}"
-    if args.sync_ab:
-        command += " --sync-ab"
-    if args.partial_ab:
-        command += " --partial-ab"
+    abs_ = [flag for flag in AB if getattr(args, flag)]
+    command += "".join(f" --{flag.replace('_', '-')}" for flag in abs_)
     command = " ".join([command, *args.extra])
     results: dict = {"command": command,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "runs": {}}  # fmt: skip
     variants = [(f"k{k}", k, []) for k in args.ks]
-    if args.sync_ab:  # the blocking sync beside each overlapped k (the default: background)
-        variants += [(f"k{k}_blocking", k, ["trainer.background_sync=false"])
-                     for k in args.ks if k >= 1]  # fmt: skip
-    if args.partial_ab:  # responses in flight interrupted by the update, then continued
-        variants += [(f"k{k}_resume", k, ["rollout.partial=resume"]) for k in args.ks if k >= 1]
+    for flag in abs_:
+        suffix, more = AB[flag][:2]
+        variants += [(f"k{k}_{suffix}", k, more) for k in args.ks if k >= 1]
     names = [v[0] for v in variants]
     for seed in args.seeds:
         for name, k, more in variants:
@@ -213,30 +221,15 @@ def main() -> None:
             line += (f", k0 / {name} {r['mean']:.2f}x [{r['min']:.2f}, {r['max']:.2f}] "
                      f"(medians {m['mean']:.2f}x)")  # fmt: skip
         print(line)
-    if args.sync_ab:  # per seed: the blocking sync's step over the background sync's
+    name = "overlap.json"
+    for flag in abs_:  # per seed: the variant's step over the default's (medians)
+        suffix, _, what, row, key, name = AB[flag]
         for k in (k for k in args.ks if k >= 1):
-            ratio = [results["runs"][f"k{k}_blocking_seed{s}"]["wall_per_step_median"]
-                     / results["runs"][f"k{k}_seed{s}"]["wall_per_step_median"]
-                     for s in args.seeds]  # fmt: skip
-            results["summary"][f"k{k}"]["speedup_vs_blocking_median"] = _spread(ratio)
-            print(
-                f"k={k}: blocking / background sync (step medians) "
-                f"{statistics.fmean(ratio):.3f}x [{min(ratio):.3f}, {max(ratio):.3f}]"
-            )
-    if args.partial_ab:  # per seed: the resume run's step over the finish run's
-        for k in (k for k in args.ks if k >= 1):
-            ratio = [
-                results["runs"][f"k{k}_resume_seed{s}"]["wall_per_step_median"]
-                / results["runs"][f"k{k}_seed{s}"]["wall_per_step_median"]
-                for s in args.seeds
-            ]
-            results["summary"][f"k{k}_resume"]["step_over_finish_median"] = _spread(ratio)
-            print(
-                f"k={k}: resume / finish (step medians) "
-                f"{statistics.fmean(ratio):.3f}x [{min(ratio):.3f}, {max(ratio):.3f}]"
-            )
-    name = "overlap_sync.json" if args.sync_ab else "overlap.json"
-    name = "overlap_partial.json" if args.partial_ab else name
+            med = lambda name: results["runs"][name]["wall_per_step_median"]  # noqa: E731
+            ratio = [med(f"k{k}_{suffix}_seed{s}") / med(f"k{k}_seed{s}") for s in args.seeds]
+            results["summary"][row.format(k=k)][key] = _spread(ratio)
+            print(f"k={k}: {what} (step medians) {statistics.fmean(ratio):.3f}x "
+                  f"[{min(ratio):.3f}, {max(ratio):.3f}]")  # fmt: skip
     out = REPO / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
