@@ -4,14 +4,13 @@ scripts/setup.sh) as a plain HF folder, converted once and cached. The real mode
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from megatron_agpo.cache import build_once
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,25 +33,7 @@ def smollm2_hf_dir(out: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors + tokenizer), converted
     once from the GGUF (dequantised Q4_1 weights) and cached."""
     out = Path(out) if out else cache_dir() / "SmolLM2-135M-Instruct"
-    if _complete(out):
-        return out
-    # Processes started together on a fresh machine (tests, ranks) convert it once: the first
-    # to take the lock builds into a temporary folder of its own and renames it into place.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(out):
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-        try:
-            _convert(tmp)
-            if out.exists():  # a partial folder an older version left: replaced
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
+    return build_once(out, _complete, _convert)
 
 
 def _complete(folder: Path) -> bool:

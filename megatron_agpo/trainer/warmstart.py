@@ -13,7 +13,6 @@ transformers and megatron-core. A changed policy or library is a new cache entry
 from __future__ import annotations
 
 import ast
-import fcntl
 import hashlib
 import importlib
 import importlib.metadata
@@ -22,12 +21,11 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from megatron_agpo.cache import build_once
 from megatron_agpo.data.arithmetic import ArithmeticConfig, generate_arithmetic
 from megatron_agpo.data.char_tokenizer import build_char_tokenizer
 from megatron_agpo.trainer.config import DataSection, ModelSection
@@ -132,24 +130,12 @@ def tiny_policy_dir(model: ModelSection, data: DataSection, log=print) -> Path:
     root = Path(os.path.expanduser(model.cache_dir))
     task = "relevance" if data.kind == "relevance" else "arith"
     out = root / f"tiny-{task}-{_key(model, data)}"
-    if (out / "config.json").exists():
-        return out
-    root.mkdir(parents=True, exist_ok=True)
-    # One builder per entry: runs started together on an empty cache (parallel test workers,
-    # two jobs on one machine) wait for the first instead of building it again, and a second
-    # os.replace onto the finished folder would fail.
-    with open(root / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "config.json").exists():
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
-        try:
-            build_and_warm_start(model, data, tmp, log=log)
-            os.replace(tmp, out)  # atomic: a killed build leaves only a temp folder
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
+    # One builder per entry: runs started together on an empty cache wait for the first.
+    return build_once(
+        out,
+        lambda folder: (folder / "config.json").exists(),
+        lambda tmp: build_and_warm_start(model, data, tmp, log=log),
+    )
 
 
 WARMSTART_THREADS = 2
