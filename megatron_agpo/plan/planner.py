@@ -802,24 +802,24 @@ def assumptions(
             "overlapped with the attention; gradients reduced over DP x CP"
         )
     if lay.max_staleness >= 1:
-        out.append(
-            f"overlap (trainer.max_staleness={lay.max_staleness}): "
-            + (
-                (
-                    "step = max(generation + refit, log-probs + train + the refit beyond "
-                    "log-probs + the first mini-batch's passes) (trainer.background_sync: the "
-                    "refit runs beside the next step until its first optimizer step; the "
-                    "engines pause to load the weights)"
-                    if lay.background_sync
-                    else "step = max(generation, log-probs + train) + refit (the engines pause "
-                    "to load the weights, the trainer waits for the sync)"
-                )
-                + "; the same steady state for every k >= 1"
-                if lay.engines_on_own_gpus
-                else "the engines share the trainer's GPUs, so nothing is gained: the stages "
-                "are summed"
+        if not lay.engines_on_own_gpus:
+            how = (
+                "the engines share the trainer's GPUs, so nothing is gained: the stages are summed"
             )
-        )
+        elif lay.background_sync:
+            how = (
+                "step = max(generation + refit, log-probs + train + the refit beyond log-probs "
+                "+ the first mini-batch's passes) (trainer.background_sync: the refit runs "
+                "beside the next step until its first optimizer step; the engines pause to "
+                "load the weights); the same steady state for every k >= 1"
+            )
+        else:
+            how = (
+                "step = max(generation, log-probs + train) + refit (the engines pause to load "
+                "the weights, the trainer waits for the sync); the same steady state for "
+                "every k >= 1"
+            )
+        out.append(f"overlap (trainer.max_staleness={lay.max_staleness}): {how}")
     if lay.fp8 != "none":
         out.append(f"FP8 training: compute x{FP8_TRAIN_SPEEDUP} (peers' measured gain), "
                    "BF16 weights kept (no FP8 parameters)")  # fmt: skip
