@@ -4,7 +4,7 @@ Read statically (ast) from every module, function-local imports included: a lazy
 a cycle from Python, not from the design. The floors, lowest first:
 
 0. the package root and helpers every part may use (registry, compat, backends, signals,
-   the process launcher);
+   the process launcher, the build-once cache);
 1. components: algorithms, ops, data, rewards, models, rollout, parallel;
 2. the trainer (composes components, owns the run's config), eval, validate;
 3. applications and entry points: plan (its root config adds the cluster to the run's),
@@ -24,6 +24,7 @@ FLOORS = {
     "backends": 0,
     "early_signals": 0,
     "launcher": 0,
+    "cache": 0,
     "algorithms": 1,
     "ops": 1,
     "data": 1,
