@@ -323,6 +323,9 @@ def test_split_is_contiguous_and_balanced():
 
 @pytest.mark.engine
 def test_colocated_generate_logprobs_match_transformers(colocated, tokenizer, hf_model):
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]["total"]
     prompts = _prompts(tokenizer, ["1+1=", "hello there", "count: 1 2 3", "x"])
     # Temperature and top-p below 1: the engine's log-probs must still be the raw ones.
     reqs = [
@@ -344,6 +347,9 @@ def test_colocated_generate_logprobs_match_transformers(colocated, tokenizer, hf
         f"\ncolocated sample log-probs vs transformers fp32: max {max_gap:.2e} mean {mean_gap:.2e}"
     )
     assert max_gap < TOL
+    # The eager engine compiled nothing in this (the trainer's) process: vLLM's log-prob rank
+    # count ran eagerly (vllm_engine.eager_helpers).
+    assert counters["frames"]["total"] == frames
     # Seeded requests reproduce.
     again = colocated.generate(reqs[:1])
     assert [s.response_token_ids for s in again.samples] == [

@@ -6,6 +6,7 @@ Runs wherever the `LLM` lives: in the training process (colocated) or in a repli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -88,6 +89,25 @@ def engine_kwargs(config: RolloutConfig, seed: int | None = None) -> dict[str, A
     return kwargs
 
 
+def eager_helpers(enforce_eager: bool) -> contextlib.AbstractContextManager:
+    """Run vLLM's torch.compile'd helpers eagerly on a CPU engine the user asked to be eager.
+
+    Why: `enforce_eager` keeps the model uncompiled, but vLLM 0.32 still wraps a few small
+    helpers in torch.compile, among them the rank count of every sampled token's log-prob
+    (`batched_count_greater_than`), first called by the engine's dummy sampler run at start.
+    On CPU each compile is an inductor build (a g++ run and a pool of compile workers): about
+    3 s of a core at every engine start with a warm inductor cache, 7 s with a cold one, for
+    a comparison and a sum that take microseconds eagerly. The counts are integers, so eager
+    and compiled agree exactly. Scoped (dynamo's runtime switch, restored on exit) rather than
+    process-wide: a colocated engine shares its process with the trainer. CUDA engines keep
+    vLLM's compiled helpers."""
+    if enforce_eager and not torch.cuda.is_available():
+        from torch._dynamo import config as dynamo_config
+
+        return dynamo_config.patch(disable=True)
+    return contextlib.nullcontext()
+
+
 def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
     """Start a vLLM engine inside this process (the trainer's engines and the eval tool).
 
@@ -116,7 +136,8 @@ def build_llm(config: RolloutConfig, seed: int | None = None) -> LLM:
 
     set_num_threads = torch.set_num_threads
     try:
-        return LLM(**kwargs)
+        with eager_helpers(config.enforce_eager):
+            return LLM(**kwargs)
     finally:
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op process-wide (its
         # worker pins its own threads); the host process keeps its own thread control.
@@ -181,7 +202,8 @@ def run_generate(
 
     prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
     params = [sampling_params(r) for r in requests]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    with eager_helpers(llm.model_config.enforce_eager):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     samples: list[Sample] = []
     for pid, req, out in zip(prompt_ids, requests, outputs, strict=True):
         for k, comp in enumerate(sorted(out.outputs, key=lambda c: c.index)):
@@ -265,28 +287,29 @@ def run_generate_resumable(
 
     for st in states:
         add(st)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            st = live.get(out.request_id)
-            if st is None or not out.outputs:
-                continue
-            comp = out.outputs[0]
-            new = list(comp.token_ids)
-            lps = [float(pos[t].logprob) for pos, t in zip(comp.logprobs, new, strict=True)]
-            b = st["base"]
-            st["tokens"], st["lps"] = st["tokens"][:b] + new, st["lps"][:b] + lps
-            st["vers"] = st["vers"][:b] + [st["version"]] * len(new)
-            if out.finished:
-                st["finish"] = comp.finish_reason or "abort"
-                for key in [k for k, v in live.items() if v is st]:
-                    del live[key]
-        if live and between_steps():  # new weights: every unfinished response resumes
-            unfinished = list({id(v): v for v in live.values()}.values())
-            engine.abort_request([st["internal"] for st in unfinished], internal=True)
-            live.clear()
-            for st in unfinished:
-                st["seg"] += 1
-                add(st)
+    with eager_helpers(llm.model_config.enforce_eager):
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                st = live.get(out.request_id)
+                if st is None or not out.outputs:
+                    continue
+                comp = out.outputs[0]
+                new = list(comp.token_ids)
+                lps = [float(pos[t].logprob) for pos, t in zip(comp.logprobs, new, strict=True)]
+                b = st["base"]
+                st["tokens"], st["lps"] = st["tokens"][:b] + new, st["lps"][:b] + lps
+                st["vers"] = st["vers"][:b] + [st["version"]] * len(new)
+                if out.finished:
+                    st["finish"] = comp.finish_reason or "abort"
+                    for key in [k for k, v in live.items() if v is st]:
+                        del live[key]
+            if live and between_steps():  # new weights: every unfinished response resumes
+                unfinished = list({id(v): v for v in live.values()}.values())
+                engine.abort_request([st["internal"] for st in unfinished], internal=True)
+                live.clear()
+                for st in unfinished:
+                    st["seg"] += 1
+                    add(st)
     tok = llm.get_tokenizer()
     samples = []
     for st in states:
@@ -316,7 +339,8 @@ def run_prompt_logprobs(llm: LLM, sequences: Sequence[Sequence[int]]) -> list[li
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     prompts = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    with eager_helpers(llm.model_config.enforce_eager):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     result = []
     for seq, out in zip(sequences, outputs, strict=True):
         # The first position has no log-prob; each later one holds the prompt token's.
