@@ -334,4 +334,6 @@ def run(cfg, overrides: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_agpo.launcher import leave
+
+    leave(main())

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import zmq
 
+from megatron_agpo.launcher import leave
 from megatron_agpo.rollout import vllm_engine, wire
 from megatron_agpo.rollout.config import RolloutConfig
 from megatron_agpo.rollout.weight_sync import CollectiveChannel, decode_bucket, unpack_bucket
@@ -414,7 +415,7 @@ def main() -> None:
         worker.serve()
     finally:
         sock.close(0)
-    sys.exit(0)
+    leave(0)  # shut down by the trainer, which waits for this process to end
 
 
 if __name__ == "__main__":
