@@ -405,4 +405,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_agpo.launcher import leave
+
+    leave(main())  # without the interpreter's teardown of the torch / vLLM modules
