@@ -7,7 +7,8 @@
 # fixtures), the SLURM tests and the memory-heavy (`bigmem`) tests run on one worker each
 # (tests/conftest.py groups them for --dist loadgroup), costly tiers first. Two workers on the
 # 2-core CI machine: the README gives the times measured both ways. The whole suite (no -m,
-# -k or test path given) runs the `bigmem` tests after the others, alone.
+# -k or test path given) runs the `bigmem` tests after the others, with only the unit tier
+# beside them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
@@ -35,14 +36,27 @@ for a in "$@"; do
     [[ $a == -m* || $a == -k* || -e ${a%%::*} ]] && selects=1
 done
 if [[ ${#xdist[@]} -gt 0 && $selects == 0 ]]; then
-    # The whole suite: the memory-heavy tests (`bigmem`) run after the others, alone. Beside
-    # another worker's trainer run the SmolLM2 example's trainer (near 10 GB resident) was
-    # OOM-killed on the 24 GB CI machine.
-    pytest -m "not gpu and not bigmem" "${xdist[@]}" "$@"
+    # The whole suite in two phases. First every test with processes, engines or subprocesses
+    # (all but `unit` and `bigmem`) on the workers. Then the memory-heavy tests (`bigmem`) with
+    # only the `unit` tier beside them, in a process of its own: beside another worker's
+    # trainer run the SmolLM2 example's trainer (near 10 GB resident) was OOM-killed on the
+    # 24 GB CI machine, while the unit tests (one thread, small tensors) fill the cores it
+    # leaves idle (about 40% of two while it loads, converts and starts its engine).
+    pytest -m "not gpu and not bigmem and not unit" "${xdist[@]}" "$@"
     rc=$?
+    unit_log=$(mktemp)
+    # (no cache plugin: two pytest processes would write .pytest_cache at once)
+    pytest -m "not gpu and unit and not bigmem" -p no:cacheprovider "$@" >"$unit_log" 2>&1 &
+    unit_pid=$!
     pytest -m "not gpu and bigmem" "$@"
     rc2=$?
+    wait "$unit_pid"
+    rc3=$?
+    echo "test.sh: the unit tier, run beside the bigmem tests:"
+    cat "$unit_log"
+    rm -f "$unit_log"
     ok $rc && rc=$rc2
+    ok $rc && rc=$rc3
 else
     pytest -m "not gpu" "${xdist[@]}" "$@"
     rc=$?
