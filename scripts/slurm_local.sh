@@ -78,6 +78,10 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# The main scheduling pass every 2 s and backfill every 2 s (defaults 60 s and 30 s): nothing
+# else wakes the scheduler when a requeued job's cred_expire is over, so the second start of
+# the preemption tests waited up to a minute for the next pass (63 s of a 10 s wait seen).
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 ReturnToService=2
 # Batch jobs are requeued only when they ask (#SBATCH --requeue): the tests check the scripts'.
