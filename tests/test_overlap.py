@@ -641,6 +641,7 @@ def test_resumable_generation_keeps_each_tokens_version_and_logprob():
     eng = _FakeEngine()
     llm = types.SimpleNamespace(
         llm_engine=eng,
+        model_config=types.SimpleNamespace(enforce_eager=True),
         get_tokenizer=lambda: types.SimpleNamespace(decode=lambda t, **k: ",".join(map(str, t))),
     )
     steps = {"n": 0}
