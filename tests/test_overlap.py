@@ -222,10 +222,10 @@ def _train_rows(run_dir):
     return [r for r in rows if "reward/mean" in r]
 
 
-def _killed_mid_stream(run, steps, *extra) -> int:
-    """agpo-train (tests/runs.py's short run) whose vLLM replica is SIGKILLed once step 1 is
-    logged; checks the run stops as a replica failure does (exit 69, one line, the last step
-    saved, nothing left running) and returns that step."""
+def _killed_mid_stream(run, steps, *extra, after: int = 1) -> int:
+    """agpo-train (tests/runs.py's short run) whose vLLM replica is SIGKILLed once `after`
+    steps are logged; checks the run stops as a replica failure does (exit 69, one line, the
+    last step saved, nothing left running) and returns that step."""
     import contextlib
     import os
     import signal
@@ -243,7 +243,7 @@ def _killed_mid_stream(run, steps, *extra) -> int:
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     tree: set[int] = set()
     try:
-        replica, tree = _kill_replica_after_first_step(proc, run, log)
+        replica, tree = _kill_replica_after_first_step(proc, run, log, steps=after)
         rc = proc.wait(timeout=600)
         text = log.read_text()
         assert rc == 69, text[-3000:]
@@ -285,11 +285,13 @@ def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_
     most one version old (after the first step exactly one: the next batch was sampled while
     the trainer updated), the metrics say so, and the held-out evaluation runs. A checkpoint
     stores the oldest untrained batch's data position although the next batch was already in
-    flight. A second run whose replica is killed mid-stream (once step 1 is logged: the next
-    batch is in flight) stops as the synchronous loop does: exit 69, one line naming the
-    replica, the last completed step saved with the position of the oldest untrained batch,
-    nothing left running; the same command resumes it and ends at the same data position and
-    stream position as the run that was not stopped, every step logged once."""
+    flight. A second run, the same with the sync blocking (trainer.background_sync=false) and
+    one step more, equals the first bit for bit until its replica is killed mid-stream (once
+    step 3 is logged: the next batch is in flight); it stops as the synchronous loop does:
+    exit 69, one line naming the replica, the last completed step saved with the position of
+    the oldest untrained batch, nothing left running; the same command resumes it, every step
+    logged once, and at step 4 it holds the data position and stream position of the run that
+    was not stopped."""
     from tests.runs import train
 
     k1 = ("trainer.max_staleness=1",)
@@ -309,22 +311,26 @@ def test_overlapped_run_bounds_staleness_and_resumes_at_the_untrained_batch(tmp_
     for r in rows[1:]:
         assert r["time/sync_background"] > 0 and r["time/sync_exposed"] >= 0
         assert r["time/sync_wait"] > 0
-    # ... and changed nothing but the timing: the same run with the sync blocking the step
-    # trains on the same samples to the same weights (every value of steps 1-2 and their
-    # evaluations, bit for bit).
-    c = train(tmp_path / "c", 2, *k1, "trainer.background_sync=false",
-              "checkpoint.save_every=0", "checkpoint.save_final=false")  # fmt: skip
-    skip = ("time/", "tokens_per_s")
-    same = lambda rs: [{k: v for k, v in r.items() if not k.startswith(skip)}  # noqa: E731
-                       for r in rs if r.get("step", 9) <= 2 and not isinstance(r, str)]  # fmt: skip
-    assert same(c) == same(all_rows) and "time/sync_background" not in c[-1]
     a = _state(tmp_path / "a", 2)  # batch 3 was in flight: not consumed
     assert a["stream"] == 2 and a["data"]["offset"] == 2 * 8
-    last = _killed_mid_stream(tmp_path / "b", 4, *k1)
+    # The same run with the sync blocking the step (5 steps), its replica killed once step 3
+    # is logged: step 3 is the first to train on a batch sampled after a sync.
+    blocking = (*k1, "trainer.background_sync=false")
+    last = _killed_mid_stream(tmp_path / "b", 5, *blocking, after=3)
+    # Up to there the background sync changed nothing but the timing: the same samples train
+    # the same weights (every value of steps 1-3, bit for bit; the killed run may also have
+    # finished step 4, which is the other run's last and logs its end).
+    skip = ("time/", "tokens_per_s")
+    same = lambda rs: [{k: v for k, v in r.items() if not k.startswith(skip)}  # noqa: E731
+                       for r in rs if r["step"] <= 3]  # fmt: skip
+    b_rows = _train_rows(tmp_path / "b")
+    assert last >= 3 and same(b_rows) == same(rows)
+    assert all("time/sync_background" not in r for r in b_rows)
     b = _state(tmp_path / "b", last)  # the in-flight batch is regenerated on resume
     assert b["stream"] == last and b["data"]["offset"] == last * 8
-    train(tmp_path / "b", 4, *k1)  # the same command resumes from the last step's checkpoint
-    assert [r["step"] for r in _train_rows(tmp_path / "b")] == [1, 2, 3, 4]
+    train(tmp_path / "b", 5, *blocking)  # the same command resumes from the last checkpoint
+    assert [r["step"] for r in _train_rows(tmp_path / "b")] == [1, 2, 3, 4, 5]
+    assert _state(tmp_path / "b", 5)["data"]["offset"] == 5 * 8
     b, a4 = _state(tmp_path / "b", 4), _state(tmp_path / "a", 4)
     assert (b["stream"], b["data"]) == (a4["stream"], a4["data"]) == (4, a4["data"])
     assert a4["data"]["offset"] == 4 * 8

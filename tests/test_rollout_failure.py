@@ -229,11 +229,13 @@ def _steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "reward/mean" in r]
 
 
-def _kill_replica_after_first_step(proc, run: Path, log: Path) -> tuple[int, set[int]]:
-    """Once the run has logged a step (its launcher still alive), SIGKILL its one replica:
-    the replica's pid and the run's process tree just before."""
+def _kill_replica_after_first_step(
+    proc, run: Path, log: Path, steps: int = 1
+) -> tuple[int, set[int]]:
+    """Once the run has logged `steps` steps (its launcher still alive), SIGKILL its one
+    replica: the replica's pid and the run's process tree just before."""
     t0 = time.time()
-    while not _steps(run):
+    while len(_steps(run)) < steps:
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.time() - t0 < 900, "no first step after 900 s"
         time.sleep(0.2)
