@@ -96,7 +96,7 @@ def eager_helpers(enforce_eager: bool) -> contextlib.AbstractContextManager:
     helpers in torch.compile, among them the rank count of every sampled token's log-prob
     (`batched_count_greater_than`), first called by the engine's dummy sampler run at start.
     On CPU each compile is an inductor build (a g++ run and a pool of compile workers): about
-    3 s of a core at every engine start with a warm inductor cache, 7 s with a cold one, for
+    2-3 s of CPU at every engine start with a warm inductor cache, near 10 s with a cold one, for
     a comparison and a sum that take microseconds eagerly. The counts are integers, so eager
     and compiled agree exactly. Scoped (dynamo's runtime switch, restored on exit) rather than
     process-wide: a colocated engine shares its process with the trainer. CUDA engines keep
