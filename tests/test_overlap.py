@@ -233,7 +233,7 @@ def _killed_mid_stream(run, steps, *extra, after: int = 1) -> int:
     import sys
 
     from tests.runs import REPO, SHORT
-    from tests.test_rollout_failure import _alive, _kill_replica_after_first_step, _steps
+    from tests.test_rollout_failure import _alive, _kill_replica_after_steps, _steps
 
     cmd = [sys.executable, "-m", "megatron_agpo.train", f"trainer.steps={steps}", *SHORT,
            f"logging.run_dir={run}", *extra]  # fmt: skip
@@ -243,7 +243,7 @@ def _killed_mid_stream(run, steps, *extra, after: int = 1) -> int:
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     tree: set[int] = set()
     try:
-        replica, tree = _kill_replica_after_first_step(proc, run, log, steps=after)
+        replica, tree = _kill_replica_after_steps(proc, run, log, steps=after)
         rc = proc.wait(timeout=600)
         text = log.read_text()
         assert rc == 69, text[-3000:]
